@@ -1,0 +1,35 @@
+"""Courier's web side: the Flask app factory, settings, store, outbox and API.
+
+`create_app()` builds the app from the same `Settings` that `tasks.celery_app`
+uses, so the web process, the relay and the workers can never disagree about
+the database, the broker or the routes (the pattern of pypi/warehouse's
+`configure()`).
+"""
+from __future__ import annotations
+
+import logging
+
+from flask import Flask
+
+from app.settings import Settings, load_settings
+
+__all__ = ["create_app"]
+
+
+def create_app(settings: Settings | None = None, test_config: dict | None = None) -> Flask:
+    """Build the Flask app; `settings` defaults to the environment and COURIER_CONFIG."""
+    from app import api, db
+
+    settings = settings or load_settings()
+    flask_app = Flask(__name__, instance_relative_config=False)
+    flask_app.config.update(
+        MAX_CONTENT_LENGTH=settings.max_message_bytes,
+        JSON_SORT_KEYS=False,
+    )
+    if test_config:
+        flask_app.config.update(test_config)
+    flask_app.extensions["courier.settings"] = settings
+    flask_app.extensions["courier.store"] = db.Store(settings.database_url)
+    api.init_app(flask_app)
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    return flask_app

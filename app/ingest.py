@@ -1,0 +1,153 @@
+"""Ingest: the one path by which a message enters Courier (HTTP today, MLLP too).
+
+Parse and validate the body, check the source may send its type, route it,
+and commit the message with its deliveries in one transaction. The caller
+answers "accepted" only after `ingest()` returns: then the message is durable.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+
+from marshmallow import RAISE, Schema, ValidationError, fields, validate
+from sqlalchemy.exc import DBAPIError, OperationalError
+
+from app import hl7v2, outbox
+from app.db import Store
+from app.models import Message
+from app.settings import RoutingConfig
+
+JSON_TYPES = {"application/json"}
+HL7_TYPES = {"application/hl7-v2", "x-application/hl7-v2+er7"}
+_SAFE_ID = re.compile(r"[A-Za-z0-9._:@/+=-]{1,255}")
+
+
+class IngestError(Exception):
+    """A refusal with an HTTP status, a stable code, a message that says what and where, and details."""
+
+    def __init__(self, status: int, code: str, message: str, details: dict | list | None = None):
+        super().__init__(message)
+        self.status, self.code, self.message, self.details = status, code, message, details or {}
+
+
+class EventSchema(Schema):
+    """The JSON event envelope. `data` is the payload; its own schema belongs to the event type."""
+
+    class Meta:
+        unknown = RAISE
+
+    type = fields.String(required=True, validate=validate.Length(min=1, max=128))
+    id = fields.String(validate=validate.Regexp(_SAFE_ID, error="1-255 characters of A-Z a-z 0-9 . _ : @ / + = -"))
+    occurred_at = fields.AwareDateTime(default_timezone=None)
+    version = fields.Integer(validate=validate.Range(min=1))
+    data = fields.Dict(required=True)
+
+
+@dataclass(frozen=True)
+class Parsed:
+    """One message ready to store: its type and the key duplicates are recognised by."""
+
+    message_type: str
+    body: bytes
+    content_type: str
+    dedup_key: str | None
+
+
+@dataclass
+class Result:
+    message: Message
+    created: bool
+    deliveries: list = field(default_factory=list)
+
+
+def media_type(header: str | None) -> str:
+    return (header or "").split(";", 1)[0].strip().lower()
+
+
+def parse_body(content_type: str, body: bytes) -> tuple[list[Parsed], bool]:
+    """Split and validate a request body; returns (messages, is_batch). Raises IngestError."""
+    kind = media_type(content_type)
+    if kind in JSON_TYPES:
+        return [_parse_json(body)], False
+    if kind in HL7_TYPES:
+        return _parse_hl7(body)
+    raise IngestError(415, "unsupported_media_type",
+                      f"Content-Type {kind or '(none)'!r} is not accepted",
+                      {"accepted": sorted(JSON_TYPES | HL7_TYPES)})
+
+
+def _parse_json(body: bytes) -> Parsed:
+    try:
+        doc = json.loads(body.decode("utf-8-sig"))
+    except UnicodeDecodeError as exc:
+        raise IngestError(400, "malformed", f"body is not UTF-8: byte {exc.start}",
+                          {"position": exc.start}) from None
+    except json.JSONDecodeError as exc:
+        raise IngestError(400, "malformed", f"body is not valid JSON: {exc.msg} at line {exc.lineno} "
+                          f"column {exc.colno}", {"line": exc.lineno, "column": exc.colno}) from None
+    if not isinstance(doc, dict):
+        raise IngestError(422, "invalid", "a JSON event must be an object",
+                          {"fields": {"_schema": ["expected an object"]}})
+    try:
+        event = EventSchema().load(doc)
+    except ValidationError as exc:
+        raise IngestError(422, "invalid", "the event does not match the envelope schema",
+                          {"fields": exc.messages}) from None
+    return Parsed(event["type"], body, "application/json", event.get("id"))
+
+
+def _parse_hl7(body: bytes) -> tuple[list[Parsed], bool]:
+    try:
+        text = hl7v2.decode(body)
+        parts = hl7v2.split(text)
+        messages = []
+        for index, part in enumerate(parts):
+            try:
+                messages.append(hl7v2.parse(part))
+            except hl7v2.Hl7Error as exc:
+                if len(parts) > 1:
+                    raise IngestError(400, "malformed", f"HL7 message {index + 1} of the batch: {exc}",
+                                      {"message_index": index, "reason": exc.reason, "where": exc.where}) from None
+                raise
+    except hl7v2.Hl7Error as exc:
+        raise IngestError(400, "malformed", f"not a valid HL7 v2 message: {exc}",
+                          {"reason": exc.reason, "where": exc.where}) from None
+    is_batch = len(messages) > 1 or text.lstrip().startswith(("FHS", "BHS"))
+    return [Parsed(m.message_type, m.text.encode("utf-8"), "application/hl7-v2", m.control_id or None)
+            for m in messages], is_batch
+
+
+def ingest(store: Store, routing: RoutingConfig, *, source: str, content_type: str, body: bytes,
+           idempotency_key: str | None = None, correlation_id: str | None = None) -> tuple[list[Result], bool]:
+    """Validate, route and durably store; returns (results, is_batch). Raises IngestError."""
+    if source not in routing.sources:
+        raise IngestError(403, "unknown_source", f"source {source!r} is not configured")
+    if idempotency_key is not None and not _SAFE_ID.fullmatch(idempotency_key):
+        raise IngestError(400, "malformed", "Idempotency-Key header: 1-255 characters of "
+                          "A-Z a-z 0-9 . _ : @ / + = -", {"header": "Idempotency-Key"})
+    if correlation_id is not None and not _SAFE_ID.fullmatch(correlation_id[:64] or "-"):
+        correlation_id = None  # an unusable correlation id is replaced, not an error: it is ours to make
+    parsed, is_batch = parse_body(content_type, body)
+    allowed = routing.sources[source]
+    refused = [p.message_type for p in parsed if not allowed.allows(p.message_type)]
+    if refused:
+        raise IngestError(422, "type_not_allowed", f"source {source!r} may not send {refused[0]!r}",
+                          {"fields": {"type": [f"not in allowed_types of source {source!r}"]},
+                           "allowed_types": list(allowed.allowed_types)})
+    if idempotency_key is not None and not is_batch:
+        parsed = [Parsed(parsed[0].message_type, parsed[0].body, parsed[0].content_type, idempotency_key)]
+    results = []
+    try:
+        with store.session() as session:
+            for p in parsed:
+                message, created = outbox.accept(session, outbox.NewMessage(
+                    source=source, message_type=p.message_type, content_type=p.content_type, body=p.body,
+                    dedup_key=p.dedup_key, correlation_id=correlation_id,
+                ), routing.destinations_for(source, p.message_type))
+                results.append(Result(message, created, [
+                    {"id": d.id, "destination": d.destination, "status": d.status} for d in message.deliveries]))
+    except (OperationalError, DBAPIError) as exc:
+        raise IngestError(503, "store_unavailable", "the message store could not commit; nothing was "
+                          "accepted, send again", {"retryable": True}) from exc
+    return results, is_batch

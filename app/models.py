@@ -1,0 +1,133 @@
+"""The store's tables: messages, their deliveries, the attempt log, API tokens.
+
+Only `app.outbox` changes a delivery's status; everything else reads.
+"""
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from datetime import datetime, timezone
+
+from sqlalchemy import (BigInteger, DateTime, ForeignKey, Index, Integer, LargeBinary, MetaData, String,
+                        Text, UniqueConstraint, text)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+# Stable constraint names, so Alembic migrations can drop and alter them on every backend.
+NAMING = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+# Delivery statuses (SPEC.md). The first three are "open": the relay may still act on them.
+PENDING, IN_FLIGHT, RETRYING, DELIVERED, DEAD = "pending", "in_flight", "retrying", "delivered", "dead"
+OPEN_STATUSES = (PENDING, IN_FLIGHT, RETRYING)
+
+# Message statuses: accepted with deliveries, or stored with none because no route matched.
+ACCEPTED, UNROUTED = "accepted", "unrouted"
+
+BigId = BigInteger().with_variant(Integer(), "sqlite")  # SQLite only autoincrements INTEGER PRIMARY KEY
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def new_id() -> str:
+    """A UUIDv7-style id: time-ordered, so new rows land at the right edge of the primary-key index."""
+    ms = time.time_ns() // 1_000_000
+    raw = bytearray(ms.to_bytes(6, "big") + os.urandom(10))
+    raw[6] = (raw[6] & 0x0F) | 0x70
+    raw[8] = (raw[8] & 0x3F) | 0x80
+    return str(uuid.UUID(bytes=bytes(raw)))
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+    type_annotation_map = {datetime: DateTime(timezone=True)}
+
+
+class Message(Base):
+    __tablename__ = "courier_messages"
+    __table_args__ = (
+        UniqueConstraint("source", "dedup_key", name="uq_courier_messages_source_dedup_key"),
+        Index("ix_courier_messages_received_at", "received_at"),
+        Index("ix_courier_messages_source_received_at", "source", "received_at"),
+        Index("ix_courier_messages_status_received_at", "status", "received_at"),
+        Index("ix_courier_messages_type_received_at", "type", "received_at"),
+    )
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    source: Mapped[str] = mapped_column(String(64))
+    type: Mapped[str] = mapped_column(String(128))
+    content_type: Mapped[str] = mapped_column(String(64))
+    body: Mapped[bytes] = mapped_column(LargeBinary)
+    size: Mapped[int] = mapped_column(Integer)
+    # Idempotency-Key header, event id or MSH-10; NULL means "no duplicate detection".
+    dedup_key: Mapped[str | None] = mapped_column(String(255))
+    correlation_id: Mapped[str] = mapped_column(String(64))
+    status: Mapped[str] = mapped_column(String(16))
+    received_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    deliveries: Mapped[list["Delivery"]] = relationship(back_populates="message", order_by="Delivery.destination")
+
+
+class Delivery(Base):
+    __tablename__ = "courier_deliveries"
+    __table_args__ = (
+        # The relay's query: open deliveries whose due time has come. A partial index stays
+        # as small as the backlog, however many millions of delivered rows pile up.
+        Index("ix_courier_deliveries_due", "due_at",
+              postgresql_where=text("status IN ('pending', 'in_flight', 'retrying')"),
+              sqlite_where=text("status IN ('pending', 'in_flight', 'retrying')")),
+        Index("ix_courier_deliveries_destination_status", "destination", "status", "updated_at"),
+        Index("ix_courier_deliveries_message_id", "message_id"),
+    )
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    message_id: Mapped[str] = mapped_column(ForeignKey("courier_messages.id", ondelete="CASCADE"))
+    destination: Mapped[str] = mapped_column(String(64))
+    status: Mapped[str] = mapped_column(String(16), default=PENDING)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    # Incremented by every relay dispatch; a task carries the number it was sent with, so a
+    # stale duplicate (an expired lease dispatched again) is recognised and ignored.
+    dispatches: Mapped[int] = mapped_column(Integer, default=0)
+    # pending/retrying: when the next attempt is due; in_flight: when the lease expires; else NULL.
+    due_at: Mapped[datetime | None] = mapped_column()
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+    delivered_at: Mapped[datetime | None] = mapped_column()
+
+    message: Mapped[Message] = relationship(back_populates="deliveries")
+    attempt_log: Mapped[list["Attempt"]] = relationship(order_by="Attempt.id", viewonly=True)
+
+
+class Attempt(Base):
+    __tablename__ = "courier_attempts"
+    __table_args__ = (Index("ix_courier_attempts_delivery_id", "delivery_id"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    delivery_id: Mapped[str] = mapped_column(ForeignKey("courier_deliveries.id", ondelete="CASCADE"))
+    number: Mapped[int] = mapped_column(Integer)
+    started_at: Mapped[datetime] = mapped_column()
+    duration_ms: Mapped[int] = mapped_column(Integer)
+    outcome: Mapped[str] = mapped_column(String(16))  # delivered | temporary | permanent
+    status_code: Mapped[int | None] = mapped_column(Integer)
+    detail: Mapped[str] = mapped_column(Text, default="")
+
+
+class ApiToken(Base):
+    __tablename__ = "courier_api_tokens"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    name: Mapped[str] = mapped_column(String(128), default="")
+    source: Mapped[str | None] = mapped_column(String(64))
+    scope: Mapped[str] = mapped_column(String(16))  # ingest | operate | admin
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    revoked_at: Mapped[datetime | None] = mapped_column()
+    last_used_at: Mapped[datetime | None] = mapped_column()

@@ -1,0 +1,227 @@
+"""The outbox: the only code that writes messages' deliveries and their status.
+
+A message and one delivery per routed destination are written in the caller's
+transaction, so "accepted" and "will be delivered" commit together. After
+that, a delivery moves only through the functions below:
+
+    pending --claim--> in_flight --begin_attempt/finish_attempt--> delivered
+                          ^                                    \\-> retrying --(due)--> in_flight
+                          +-- lease expired (claimed again)     \\-> dead
+
+`due_at` is the one clock of an open delivery: the next attempt's time while
+pending or retrying, the lease's end while in flight. The relay selects by
+status and due time, never "id > last seen" (ids commit out of order).
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Mapping
+
+from sqlalchemy import and_, select, text, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from app.models import (ACCEPTED, DEAD, DELIVERED, IN_FLIGHT, OPEN_STATUSES, PENDING, RETRYING, UNROUTED,
+                        Attempt, Delivery, Message, new_id, utcnow)
+from app.settings import Destination, RetryPolicy
+
+NOTIFY_CHANNEL = "courier_outbox"
+DETAIL_LIMIT = 1000  # characters of an attempt's detail kept in the log
+
+
+@dataclass(frozen=True)
+class NewMessage:
+    source: str
+    message_type: str
+    content_type: str
+    body: bytes
+    dedup_key: str | None
+    correlation_id: str | None = None
+
+
+def accept(session: Session, new: NewMessage, destinations: list[str]) -> tuple[Message, bool]:
+    """Store a message with a pending delivery per destination; `(existing, False)` for a duplicate.
+
+    Duplicates are found by (source, dedup_key). Two concurrent duplicates race on the
+    unique constraint: the loser's insert fails inside a savepoint (PostgreSQL makes it
+    wait for the winner's commit first), and it returns the winner's row.
+    """
+    if new.dedup_key is not None:
+        existing = _find_duplicate(session, new)
+        if existing is not None:
+            return existing, False
+    now = utcnow()
+    message_id = new_id()
+    message = Message(
+        id=message_id, source=new.source, type=new.message_type, content_type=new.content_type,
+        body=new.body, size=len(new.body), dedup_key=new.dedup_key,
+        correlation_id=new.correlation_id or message_id, status=ACCEPTED if destinations else UNROUTED,
+        received_at=now,
+    )
+    message.deliveries = [Delivery(id=new_id(), destination=d, status=PENDING, attempts=0, dispatches=0,
+                                   due_at=now, created_at=now, updated_at=now) for d in destinations]
+    try:
+        with session.begin_nested():
+            session.add(message)
+    except IntegrityError:
+        existing = _find_duplicate(session, new)
+        if existing is None:
+            raise
+        return existing, False
+    if destinations and session.get_bind().dialect.name == "postgresql":
+        # Delivered to the relay's LISTEN at commit, so it wakes within milliseconds.
+        session.execute(text(f"NOTIFY {NOTIFY_CHANNEL}"))
+    return message, True
+
+
+def _find_duplicate(session: Session, new: NewMessage) -> Message | None:
+    return session.scalars(select(Message).where(
+        Message.source == new.source, Message.dedup_key == new.dedup_key)).one_or_none()
+
+
+@dataclass(frozen=True)
+class Claimed:
+    delivery_id: str
+    destination: str
+    dispatch: int
+
+
+def claim_due(session: Session, *, lease: float, limit: int, now: datetime | None = None) -> list[Claimed]:
+    """Mark up to `limit` due deliveries in flight for `lease` seconds and return them.
+
+    PostgreSQL: FOR UPDATE SKIP LOCKED, so several relays share the work and never take the
+    same row. SQLite: the store opens every transaction with BEGIN IMMEDIATE, one writer at a time.
+    """
+    now = now or utcnow()
+    due = (select(Delivery.id)
+           .where(Delivery.status.in_(OPEN_STATUSES), Delivery.due_at <= now)
+           .order_by(Delivery.due_at).limit(limit)
+           .with_for_update(skip_locked=True))
+    rows = session.execute(
+        update(Delivery)
+        .where(Delivery.id.in_(due.scalar_subquery()))
+        .values(status=IN_FLIGHT, due_at=now + timedelta(seconds=lease),
+                dispatches=Delivery.dispatches + 1, updated_at=now)
+        .returning(Delivery.id, Delivery.destination, Delivery.dispatches)
+        .execution_options(synchronize_session=False)
+    ).all()
+    return [Claimed(*row) for row in rows]
+
+
+def release(session: Session, claimed: list[Claimed], now: datetime | None = None) -> None:
+    """Make claimed deliveries due again at once (their publish failed)."""
+    now = now or utcnow()
+    for c in claimed:
+        session.execute(update(Delivery).where(
+            Delivery.id == c.delivery_id, Delivery.status == IN_FLIGHT, Delivery.dispatches == c.dispatch,
+        ).values(due_at=now, updated_at=now))
+
+
+@dataclass(frozen=True)
+class Ticket:
+    """Permission to make one attempt: what the worker needs, detached from the session."""
+
+    delivery_id: str
+    dispatch: int
+    number: int
+    destination: str
+    message_id: str
+    source: str
+    message_type: str
+    content_type: str
+    body: bytes
+    correlation_id: str
+
+
+def begin_attempt(session: Session, delivery_id: str, dispatch: int, destinations: Mapping[str, Destination],
+                  *, lease_margin: float, now: datetime | None = None) -> Ticket | None:
+    """Start an attempt if this dispatch still owns the delivery; None means "nothing to do".
+
+    A task whose delivery is finished, or that a newer dispatch superseded, is a no-op: that
+    is what makes a redelivered or duplicated task harmless. The attempt is counted before
+    sending, so a message that kills its worker every time still runs out of attempts: when
+    the budget is spent by attempts that never finished, the delivery goes dead here.
+    """
+    now = now or utcnow()
+    delivery = session.get(Delivery, delivery_id, with_for_update=True)
+    if delivery is None or delivery.status != IN_FLIGHT or delivery.dispatches != dispatch:
+        return None
+    destination = destinations.get(delivery.destination)
+    reason = None
+    if destination is None:
+        reason = f"destination {delivery.destination!r} is no longer configured"
+    elif delivery.attempts >= destination.retry.max_attempts:
+        reason = (f"gave up: attempt {delivery.attempts} of {destination.retry.max_attempts} never finished "
+                  "(the worker died or lost the store while sending)")
+    if reason:
+        delivery.status, delivery.due_at, delivery.updated_at, delivery.last_error = DEAD, None, now, reason
+        return None
+    delivery.attempts += 1
+    delivery.due_at = now + timedelta(seconds=destination.timeout + lease_margin)
+    delivery.updated_at = now
+    message = delivery.message
+    return Ticket(delivery.id, dispatch, delivery.attempts, delivery.destination, message.id, message.source,
+                  message.type, message.content_type, message.body, message.correlation_id)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What one attempt came to: delivered, temporary (retry) or permanent (dead)."""
+
+    result: str  # "delivered" | "temporary" | "permanent"
+    detail: str
+    started_at: datetime
+    duration_ms: int
+    status_code: int | None = None
+    retry_after: float | None = None
+
+
+def retry_delay(policy: RetryPolicy, attempts: int, retry_after: float | None = None,
+                rng: random.Random | random.SystemRandom = random.SystemRandom()) -> float:
+    """Exponential backoff with "equal jitter", capped at `policy.max`; Retry-After is a floor."""
+    ceiling = min(policy.max, policy.initial * (2 ** max(attempts - 1, 0)))
+    delay = ceiling / 2 + rng.uniform(0, ceiling / 2)
+    if retry_after is not None:
+        delay = max(delay, min(retry_after, policy.max))
+    return delay
+
+
+def finish_attempt(session: Session, ticket: Ticket, outcome: Outcome, policy: RetryPolicy,
+                   now: datetime | None = None) -> str:
+    """Log the attempt and move the delivery on; returns its new status.
+
+    Guarded by (status, dispatch): if the lease expired and another dispatch took over, this
+    worker's result is still logged, and a success still counts (the destination has it).
+    """
+    now = now or utcnow()
+    session.add(Attempt(delivery_id=ticket.delivery_id, number=ticket.number, started_at=outcome.started_at,
+                        duration_ms=outcome.duration_ms, outcome=outcome.result,
+                        status_code=outcome.status_code, detail=outcome.detail[:DETAIL_LIMIT]))
+    owned = and_(Delivery.id == ticket.delivery_id, Delivery.status == IN_FLIGHT,
+                 Delivery.dispatches == ticket.dispatch)
+    if outcome.result == "delivered":
+        status, values = DELIVERED, dict(due_at=None, delivered_at=now, last_error=None)
+        owned = and_(Delivery.id == ticket.delivery_id, Delivery.status.in_(OPEN_STATUSES))
+    elif outcome.result == "permanent":
+        status, values = DEAD, dict(due_at=None, last_error=outcome.detail[:DETAIL_LIMIT])
+    elif ticket.number >= policy.max_attempts:
+        status, values = DEAD, dict(due_at=None, last_error=(
+            f"gave up after {ticket.number} attempts; last: {outcome.detail}")[:DETAIL_LIMIT])
+    else:
+        delay = retry_delay(policy, ticket.number, outcome.retry_after)
+        status, values = RETRYING, dict(due_at=now + timedelta(seconds=delay),
+                                        last_error=outcome.detail[:DETAIL_LIMIT])
+    changed = session.execute(update(Delivery).where(owned).values(status=status, updated_at=now, **values)
+                              .execution_options(synchronize_session=False)).rowcount
+    return status if changed else "superseded"
+
+
+def trace(session: Session, message_id: str) -> Message | None:
+    """A message with its deliveries and their attempt logs."""
+    return session.get(Message, message_id)
+
+
+__all__ = ["accept", "claim_due", "release", "begin_attempt", "finish_attempt", "trace", "retry_delay",
+           "NewMessage", "Claimed", "Ticket", "Outcome", "NOTIFY_CHANNEL", "DEAD", "DELIVERED"]

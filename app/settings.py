@@ -1,0 +1,398 @@
+"""Settings: the environment variables of SPEC.md plus the YAML routing file.
+
+Everything is validated when a process starts, so a typo in `courier.yml`
+stops the process with `file:line: where: what` instead of dead-lettering
+messages at three in the morning. `courier config check` runs the same code.
+"""
+from __future__ import annotations
+
+import fnmatch
+import ipaddress
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+from marshmallow import RAISE, Schema, ValidationError, fields, validate, validates_schema
+
+import adapters
+from app import transforms
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; `problems` lists every `file:line: path: message`."""
+
+    def __init__(self, problems: list[str]):
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+# --- durations ------------------------------------------------------------
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(value: Any) -> float:
+    """`"10s"`, `"1h30m"`, `"500ms"`, `"30d"` or a plain number of seconds -> seconds."""
+    if isinstance(value, bool):
+        raise ValueError(f"not a duration: {value!r}")
+    if isinstance(value, (int, float)):
+        seconds = float(value)
+    else:
+        text = str(value).strip().replace(" ", "")
+        parts = _DURATION_PART.findall(text)
+        if not text or "".join(n + u for n, u in parts) != text:
+            raise ValueError(f"not a duration: {value!r} (use e.g. 500ms, 10s, 5m, 1h, 30d)")
+        seconds = sum(float(n) * _UNIT_SECONDS[u] for n, u in parts)
+    if seconds < 0:
+        raise ValueError(f"duration must not be negative: {value!r}")
+    return seconds
+
+
+class Duration(fields.Field):
+    """A marshmallow field for durations, loaded as float seconds."""
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        try:
+            return parse_duration(value)
+        except ValueError as exc:
+            raise ValidationError(str(exc)) from exc
+
+
+# --- the YAML schema ------------------------------------------------------
+
+CLEARANCES = ("phi", "limited", "deidentified")
+
+
+class _Strict(Schema):
+    class Meta:
+        unknown = RAISE
+
+
+class RetrySchema(_Strict):
+    max_attempts = fields.Integer(load_default=8, validate=validate.Range(min=1, max=1000))
+    initial = Duration(load_default=5.0)
+    max = Duration(load_default=3600.0)
+
+
+class CircuitSchema(_Strict):
+    failure_threshold = fields.Integer(load_default=5, validate=validate.Range(min=1))
+    open_for = Duration(load_default=30.0)
+
+
+class SourceSchema(_Strict):
+    allowed_types = fields.List(fields.String(validate=validate.Length(min=1)), load_default=["*"])
+    mllp_allow = fields.List(fields.String(), load_default=list)
+
+    @validates_schema
+    def _networks(self, data, **kwargs):
+        for i, net in enumerate(data.get("mllp_allow", [])):
+            try:
+                ipaddress.ip_network(net, strict=False)
+            except ValueError as exc:
+                raise ValidationError({"mllp_allow": {i: [str(exc)]}}) from exc
+
+
+class DestinationSchema(_Strict):
+    url = fields.String(required=True)
+    owner = fields.String(load_default="")
+    clearance = fields.String(load_default="deidentified", validate=validate.OneOf(CLEARANCES))
+    transform = fields.String(load_default=None, allow_none=True)
+    timeout = Duration(load_default=10.0)
+    retry = fields.Nested(RetrySchema, load_default=lambda: RetrySchema().load({}))
+    circuit = fields.Nested(CircuitSchema, load_default=lambda: CircuitSchema().load({}))
+    secret = fields.String(load_default=None, allow_none=True)
+
+    @validates_schema
+    def _url(self, data, **kwargs):
+        try:
+            adapters.resolve(data["url"]).check_url(data["url"])
+        except ValueError as exc:
+            raise ValidationError({"url": [str(exc)]}) from exc
+        if data.get("transform"):
+            try:
+                transforms.resolve(data["transform"])
+            except LookupError as exc:
+                raise ValidationError({"transform": [str(exc)]}) from exc
+
+
+class MatchSchema(_Strict):
+    source = fields.String(load_default="*")
+    type = fields.String(load_default="*")
+
+
+class RouteSchema(_Strict):
+    match = fields.Nested(MatchSchema, load_default=lambda: MatchSchema().load({}))
+    to = fields.List(fields.String(), required=True, validate=validate.Length(min=1))
+
+
+class ConfigSchema(_Strict):
+    sources = fields.Dict(keys=fields.String(), values=fields.Nested(SourceSchema), load_default=dict)
+    destinations = fields.Dict(keys=fields.String(), values=fields.Nested(DestinationSchema), load_default=dict)
+    routes = fields.List(fields.Nested(RouteSchema), load_default=list)
+
+    @validates_schema
+    def _references(self, data, **kwargs):
+        errors: dict = {}
+        for i, route in enumerate(data.get("routes", [])):
+            for j, name in enumerate(route["to"]):
+                if name not in data.get("destinations", {}):
+                    errors.setdefault(i, {}).setdefault("to", {})[j] = [f"unknown destination {name!r}"]
+            source = route["match"]["source"]
+            if not any(fnmatch.fnmatchcase(s, source) for s in data.get("sources", {})):
+                errors.setdefault(i, {}).setdefault("match", {})["source"] = [
+                    f"no source matches {source!r}"]
+        for name in data.get("destinations", {}):
+            if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", name):
+                raise ValidationError({"destinations": {name: {"key": [
+                    "destination names are 1-64 letters, digits, '.', '_' or '-' (they name queues)"]}}})
+        if errors:
+            raise ValidationError({"routes": errors})
+
+
+# --- the loaded configuration ---------------------------------------------
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    max_attempts: int = 8
+    initial: float = 5.0
+    max: float = 3600.0
+
+
+@dataclass(frozen=True)
+class CircuitPolicy:
+    failure_threshold: int = 5
+    open_for: float = 30.0
+
+
+@dataclass(frozen=True)
+class Source:
+    name: str
+    allowed_types: tuple[str, ...] = ("*",)
+    mllp_allow: tuple[str, ...] = ()
+
+    def allows(self, message_type: str) -> bool:
+        return any(fnmatch.fnmatchcase(message_type, p) for p in self.allowed_types)
+
+
+@dataclass(frozen=True)
+class Destination:
+    name: str
+    url: str
+    owner: str = ""
+    clearance: str = "deidentified"
+    transform: str | None = None
+    timeout: float = 10.0
+    retry: RetryPolicy = RetryPolicy()
+    circuit: CircuitPolicy = CircuitPolicy()
+    secret: str | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True)
+class Route:
+    source: str
+    type: str
+    to: tuple[str, ...]
+
+    def matches(self, source: str, message_type: str) -> bool:
+        return fnmatch.fnmatchcase(source, self.source) and fnmatch.fnmatchcase(message_type, self.type)
+
+
+@dataclass(frozen=True)
+class RoutingConfig:
+    sources: Mapping[str, Source]
+    destinations: Mapping[str, Destination]
+    routes: tuple[Route, ...]
+    path: str = ""
+
+    def destinations_for(self, source: str, message_type: str) -> list[str]:
+        """Every destination of every matching route, once each, in config order."""
+        names: dict[str, None] = {}
+        for route in self.routes:
+            if route.matches(source, message_type):
+                names.update(dict.fromkeys(route.to))
+        return list(names)
+
+
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def _expand_env(value: Any, env: Mapping[str, str], missing: list[str]) -> Any:
+    """Replace `${VAR}` / `${VAR:-default}` in strings, so secrets stay out of the file."""
+    if isinstance(value, dict):
+        return {k: _expand_env(v, env, missing) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_expand_env(v, env, missing) for v in value]
+    if isinstance(value, str):
+        def sub(m: re.Match) -> str:
+            if m.group(1) in env:
+                return env[m.group(1)]
+            if m.group(2) is not None:
+                return m.group(2)
+            missing.append(m.group(1))
+            return ""
+        return _ENV_REF.sub(sub, value)
+    return value
+
+
+def _line_map(node: yaml.Node, path: tuple = (), out: dict | None = None) -> dict[tuple, int]:
+    """Map every key path in a composed YAML document to its 1-based line."""
+    out = {} if out is None else out
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            key = key_node.value
+            out[path + (key,)] = key_node.start_mark.line + 1
+            _line_map(value_node, path + (key,), out)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            out[path + (i,)] = item.start_mark.line + 1
+            _line_map(item, path + (i,), out)
+    return out
+
+
+def _flatten(errors: Any, path: tuple = ()) -> list[tuple[tuple, str]]:
+    """marshmallow's nested error dict -> [(path, message)]; Dict fields' 'value' level is dropped."""
+    if isinstance(errors, dict):
+        out = []
+        for key, sub in errors.items():
+            if key in ("value", "_schema"):
+                out += _flatten(sub, path)
+            elif key == "key":
+                out += _flatten(sub, path)
+            else:
+                out += _flatten(sub, path + (key,))
+        return out
+    if isinstance(errors, list) and all(isinstance(e, str) for e in errors):
+        return [(path, e) for e in errors]
+    if isinstance(errors, list):
+        return [item for e in errors for item in _flatten(e, path)]
+    return [(path, str(errors))]
+
+
+def _locate(path: tuple, lines: dict[tuple, int]) -> int | None:
+    for cut in range(len(path), 0, -1):
+        if path[:cut] in lines:
+            return lines[path[:cut]]
+    return None
+
+
+def load_routing(path: str | os.PathLike, env: Mapping[str, str] | None = None) -> RoutingConfig:
+    """Read and validate the YAML routing file; raise ConfigError naming file and line."""
+    env = os.environ if env is None else env
+    name = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError([f"{name}: config file not found (set COURIER_CONFIG; "
+                           "examples/courier.yml is a working start)"]) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError([f"{name}: cannot read: {exc}"]) from None
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{name}:{mark.line + 1}" if mark else name
+        raise ConfigError([f"{where}: not valid YAML: {getattr(exc, 'problem', exc)}"]) from None
+    lines = _line_map(node) if node is not None else {}
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError([f"{name}:1: the file must be a mapping with sources, destinations, routes"])
+    missing: list[str] = []
+    raw = _expand_env(raw, env, missing)
+    if missing:
+        raise ConfigError([f"{name}: environment variable {m} is not set (used as ${{{m}}})"
+                           for m in sorted(set(missing))])
+    try:
+        data = ConfigSchema().load(raw)
+    except ValidationError as exc:
+        problems = []
+        for p, message in _flatten(exc.messages):
+            line = _locate(p, lines)
+            where = f"{name}:{line}" if line else name
+            problems.append(f"{where}: {'.'.join(map(str, p)) or '(top)'}: {message}")
+        raise ConfigError(sorted(set(problems), key=_line_key)) from None
+    return RoutingConfig(
+        sources={n: Source(n, tuple(s["allowed_types"]), tuple(s["mllp_allow"]))
+                 for n, s in data["sources"].items()},
+        destinations={n: Destination(
+            name=n, url=d["url"], owner=d["owner"], clearance=d["clearance"], transform=d["transform"],
+            timeout=d["timeout"], retry=RetryPolicy(**d["retry"]), circuit=CircuitPolicy(**d["circuit"]),
+            secret=d["secret"]) for n, d in data["destinations"].items()},
+        routes=tuple(Route(r["match"]["source"], r["match"]["type"], tuple(r["to"])) for r in data["routes"]),
+        path=name,
+    )
+
+
+def _line_key(problem: str) -> tuple:
+    m = re.match(r"[^:]*:(\d+):", problem)
+    return (int(m.group(1)) if m else 0, problem)
+
+
+# --- environment ----------------------------------------------------------
+
+@dataclass(frozen=True)
+class Settings:
+    """Process settings from the environment (SPEC.md) plus the routing file."""
+
+    database_url: str
+    broker_url: str
+    config_path: str
+    routing: RoutingConfig
+    port: int = 8000
+    mllp_port: int = 2575
+    sentry_dsn: str | None = None
+    encryption_key: str | None = field(default=None, repr=False)
+    max_message_bytes: int = 10 * 1024 * 1024
+    queue_prefix: str = "courier"
+    relay_lease: float = 120.0
+    relay_batch: int = 200
+    relay_poll: float = 1.0
+    log_level: str = "INFO"
+
+    def queue_for(self, destination: str) -> str:
+        return f"{self.queue_prefix}.deliver.{destination}"
+
+
+def _env_int(env: Mapping[str, str], name: str, default: int) -> int:
+    try:
+        return int(env.get(name, default))
+    except ValueError:
+        raise ConfigError([f"environment: {name}={env[name]!r} is not an integer"]) from None
+
+
+def _env_duration(env: Mapping[str, str], name: str, default: float) -> float:
+    try:
+        return parse_duration(env.get(name, default))
+    except ValueError as exc:
+        raise ConfigError([f"environment: {name}: {exc}"]) from None
+
+
+def load_settings(env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+    """Settings from `env` (default os.environ); keyword overrides win (tests, embedding)."""
+    env = os.environ if env is None else env
+    config_path = overrides.pop("config_path", None) or env.get("COURIER_CONFIG", "courier.yml")
+    routing = overrides.pop("routing", None) or load_routing(config_path, env)
+    values: dict[str, Any] = dict(
+        database_url=env.get("DATABASE_URL", "sqlite:///instance/courier.db"),
+        broker_url=env.get("BROKER_URL", "amqp://guest:guest@localhost:5672//"),
+        config_path=config_path,
+        routing=routing,
+        port=_env_int(env, "PORT", 8000),
+        mllp_port=_env_int(env, "MLLP_PORT", 2575),
+        sentry_dsn=env.get("SENTRY_DSN") or None,
+        encryption_key=env.get("COURIER_ENCRYPTION_KEY") or None,
+        max_message_bytes=_env_int(env, "COURIER_MAX_MESSAGE_BYTES", 10 * 1024 * 1024),
+        queue_prefix=env.get("COURIER_QUEUE_PREFIX", "courier"),
+        relay_lease=_env_duration(env, "COURIER_RELAY_LEASE", 120.0),
+        relay_batch=_env_int(env, "COURIER_RELAY_BATCH", 200),
+        relay_poll=_env_duration(env, "COURIER_RELAY_POLL", 1.0),
+        log_level=env.get("COURIER_LOG_LEVEL", "INFO").upper(),
+    )
+    values.update(overrides)
+    return Settings(**values)
+

@@ -1,0 +1,37 @@
+"""The `courier` command: a Flask CLI group with the operator commands and the relay."""
+from __future__ import annotations
+
+import click
+from flask import current_app
+from flask.cli import FlaskGroup, with_appcontext
+
+from app import create_app
+from app.cli import COMMANDS
+
+
+def _create_app():
+    from tasks.celery_app import celery_init_app
+
+    flask_app = create_app()
+    celery_init_app(flask_app)
+    return flask_app
+
+
+@click.command("relay")
+@with_appcontext
+def relay_command():
+    """Dispatch due deliveries from the outbox to RabbitMQ until stopped."""
+    from tasks.relay import Relay
+
+    ext = current_app.extensions
+    Relay(ext["courier.settings"], ext["courier.store"], ext["celery"]).run()
+
+
+cli = FlaskGroup(name="courier", create_app=_create_app, add_version_option=False,
+                 help="Courier: durable message delivery for healthcare integration.")
+for command in COMMANDS + (relay_command,):
+    cli.add_command(command)
+
+
+def main() -> None:
+    cli.main()

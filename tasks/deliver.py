@@ -1,0 +1,80 @@
+"""The `deliver` task: one attempt at one delivery, recorded in the outbox.
+
+Tasks carry ids, never ORM objects or bodies: the store is the truth, and a
+task that arrives twice (at-least-once everywhere) finds nothing to do.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from celery import shared_task
+from flask import current_app
+
+import adapters
+from app import outbox, transforms
+from app.models import utcnow
+from app.settings import Destination
+
+log = logging.getLogger("courier.deliver")
+LEASE_MARGIN = 30.0  # seconds beyond the destination timeout before another dispatch may take over
+
+# One adapter per destination per thread: adapters keep connections open between sends.
+_local = threading.local()
+
+
+def adapter_for(destination: Destination) -> adapters.Adapter:
+    cache = _local.__dict__.setdefault("adapters", {})
+    key = (destination.name, destination.url, destination.timeout, destination.secret)
+    if key not in cache:
+        cache[key] = adapters.open_adapter(destination.url, timeout=destination.timeout,
+                                           secret=destination.secret)
+    return cache[key]
+
+
+def attempt(ticket: outbox.Ticket, destination: Destination) -> outbox.Outcome:
+    """Transform and send once; classify what happened. Never raises for the destination's faults."""
+    started, t0 = utcnow(), time.monotonic()
+
+    def outcome(result: str, detail: str, status_code=None, retry_after=None) -> outbox.Outcome:
+        return outbox.Outcome(result, detail, started, int((time.monotonic() - t0) * 1000), status_code,
+                              retry_after)
+
+    try:
+        body, content_type = transforms.resolve(destination.transform)(transforms.Envelope(
+            ticket.message_id, ticket.source, ticket.message_type, ticket.content_type, ticket.body,
+            destination.name, destination.clearance))
+    except Exception as exc:  # a transform is operator code: any failure is this message's, permanently
+        return outcome("permanent", f"transform {destination.transform or 'passthrough'} failed: "
+                                    f"{type(exc).__name__}: {exc}")
+    try:
+        sent = adapter_for(destination).send(adapters.Outgoing(
+            ticket.delivery_id, ticket.message_id, ticket.correlation_id, body, content_type,
+            ticket.message_type))
+    except adapters.TemporaryError as exc:
+        return outcome("temporary", exc.detail, exc.status_code, exc.retry_after)
+    except adapters.PermanentError as exc:
+        return outcome("permanent", exc.detail, exc.status_code)
+    except Exception as exc:  # an adapter bug: retry (bounded by max_attempts) rather than lose the message
+        log.exception("adapter for %s raised unexpectedly", destination.name)
+        return outcome("temporary", f"internal error in adapter: {type(exc).__name__}")
+    return outcome("delivered", sent.detail, sent.status_code)
+
+
+@shared_task(name="courier.deliver", ignore_result=True)
+def deliver(delivery_id: str, dispatch: int) -> str:
+    """Make one attempt at `delivery_id` if dispatch number `dispatch` still owns it."""
+    destinations = current_app.extensions["courier.settings"].routing.destinations
+    store = current_app.extensions["courier.store"]
+    with store.session() as session:
+        ticket = outbox.begin_attempt(session, delivery_id, dispatch, destinations, lease_margin=LEASE_MARGIN)
+    if ticket is None:
+        return "skipped"
+    destination = destinations[ticket.destination]
+    result = attempt(ticket, destination)
+    with store.session() as session:
+        status = outbox.finish_attempt(session, ticket, result, destination.retry)
+    log.info("delivery %s to %s attempt %d: %s (%s)", delivery_id, ticket.destination, ticket.number, status,
+             result.detail)
+    return status

@@ -1,0 +1,128 @@
+"""The outbox relay: moves due deliveries from the store to their RabbitMQ queues.
+
+Loop: claim a batch of due deliveries (marking them in flight with a lease,
+committed first), publish one `deliver` task each with publisher confirms,
+repeat while there is more; then sleep until PostgreSQL NOTIFY says a message
+was committed, or the poll interval passes (retries come due by the clock).
+
+Crash safety comes from the order: the claim commits before the publish. A
+relay killed in between leaves deliveries in flight whose lease runs out, and
+the next claim dispatches them again; a task published twice is a no-op for
+the second worker (see `app.outbox.begin_attempt`).
+"""
+from __future__ import annotations
+
+import logging
+import select
+import signal
+import threading
+import time
+
+from celery import Celery
+
+from app import outbox
+from app.db import Store
+from app.settings import Settings
+
+log = logging.getLogger("courier.relay")
+SQLITE_POLL = 0.1  # SQLite has no NOTIFY: poll often, it is a cheap indexed query
+
+
+class Relay:
+    def __init__(self, settings: Settings, store: Store, celery: Celery):
+        self.settings, self.store, self.celery = settings, store, celery
+        self.stopping = threading.Event()
+        self._listener = None
+
+    # -- one round ---------------------------------------------------------
+
+    def pump(self) -> int:
+        """Claim and publish one batch; returns how many deliveries were dispatched."""
+        with self.store.session() as session:
+            claimed = outbox.claim_due(session, lease=self.settings.relay_lease, limit=self.settings.relay_batch)
+        if not claimed:
+            return 0
+        task = self.celery.tasks["courier.deliver"]
+        published = 0
+        try:
+            with self.celery.producer_or_acquire() as producer:
+                for c in claimed:
+                    task.apply_async((c.delivery_id, c.dispatch), producer=producer,
+                                     queue=self.settings.queue_for(c.destination))
+                    published += 1
+        except Exception:
+            # Broker down or a confirm refused: hand the rest back at once rather than waiting out the lease.
+            log.exception("publish failed after %d of %d; releasing the rest", published, len(claimed))
+            with self.store.session() as session:
+                outbox.release(session, claimed[published:])
+            raise
+        return published
+
+    # -- waiting -----------------------------------------------------------
+
+    def _listen(self):
+        """A dedicated autocommit connection LISTENing for commits (PostgreSQL only)."""
+        import psycopg
+
+        url = self.store.engine.url.set(drivername="postgresql")
+        conn = psycopg.connect(url.render_as_string(hide_password=False), autocommit=True)
+        conn.execute(f"LISTEN {outbox.NOTIFY_CHANNEL}")
+        return conn
+
+    def wait(self) -> None:
+        """Sleep until a NOTIFY arrives or the poll interval passes."""
+        if not self.store.is_postgres:
+            self.stopping.wait(min(self.settings.relay_poll, SQLITE_POLL))
+            return
+        if self._listener is None:
+            self.stopping.wait(self.settings.relay_poll)
+            return
+        try:
+            ready, _, _ = select.select([self._listener.fileno()], [], [], self.settings.relay_poll)
+            if ready:
+                # Drain every pending notification; one wake-up is enough for any number of commits.
+                for _ in self._listener.notifies(timeout=0):
+                    pass
+        except Exception as exc:  # the database restarted: poll until LISTEN works again
+            log.warning("LISTEN connection lost (%s); polling", type(exc).__name__)
+            self._close_listener()
+            self.stopping.wait(self.settings.relay_poll)
+
+    def _close_listener(self) -> None:
+        if self._listener is not None:
+            try:
+                self._listener.close()
+            except Exception:
+                pass
+            self._listener = None
+
+    # -- the loop ----------------------------------------------------------
+
+    def run(self) -> None:
+        """Relay until SIGTERM/SIGINT; survives store and broker outages by backing off."""
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: self.stopping.set())
+        log.info("relay started (batch %d, lease %.0fs, poll %.1fs)", self.settings.relay_batch,
+                 self.settings.relay_lease, self.settings.relay_poll)
+        backoff = 0.5
+        while not self.stopping.is_set():
+            try:
+                if self._listener is None and self.store.is_postgres:
+                    self.start_listening()
+                dispatched = self.pump()
+                backoff = 0.5
+                if dispatched < self.settings.relay_batch:
+                    self.wait()
+            except Exception as exc:
+                log.error("relay round failed (%s: %s); retrying in %.1fs", type(exc).__name__, exc, backoff)
+                self.stopping.wait(backoff)
+                backoff = min(backoff * 2, 10.0)
+        self._close_listener()
+        log.info("relay stopped")
+
+    def start_listening(self) -> None:
+        """LISTEN before the first claim, so no commit between claim and wait goes unnoticed."""
+        try:
+            self._listener = self._listen()
+        except Exception as exc:
+            log.warning("cannot LISTEN (%s); polling", type(exc).__name__)
