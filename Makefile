@@ -1,0 +1,31 @@
+# Two commands (SPEC.md): `make run` and `make test`. Everything else is a convenience.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+# honcho hands PORT to the first process (web); the others get PORT+100.
+# The routing file: ./courier.yml if you made one, else the runnable example.
+export PORT ?= 8000
+export COURIER_CONFIG ?= $(if $(wildcard courier.yml),courier.yml,examples/courier.yml)
+
+.PHONY: run test install migrate bench clean
+
+$(VENV)/.installed: setup.cfg pyproject.toml
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip
+	$(VENV)/bin/pip install --quiet -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+migrate: install
+	courier db upgrade
+
+# honcho stops every process when one exits, so the one-shot `release` (migrate) runs first.
+run: migrate
+	honcho start -f Procfile web worker relay beat flower
+
+test: install
+	pytest
+
+clean:
+	rm -rf $(VENV) instance .pytest_cache .hypothesis
