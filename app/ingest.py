@@ -114,7 +114,9 @@ def _parse_hl7(body: bytes) -> tuple[list[Parsed], bool]:
         raise IngestError(400, "malformed", f"not a valid HL7 v2 message: {exc}",
                           {"reason": exc.reason, "where": exc.where}) from None
     is_batch = len(messages) > 1 or text.lstrip().startswith(("FHS", "BHS"))
-    return [Parsed(m.message_type, m.text.encode("utf-8"), "application/hl7-v2", m.control_id or None)
+    # Stored as UTF-8 whatever the sender used (MSH-18 may say otherwise); the content type says so.
+    return [Parsed(m.message_type, m.text.encode("utf-8"), "application/hl7-v2; charset=utf-8",
+                   m.control_id or None)
             for m in messages], is_batch
 
 

@@ -1,0 +1,205 @@
+"""The outbox state machine and the relay's claim, on the real PostgreSQL (and SQLite where it differs)."""
+from __future__ import annotations
+
+import random
+import threading
+from datetime import datetime, timedelta, timezone
+
+import pytest
+from freezegun import freeze_time
+from sqlalchemy import select
+
+from app import outbox
+from app.db import Store
+from app.models import Attempt, Delivery
+from app.settings import Destination, RetryPolicy
+
+T0 = datetime(2030, 1, 1, 12, 0, tzinfo=timezone.utc)  # after any real "now": everything accepted is due
+POLICY = RetryPolicy(max_attempts=3, initial=10.0, max=60.0)
+DESTS = {"billing": Destination("billing", "http://x", timeout=10.0, retry=POLICY),
+         "erp": Destination("erp", "file:///tmp", retry=POLICY)}
+
+
+def accept(store, n=1, destinations=("billing", "erp"), key_prefix="k"):
+    with store.session() as s:
+        for i in range(n):
+            outbox.accept(s, outbox.NewMessage("lab", "service.completed", "application/json", b"{}",
+                                               f"{key_prefix}{i}"), list(destinations))
+
+
+def deliveries(store):
+    with store.session() as s:
+        return {d.id: d for d in s.scalars(select(Delivery))}
+
+
+def outcome(result, detail="x", retry_after=None):
+    return outbox.Outcome(result, detail, T0, 5, None, retry_after)
+
+
+def claim_one(store, now=T0, lease=60.0):
+    with store.session() as s:
+        claimed = outbox.claim_due(s, lease=lease, limit=1, now=now)
+    assert len(claimed) == 1
+    return claimed[0]
+
+
+def begin(store, c, now=T0):
+    with store.session() as s:
+        return outbox.begin_attempt(s, c.delivery_id, c.dispatch, DESTS, lease_margin=30, now=now)
+
+
+def finish(store, ticket, result, now=T0, **kw):
+    with store.session() as s:
+        return outbox.finish_attempt(s, ticket, outcome(result, **kw), POLICY, now=now)
+
+
+def test_claim_marks_in_flight_with_a_lease_and_counts_dispatches(store):
+    accept(store, 3)
+    with store.session() as s:
+        claimed = outbox.claim_due(s, lease=60, limit=10, now=T0 + timedelta(days=1))
+    assert len(claimed) == 6 and all(c.dispatch == 1 for c in claimed)
+    rows = deliveries(store)
+    assert {d.status for d in rows.values()} == {"in_flight"}
+    assert {d.due_at for d in rows.values()} == {T0 + timedelta(days=1, seconds=60)}
+    with store.session() as s:  # nothing is due again until the lease runs out
+        assert outbox.claim_due(s, lease=60, limit=10, now=T0 + timedelta(days=1, seconds=59)) == []
+        again = outbox.claim_due(s, lease=60, limit=10, now=T0 + timedelta(days=1, seconds=61))
+    assert len(again) == 6 and all(c.dispatch == 2 for c in again)
+
+
+def test_two_relays_never_claim_the_same_delivery(store, pg_url):
+    accept(store, 200)
+    other = Store(pg_url)
+    results: dict[str, list] = {"a": [], "b": []}
+    barrier = threading.Barrier(2)
+
+    def relay(name, st):
+        barrier.wait()
+        while True:
+            with st.session() as s:
+                got = outbox.claim_due(s, lease=60, limit=7)
+            if not got:
+                return
+            results[name] += [c.delivery_id for c in got]
+
+    threads = [threading.Thread(target=relay, args=("a", store)), threading.Thread(target=relay, args=("b", other))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    other.dispose()
+    assert len(results["a"]) + len(results["b"]) == 400
+    assert not set(results["a"]) & set(results["b"])
+    assert results["a"] and results["b"], "SKIP LOCKED should let both relays make progress"
+
+
+def test_delivered_is_final_and_a_duplicate_task_is_a_noop(store):
+    accept(store, 1, destinations=("billing",))
+    c = claim_one(store)
+    ticket = begin(store, c)
+    assert ticket.number == 1 and ticket.body == b"{}"
+    assert finish(store, ticket, "delivered") == "delivered"
+    assert begin(store, c) is None  # the same task again: nothing to do
+    d = deliveries(store)[c.delivery_id]
+    assert (d.status, d.attempts, d.due_at, d.delivered_at) == ("delivered", 1, None, T0)
+
+
+def test_stale_dispatch_is_ignored_but_its_success_still_counts(store):
+    accept(store, 1, destinations=("billing",))
+    first = claim_one(store)
+    ticket1 = begin(store, first)
+    # The attempt's lease (timeout 10 + margin 30) runs out; the relay dispatches again.
+    second = claim_one(store, now=T0 + timedelta(seconds=41))
+    assert second.dispatch == first.dispatch + 1
+    assert begin(store, first, now=T0 + timedelta(seconds=41)) is None  # the old task, redelivered
+    ticket2 = begin(store, second, now=T0 + timedelta(seconds=41))
+    assert finish(store, ticket1, "delivered") == "delivered"  # the slow first attempt did get through
+    assert finish(store, ticket2, "temporary") == "superseded"
+    with store.session() as s:
+        assert [a.outcome for a in s.scalars(select(Attempt).order_by(Attempt.id))] == ["delivered", "temporary"]
+    assert deliveries(store)[first.delivery_id].status == "delivered"
+
+
+def test_temporary_failures_back_off_then_go_dead(store):
+    accept(store, 1, destinations=("billing",))
+    now = T0
+    for attempt in range(1, 4):
+        c = claim_one(store, now=now)
+        ticket = begin(store, c, now=now)
+        status = finish(store, ticket, "temporary", now=now, detail=f"HTTP 503 #{attempt}")
+        d = deliveries(store)[c.delivery_id]
+        if attempt < 3:
+            assert status == "retrying" and d.last_error == f"HTTP 503 #{attempt}"
+            ceiling = min(POLICY.max, POLICY.initial * 2 ** (attempt - 1))
+            assert now + timedelta(seconds=ceiling / 2) <= d.due_at <= now + timedelta(seconds=ceiling)
+            now = d.due_at
+        else:
+            assert status == "dead" and d.due_at is None
+            assert d.last_error == "gave up after 3 attempts; last: HTTP 503 #3"
+    with store.session() as s:
+        assert [a.number for a in s.scalars(select(Attempt).order_by(Attempt.id))] == [1, 2, 3]
+
+
+def test_permanent_failure_is_dead_after_one_attempt(store):
+    accept(store, 1, destinations=("billing",))
+    ticket = begin(store, claim_one(store))
+    assert finish(store, ticket, "permanent", detail="HTTP 400: bad charge code") == "dead"
+    d = deliveries(store)[ticket.delivery_id]
+    assert (d.status, d.attempts, d.last_error) == ("dead", 1, "HTTP 400: bad charge code")
+
+
+def test_attempts_that_never_finish_still_exhaust_the_budget(store):
+    """A message that kills its worker every time ends dead, not in an endless loop."""
+    accept(store, 1, destinations=("billing",))
+    now = T0
+    for _ in range(POLICY.max_attempts):
+        c = claim_one(store, now=now)
+        assert begin(store, c, now=now) is not None  # ...and the worker dies here
+        now += timedelta(seconds=41)  # the attempt's lease runs out
+    c = claim_one(store, now=now)
+    assert begin(store, c, now=now) is None
+    d = deliveries(store)[c.delivery_id]
+    assert d.status == "dead" and "never finished" in d.last_error
+
+
+def test_retry_after_is_a_floor_capped_by_max():
+    rng = random.Random(1)
+    assert outbox.retry_delay(POLICY, 1, retry_after=30, rng=rng) == 30
+    assert outbox.retry_delay(POLICY, 1, retry_after=3600, rng=rng) == POLICY.max
+    delays = [outbox.retry_delay(POLICY, 10, rng=rng) for _ in range(200)]
+    assert all(POLICY.max / 2 <= x <= POLICY.max for x in delays) and len(set(delays)) > 100
+
+
+def test_released_deliveries_are_due_at_once(store):
+    accept(store, 1, destinations=("billing",))
+    c = claim_one(store)
+    with store.session() as s:
+        outbox.release(s, [c], now=T0)
+        assert len(outbox.claim_due(s, lease=60, limit=5, now=T0)) == 1
+
+
+@pytest.fixture
+def sqlite_store(tmp_path):
+    from alembic import command
+
+    from app.cli import alembic_config
+
+    url = f"sqlite:///{tmp_path}/courier.db"
+    command.upgrade(alembic_config(url), "head")
+    s = Store(url)
+    yield s
+    s.dispose()
+
+
+def test_sqlite_store_runs_the_same_state_machine(sqlite_store):
+    with freeze_time(T0):
+        accept(sqlite_store, 2, destinations=("billing",))
+        with sqlite_store.session() as s:
+            claimed = outbox.claim_due(s, lease=60, limit=10)
+        assert len(claimed) == 2
+        ticket = begin(sqlite_store, claimed[0])
+        assert finish(sqlite_store, ticket, "delivered") == "delivered"
+        with sqlite_store.session() as s:  # duplicates are caught by the same unique key
+            _, created = outbox.accept(s, outbox.NewMessage("lab", "t", "application/json", b"{}", "k0"), ["billing"])
+        assert created is False
+    assert sorted(d.status for d in deliveries(sqlite_store).values()) == ["delivered", "in_flight"]
