@@ -1,6 +1,8 @@
 """The `courier` command: a Flask CLI group with the operator commands and the relay."""
 from __future__ import annotations
 
+import signal
+
 import click
 from flask import current_app
 from flask.cli import FlaskGroup, with_appcontext
@@ -24,7 +26,10 @@ def relay_command():
     from tasks.relay import Relay
 
     ext = current_app.extensions
-    Relay(ext["courier.settings"], ext["courier.store"], ext["celery"]).run()
+    relay = Relay(ext["courier.settings"], ext["courier.store"], ext["celery"])
+    for sig in (signal.SIGTERM, signal.SIGINT):  # finish the round in hand, then stop
+        signal.signal(sig, lambda *_: relay.stopping.set())
+    relay.run()
 
 
 cli = FlaskGroup(name="courier", create_app=_create_app, add_version_option=False,

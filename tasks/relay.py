@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import select
-import signal
 import threading
 import time
 
@@ -99,9 +98,7 @@ class Relay:
     # -- the loop ----------------------------------------------------------
 
     def run(self) -> None:
-        """Relay until SIGTERM/SIGINT; survives store and broker outages by backing off."""
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: self.stopping.set())
+        """Relay until `stopping` is set; survives store and broker outages by backing off."""
         log.info("relay started (batch %d, lease %.0fs, poll %.1fs)", self.settings.relay_batch,
                  self.settings.relay_lease, self.settings.relay_poll)
         backoff = 0.5

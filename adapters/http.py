@@ -1,0 +1,248 @@
+"""HTTP(S) adapter: one POST per delivery.
+
+URL
+===
+
+.. code-block::
+
+    http://HOST[:PORT][/PATH][?QUERY]
+    https://[USER:PASSWORD@]HOST[:PORT][/PATH][?QUERY]
+
+The URL is used as is: the query string is sent unchanged (it is the
+destination's, not ours), and user info becomes HTTP Basic auth. Proxy
+settings come from the usual environment variables (HTTPS_PROXY, NO_PROXY).
+
+Options
+=======
+
+There are no URL options. The destination's config gives:
+
+* ``timeout``: seconds, used as both the connect and the read timeout.
+* ``secret``: when set, each request is signed (below).
+
+Request
+=======
+
+``POST`` of the body with ``Content-Type``, ``Idempotency-Key: <delivery id>``
+(the same on every attempt, so the destination can drop duplicates),
+``X-Correlation-ID``, ``User-Agent: courier/<version>`` and, with a secret,
+``X-Courier-Signature: t=<unix seconds>,v1=<hex HMAC-SHA256(secret, "<t>." + body)>``
+(the key is the secret's UTF-8 bytes). Delivery id, correlation id and
+content type must be printable ASCII, or the send is a PermanentError.
+Redirects are not followed.
+
+Outcome
+=======
+
+* 2xx: sent.
+* 408, 425, 429, 5xx, timeouts, refused/reset connections, DNS and TLS
+  failures: TemporaryError, with ``Retry-After`` (seconds or HTTP-date) as
+  ``retry_after``.
+* Any other status (3xx, 4xx): PermanentError.
+
+Error details carry the status and the first line of the destination's
+answer (at most 200 characters), never our body.
+
+Threads: an instance holds one ``requests.Session`` (kept-alive connections)
+and is not thread-safe; use one adapter per thread.
+"""
+from __future__ import annotations
+
+import email.utils
+import errno
+import hashlib
+import hmac
+import re
+import socket
+import time
+from datetime import timezone
+from importlib import metadata
+from urllib.parse import urlsplit
+
+import requests
+
+from adapters.base import Adapter, DeliveryError, Outgoing, PermanentError, Sent, TemporaryError
+
+try:
+    _VERSION = metadata.version("courier")
+except metadata.PackageNotFoundError:  # running from a source tree that is not installed
+    _VERSION = "0"
+
+USER_AGENT = f"courier/{_VERSION}"
+
+# 408 Request Timeout, 425 Too Early, 429 Too Many Requests: the request was fine,
+# the moment was not. Every 5xx is the destination's own trouble.
+TEMPORARY_STATUSES = frozenset({408, 425, 429})
+
+_DETAIL_CHARS = 200
+# Read at most this much of an answer for its first line; a longer answer is
+# abandoned (its connection closed) rather than downloaded.
+_SNIPPET_BYTES = 64 * 1024
+_DELTA_SECONDS = re.compile(r"\d+(?:\.\d+)?")
+_HEADER_VALUE = re.compile(r"[\x21-\x7e](?:[\x20-\x7e]*[\x21-\x7e])?")
+_UNPRINTABLE = re.compile(r"[^\x20-\x7e\u00a0-\uffff]")
+
+
+def sign(secret: str, body: bytes, timestamp: int) -> str:
+    """The X-Courier-Signature value for `body` sent at `timestamp` (unix seconds)."""
+    mac = hmac.new(secret.encode(), b"%d." % timestamp + body, hashlib.sha256).hexdigest()
+    return f"t={timestamp},v1={mac}"
+
+
+def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
+    """Seconds to wait from a Retry-After header (delta-seconds or HTTP-date); None if absent or garbage."""
+    if not value:
+        return None
+    value = value.strip()
+    if _DELTA_SECONDS.fullmatch(value):
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:  # "-0000" means UTC with no claim about local time
+        when = when.replace(tzinfo=timezone.utc)
+    now = time.time() if now is None else now
+    return max(0.0, when.timestamp() - now)
+
+
+class HttpAdapter(Adapter):
+    """POSTs each delivery to one URL over a kept-alive session."""
+
+    scheme = ("http", "https")
+
+    def __init__(self, url: str, *, timeout: float = 10.0, secret: str | None = None):
+        super().__init__(url, timeout=timeout, secret=secret)
+        self._session = requests.Session()
+
+    @classmethod
+    def check_url(cls, url: str) -> None:
+        super().check_url(url)
+        if re.search(r"[\s\x00-\x1f\x7f]", url):
+            raise ValueError("URL contains spaces or control characters; percent-encode them (%20)")
+        parts = urlsplit(url)
+        if not parts.hostname:
+            raise ValueError(f"{parts.scheme} URL needs a host, e.g. {parts.scheme}://host.example/path")
+        try:
+            parts.port
+        except ValueError:
+            raise ValueError(f"{parts.scheme} URL has an invalid port (expected 1-65535)") from None
+        if parts.port == 0:
+            raise ValueError(f"{parts.scheme} URL has an invalid port (expected 1-65535)")
+
+    def send(self, out: Outgoing) -> Sent:
+        for name, value in (("delivery id", out.delivery_id), ("correlation id", out.correlation_id),
+                            ("content type", out.content_type)):
+            if not _HEADER_VALUE.fullmatch(value):
+                # http.client would raise something we cannot classify; resending cannot help.
+                raise PermanentError(f"{name} cannot go in an HTTP header (printable ASCII only)")
+        headers = {
+            "Content-Type": out.content_type,
+            "Idempotency-Key": out.delivery_id,
+            "X-Correlation-ID": out.correlation_id,
+            "User-Agent": USER_AGENT,
+        }
+        if self.secret:
+            headers["X-Courier-Signature"] = sign(self.secret, out.body, int(time.time()))
+        try:
+            # stream=True so we read the answer ourselves, and only its head.
+            resp = self._session.post(
+                self.url, data=out.body, headers=headers, timeout=(self.timeout, self.timeout),
+                allow_redirects=False, stream=True,
+            )
+        except requests.RequestException as exc:
+            raise _classify_exception(exc, self.timeout) from None
+        try:
+            return _classify_response(resp)
+        finally:
+            resp.close()
+
+    def close(self) -> None:
+        self._session.close()
+
+
+def _classify_response(resp: requests.Response) -> Sent:
+    code = resp.status_code
+    if 200 <= code < 300:
+        # The destination said yes; a broken answer body after that changes nothing.
+        _first_line(resp)
+        return Sent(detail=f"HTTP {code}", status_code=code)
+    detail = f"HTTP {code}"
+    if 300 <= code < 400 and resp.headers.get("Location"):
+        detail += f" redirect to {_clean(resp.headers['Location'])} not followed"
+    line = _first_line(resp)
+    if line:
+        detail += f": {line}"
+    if code in TEMPORARY_STATUSES or 500 <= code < 600:
+        raise TemporaryError(detail, status_code=code,
+                             retry_after=parse_retry_after(resp.headers.get("Retry-After")))
+    raise PermanentError(detail, status_code=code)
+
+
+def _first_line(resp: requests.Response) -> str:
+    """The first non-blank line of the answer, cleaned and cut to fit a detail."""
+    data = b""
+    try:
+        for chunk in resp.iter_content(chunk_size=8192):
+            data += chunk
+            if len(data) >= _SNIPPET_BYTES:
+                break
+    except requests.RequestException:
+        pass  # the status already decides; a broken body only costs us the detail
+    try:
+        text = data.decode(resp.encoding or "utf-8", errors="replace")
+    except LookupError:  # a charset Python does not know
+        text = data.decode("utf-8", errors="replace")
+    for line in text.splitlines():
+        if line.strip():
+            return _clean(line)
+    return ""
+
+
+def _clean(text: str) -> str:
+    text = _UNPRINTABLE.sub("?", text.strip())
+    return text if len(text) <= _DETAIL_CHARS else text[:_DETAIL_CHARS - 3] + "..."
+
+
+def _classify_exception(exc: requests.RequestException, timeout: float) -> DeliveryError:
+    # Messages from requests quote the whole URL (query strings may hold
+    # credentials), so the detail is rebuilt from the root cause instead.
+    if isinstance(exc, requests.ConnectTimeout):
+        return TemporaryError(f"connect timeout after {timeout:g}s")
+    if isinstance(exc, requests.Timeout):
+        return TemporaryError(f"read timeout after {timeout:g}s")
+    if isinstance(exc, (requests.exceptions.InvalidURL, requests.exceptions.InvalidSchema,
+                        requests.exceptions.MissingSchema, requests.exceptions.InvalidHeader)):
+        return PermanentError(f"request cannot be sent: {type(exc).__name__}")
+    if isinstance(exc, requests.exceptions.SSLError):
+        # Certificates expire and get renewed: the operator's problem, not the message's.
+        return TemporaryError(f"TLS error: {_root_cause(exc)}")
+    if isinstance(exc, requests.ConnectionError):
+        return TemporaryError(f"connection failed: {_root_cause(exc)}")
+    return TemporaryError(f"request failed: {type(exc).__name__}: {_root_cause(exc)}")
+
+
+def _root_cause(exc: BaseException) -> str:
+    """The innermost OS-level reason in an exception chain, e.g. "Connection refused (ECONNREFUSED)"."""
+    seen: set[int] = set()
+    stack: list[BaseException] = [exc]
+    fallback = None
+    while stack:
+        cur = stack.pop()
+        if id(cur) in seen:
+            continue
+        seen.add(id(cur))
+        # requests' own exceptions are OSErrors too, but their text quotes the URL.
+        if isinstance(cur, OSError) and not isinstance(cur, requests.RequestException):
+            if isinstance(cur, socket.gaierror):
+                return _clean(f"DNS lookup failed: {cur.strerror}")
+            if cur.strerror:
+                code = errno.errorcode.get(cur.errno, cur.errno) if isinstance(cur.errno, int) else cur.errno
+                return _clean(f"{cur.strerror} ({code})")
+            fallback = fallback or _clean(f"{type(cur).__name__}: {cur}")
+        # requests wraps urllib3's MaxRetryError (in args), which holds .reason,
+        # which was raised from the socket error.
+        for nxt in (getattr(cur, "reason", None), cur.__cause__, cur.__context__, *cur.args):
+            if isinstance(nxt, BaseException):
+                stack.append(nxt)
+    return fallback or type(exc).__name__
