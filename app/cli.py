@@ -5,11 +5,12 @@
 from __future__ import annotations
 
 import sys
+from functools import update_wrapper
 from pathlib import Path
 
 import click
 from flask import current_app
-from flask.cli import with_appcontext
+from flask.cli import ScriptInfo
 
 import migrations
 from app import tokens as token_store
@@ -24,6 +25,24 @@ def alembic_config(url: str):
     cfg.set_main_option("script_location", str(Path(migrations.__file__).parent))
     cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
     return cfg
+
+
+def with_appcontext(f):
+    """flask.cli.with_appcontext, but a broken config exits 1 with its problems, not a traceback."""
+
+    @click.pass_context
+    def decorator(ctx, /, *args, **kwargs):
+        if not current_app:
+            try:
+                app = ctx.ensure_object(ScriptInfo).load_app()
+            except ConfigError as exc:
+                for problem in exc.problems:
+                    click.echo(problem, err=True)
+                ctx.exit(1)
+            ctx.with_resource(app.app_context())
+        return ctx.invoke(f, *args, **kwargs)
+
+    return update_wrapper(decorator, f)
 
 
 def _database_url() -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import fnmatch
 import ipaddress
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -33,6 +34,7 @@ class ConfigError(Exception):
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
+_PLAIN_NUMBER = re.compile(r"\d+(?:\.\d+)?")
 
 
 def parse_duration(value: Any) -> float:
@@ -41,12 +43,16 @@ def parse_duration(value: Any) -> float:
         raise ValueError(f"not a duration: {value!r}")
     if isinstance(value, (int, float)):
         seconds = float(value)
+    elif _PLAIN_NUMBER.fullmatch(str(value).strip()):
+        seconds = float(str(value).strip())  # "120" from an environment variable: seconds
     else:
         text = str(value).strip().replace(" ", "")
         parts = _DURATION_PART.findall(text)
         if not text or "".join(n + u for n, u in parts) != text:
             raise ValueError(f"not a duration: {value!r} (use e.g. 500ms, 10s, 5m, 1h, 30d)")
         seconds = sum(float(n) * _UNIT_SECONDS[u] for n, u in parts)
+    if not math.isfinite(seconds):
+        raise ValueError(f"not a duration: {value!r} (must be finite)")
     if seconds < 0:
         raise ValueError(f"duration must not be negative: {value!r}")
     return seconds
@@ -89,11 +95,14 @@ class SourceSchema(_Strict):
 
     @validates_schema
     def _networks(self, data, **kwargs):
+        errors = {}
         for i, net in enumerate(data.get("mllp_allow", [])):
             try:
                 ipaddress.ip_network(net, strict=False)
             except ValueError as exc:
-                raise ValidationError({"mllp_allow": {i: [str(exc)]}}) from exc
+                errors[i] = [str(exc)]
+        if errors:
+            raise ValidationError({"mllp_allow": errors})
 
 
 class DestinationSchema(_Strict):
@@ -106,17 +115,22 @@ class DestinationSchema(_Strict):
     circuit = fields.Nested(CircuitSchema, load_default=lambda: CircuitSchema().load({}))
     secret = fields.String(load_default=None, allow_none=True)
 
-    @validates_schema
+    # skip_on_field_errors=False: a typo elsewhere in the destination must not hide a bad URL or transform.
+    @validates_schema(skip_on_field_errors=False)
     def _url(self, data, **kwargs):
-        try:
-            adapters.resolve(data["url"]).check_url(data["url"])
-        except ValueError as exc:
-            raise ValidationError({"url": [str(exc)]}) from exc
+        errors = {}
+        if "url" in data:
+            try:
+                adapters.resolve(data["url"]).check_url(data["url"])
+            except ValueError as exc:
+                errors["url"] = [str(exc)]
         if data.get("transform"):
             try:
                 transforms.resolve(data["transform"])
             except LookupError as exc:
-                raise ValidationError({"transform": [str(exc)]}) from exc
+                errors["transform"] = [str(exc)]
+        if errors:
+            raise ValidationError(errors)
 
 
 class MatchSchema(_Strict):
@@ -134,23 +148,33 @@ class ConfigSchema(_Strict):
     destinations = fields.Dict(keys=fields.String(), values=fields.Nested(DestinationSchema), load_default=dict)
     routes = fields.List(fields.Nested(RouteSchema), load_default=list)
 
-    @validates_schema
-    def _references(self, data, **kwargs):
+    # skip_on_field_errors=False: a bad duration must not hide a route to an unknown destination.
+    # A section that failed validation is missing from `data`; its names come from the original.
+    @validates_schema(pass_original=True, skip_on_field_errors=False)
+    def _references(self, data, original_data, **kwargs):
+        def names(section: str) -> list[str]:
+            if section in data:
+                return list(data[section])
+            raw = original_data.get(section) if isinstance(original_data, dict) else None
+            return [str(k) for k in raw] if isinstance(raw, dict) else []
+
+        destinations, sources = names("destinations"), names("sources")
         errors: dict = {}
         for i, route in enumerate(data.get("routes", [])):
             for j, name in enumerate(route["to"]):
-                if name not in data.get("destinations", {}):
-                    errors.setdefault(i, {}).setdefault("to", {})[j] = [f"unknown destination {name!r}"]
+                if name not in destinations:
+                    errors.setdefault("routes", {}).setdefault(i, {}).setdefault("to", {})[j] = [
+                        f"unknown destination {name!r}"]
             source = route["match"]["source"]
-            if not any(fnmatch.fnmatchcase(s, source) for s in data.get("sources", {})):
-                errors.setdefault(i, {}).setdefault("match", {})["source"] = [
+            if not any(fnmatch.fnmatchcase(s, source) for s in sources):
+                errors.setdefault("routes", {}).setdefault(i, {}).setdefault("match", {})["source"] = [
                     f"no source matches {source!r}"]
-        for name in data.get("destinations", {}):
+        for name in destinations:
             if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", name):
-                raise ValidationError({"destinations": {name: {"key": [
-                    "destination names are 1-64 letters, digits, '.', '_' or '-' (they name queues)"]}}})
+                errors.setdefault("destinations", {})[name] = {"key": [
+                    "destination names are 1-64 letters, digits, '.', '_' or '-' (they name queues)"]}
         if errors:
-            raise ValidationError({"routes": errors})
+            raise ValidationError(errors)
 
 
 # --- the loaded configuration ---------------------------------------------
@@ -220,19 +244,26 @@ class RoutingConfig:
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
-def _expand_env(value: Any, env: Mapping[str, str], missing: list[str]) -> Any:
-    """Replace `${VAR}` / `${VAR:-default}` in strings, so secrets stay out of the file."""
+def _expand_env(value: Any, env: Mapping[str, str], missing: list[tuple[tuple, str]],
+                path: tuple = ()) -> Any:
+    """Replace `${VAR}` / `${VAR:-default}` in strings, so secrets stay out of the file.
+
+    Unset variables without a default are appended to `missing` as (key path, name).
+    """
     if isinstance(value, dict):
-        return {k: _expand_env(v, env, missing) for k, v in value.items()}
+        return {k: _expand_env(v, env, missing, path + (k,)) for k, v in value.items()}
     if isinstance(value, list):
-        return [_expand_env(v, env, missing) for v in value]
+        return [_expand_env(v, env, missing, path + (i,)) for i, v in enumerate(value)]
     if isinstance(value, str):
         def sub(m: re.Match) -> str:
-            if m.group(1) in env:
+            # Shell semantics: `${VAR:-default}` uses the default when VAR is unset *or empty*.
+            if env.get(m.group(1)):
                 return env[m.group(1)]
             if m.group(2) is not None:
                 return m.group(2)
-            missing.append(m.group(1))
+            if m.group(1) in env:
+                return ""
+            missing.append((path, m.group(1)))
             return ""
         return _ENV_REF.sub(sub, value)
     return value
@@ -302,11 +333,16 @@ def load_routing(path: str | os.PathLike, env: Mapping[str, str] | None = None) 
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError([f"{name}:1: the file must be a mapping with sources, destinations, routes"])
-    missing: list[str] = []
+    missing: list[tuple[tuple, str]] = []
     raw = _expand_env(raw, env, missing)
     if missing:
-        raise ConfigError([f"{name}: environment variable {m} is not set (used as ${{{m}}})"
-                           for m in sorted(set(missing))])
+        problems = []
+        for p, var in missing:
+            line = _locate(p, lines)
+            where = f"{name}:{line}" if line else name
+            problems.append(f"{where}: {'.'.join(map(str, p)) or '(top)'}: "
+                            f"environment variable {var} is not set (used as ${{{var}}})")
+        raise ConfigError(sorted(set(problems), key=_line_key))
     try:
         data = ConfigSchema().load(raw)
     except ValidationError as exc:

@@ -5,10 +5,10 @@ import signal
 
 import click
 from flask import current_app
-from flask.cli import FlaskGroup, with_appcontext
+from flask.cli import FlaskGroup
 
 from app import create_app
-from app.cli import COMMANDS
+from app.cli import COMMANDS, with_appcontext
 
 
 def _create_app():
