@@ -32,8 +32,18 @@ def relay_command():
     relay.run()
 
 
-cli = FlaskGroup(name="courier", create_app=_create_app, add_version_option=False,
-                 help="Courier: durable message delivery for healthcare integration.")
+class CourierGroup(FlaskGroup):
+    """All commands are registered here, so listing or finding one never loads the app (or its config)."""
+
+    def list_commands(self, ctx):
+        return sorted(self.commands)
+
+    def get_command(self, ctx, name):
+        return self.commands.get(name)
+
+
+cli = CourierGroup(name="courier", create_app=_create_app, add_version_option=False,
+                   help="Courier: durable message delivery for healthcare integration.")
 for command in COMMANDS + (relay_command,):
     cli.add_command(command)
 
