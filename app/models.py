@@ -85,6 +85,10 @@ class Delivery(Base):
               sqlite_where=text("status IN ('pending', 'in_flight', 'retrying')")),
         Index("ix_courier_deliveries_destination_status", "destination", "status", "updated_at"),
         Index("ix_courier_deliveries_message_id", "message_id"),
+        # Ordered destinations: the relay asks "is there an earlier open delivery with my key?"
+        Index("ix_courier_deliveries_order", "destination", "order_key", "id",
+              postgresql_where=text("order_key IS NOT NULL AND status IN ('pending', 'in_flight', 'retrying')"),
+              sqlite_where=text("order_key IS NOT NULL AND status IN ('pending', 'in_flight', 'retrying')")),
     )
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
@@ -101,6 +105,8 @@ class Delivery(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
     delivered_at: Mapped[datetime | None] = mapped_column()
+    # For destinations with `ordered_by`: deliveries with the same key go out in acceptance order.
+    order_key: Mapped[str | None] = mapped_column(String(255))
 
     message: Mapped[Message] = relationship(back_populates="deliveries")
     attempt_log: Mapped[list["Attempt"]] = relationship(order_by="Attempt.id", viewonly=True)
@@ -118,6 +124,40 @@ class Attempt(Base):
     outcome: Mapped[str] = mapped_column(String(16))  # delivered | temporary | permanent
     status_code: Mapped[int | None] = mapped_column(Integer)
     detail: Mapped[str] = mapped_column(Text, default="")
+
+
+class Circuit(Base):
+    """One row per destination: its breaker and its pause switch, shared by every worker process."""
+
+    __tablename__ = "courier_circuits"
+
+    destination: Mapped[str] = mapped_column(String(64), primary_key=True)
+    state: Mapped[str] = mapped_column(String(16), default="closed")  # closed | open | half_open
+    failures: Mapped[int] = mapped_column(Integer, default=0)  # consecutive temporary failures
+    trips: Mapped[int] = mapped_column(Integer, default=0)  # consecutive openings; open_for grows with it
+    open_until: Mapped[datetime | None] = mapped_column()
+    probe_delivery_id: Mapped[str | None] = mapped_column(String(36))
+    probe_until: Mapped[datetime | None] = mapped_column()
+    changed_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    paused_at: Mapped[datetime | None] = mapped_column()
+    paused_by: Mapped[str | None] = mapped_column(String(128))
+    pause_reason: Mapped[str | None] = mapped_column(Text)
+
+
+class AuditRecord(Base):
+    """Append-only log of operator actions: who did what, to what, when and why."""
+
+    __tablename__ = "courier_audit"
+    __table_args__ = (Index("ix_courier_audit_at", "at"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    at: Mapped[datetime] = mapped_column(default=utcnow)
+    actor: Mapped[str] = mapped_column(String(128))
+    action: Mapped[str] = mapped_column(String(32))
+    target: Mapped[str] = mapped_column(String(255))
+    reason: Mapped[str] = mapped_column(Text, default="")
+    details: Mapped[str] = mapped_column(Text, default="{}")  # JSON
 
 
 class ApiToken(Base):

@@ -25,7 +25,16 @@ from tests.conftest import ADMIN_URL
 
 REPO = Path(__file__).resolve().parents[1]
 COURIER = REPO / ".venv" / "bin" / "courier"
-TABLES = {"courier_messages", "courier_deliveries", "courier_attempts", "courier_api_tokens"}
+TABLES = {"courier_messages", "courier_deliveries", "courier_attempts", "courier_api_tokens", "courier_circuits",
+          "courier_audit"}
+
+
+def head_revision() -> str:
+    """The newest revision in migrations/versions."""
+    from alembic.script import ScriptDirectory
+
+    from app.cli import alembic_config
+    return ScriptDirectory.from_config(alembic_config("sqlite://")).get_current_head()
 DUE_WHERE_STATUSES = ("'pending'", "'in_flight'", "'retrying'")
 
 
@@ -101,7 +110,7 @@ def assert_at_head(url: str) -> None:
     for status in DUE_WHERE_STATUSES:
         assert status in where, sql
     assert "'delivered'" not in where and "'dead'" not in where, sql
-    assert alembic_revision(url) == "0001"
+    assert alembic_revision(url) == head_revision()
 
 
 def test_upgrade_downgrade_upgrade_round_trip(empty_db):
@@ -132,7 +141,7 @@ def test_upgrade_at_head_keeps_rows_and_current_reports_head(empty_db):
             assert conn.scalar(text("SELECT count(*) FROM courier_api_tokens")) == 1
     finally:
         engine.dispose()
-    assert "0001 (head)" in courier_db(empty_db, "current").stdout
+    assert f"{head_revision()} (head)" in courier_db(empty_db, "current").stdout
 
 
 def test_models_match_the_migration(empty_db):
