@@ -30,11 +30,14 @@ class DeliveryError(Exception):
     the message body (PHI). `retry_after` is the destination's own hint, in seconds.
     """
 
-    def __init__(self, detail: str, *, retry_after: float | None = None, status_code: int | None = None):
+    def __init__(self, detail: str, *, retry_after: float | None = None, status_code: int | None = None,
+                 throttled: bool = False):
         super().__init__(detail)
         self.detail = detail
         self.retry_after = retry_after
         self.status_code = status_code
+        # The destination is overloaded (429, a timeout): the caller should back off at least a minimum.
+        self.throttled = throttled or status_code == 429
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}({self.detail!r}, retry_after={self.retry_after!r}, "

@@ -210,7 +210,7 @@ def _classify_exception(exc: requests.RequestException, timeout: float) -> Deliv
     if isinstance(exc, requests.ConnectTimeout):
         return TemporaryError(f"connect timeout after {timeout:g}s")
     if isinstance(exc, requests.Timeout):
-        return TemporaryError(f"read timeout after {timeout:g}s")
+        return TemporaryError(f"read timeout after {timeout:g}s", throttled=True)
     if isinstance(exc, (requests.exceptions.InvalidURL, requests.exceptions.InvalidSchema,
                         requests.exceptions.MissingSchema, requests.exceptions.InvalidHeader)):
         return PermanentError(f"request cannot be sent: {type(exc).__name__}")

@@ -19,12 +19,13 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Mapping
 
-from sqlalchemy import and_, select, text, update
+from sqlalchemy import and_, or_, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from app import circuits
 from app.models import (ACCEPTED, DEAD, DELIVERED, IN_FLIGHT, OPEN_STATUSES, PENDING, RETRYING, UNROUTED,
-                        Attempt, Delivery, Message, new_id, utcnow)
+                        Attempt, Circuit, Delivery, Message, new_id, utcnow)
 from app.settings import Destination, RetryPolicy
 
 NOTIFY_CHANNEL = "courier_outbox"
@@ -95,8 +96,10 @@ def claim_due(session: Session, *, lease: float, limit: int, now: datetime | Non
     same row. SQLite: the store opens every transaction with BEGIN IMMEDIATE, one writer at a time.
     """
     now = now or utcnow()
+    held = select(Circuit.destination).where(or_(
+        Circuit.paused_at.is_not(None), and_(Circuit.state == circuits.OPEN, Circuit.open_until > now)))
     due = (select(Delivery.id)
-           .where(Delivery.status.in_(OPEN_STATUSES), Delivery.due_at <= now)
+           .where(Delivery.status.in_(OPEN_STATUSES), Delivery.due_at <= now, Delivery.destination.not_in(held))
            .order_by(Delivery.due_at).limit(limit)
            .with_for_update(skip_locked=True))
     rows = session.execute(
@@ -136,8 +139,11 @@ class Ticket:
 
 
 def begin_attempt(session: Session, delivery_id: str, dispatch: int, destinations: Mapping[str, Destination],
-                  *, lease_margin: float, now: datetime | None = None) -> Ticket | None:
-    """Start an attempt if this dispatch still owns the delivery; None means "nothing to do".
+                  *, lease_margin: float, now: datetime | None = None) -> Ticket | str:
+    """Start an attempt if this dispatch still owns the delivery and its circuit lets it through.
+
+    Returns a Ticket, or why not: "skipped" (not ours), "waiting" (circuit open or destination
+    paused: back to retrying until then, no attempt spent) or "dead" (budget spent).
 
     A task whose delivery is finished, or that a newer dispatch superseded, is a no-op: that
     is what makes a redelivered or duplicated task harmless. The attempt is counted before
@@ -147,7 +153,7 @@ def begin_attempt(session: Session, delivery_id: str, dispatch: int, destination
     now = now or utcnow()
     delivery = session.get(Delivery, delivery_id, with_for_update=True)
     if delivery is None or delivery.status != IN_FLIGHT or delivery.dispatches != dispatch:
-        return None
+        return "skipped"
     destination = destinations.get(delivery.destination)
     reason = None
     if destination is None:
@@ -157,7 +163,12 @@ def begin_attempt(session: Session, delivery_id: str, dispatch: int, destination
                   "(the worker died or lost the store while sending)")
     if reason:
         delivery.status, delivery.due_at, delivery.updated_at, delivery.last_error = DEAD, None, now, reason
-        return None
+        return "dead"
+    admission = circuits.admit(session, destination, delivery.id, now)
+    if admission.verdict == "wait":  # held back by the breaker or a pause: no attempt is spent
+        delivery.status, delivery.due_at, delivery.updated_at = RETRYING, admission.until, now
+        delivery.last_error = admission.reason[:DETAIL_LIMIT]
+        return "waiting"
     delivery.attempts += 1
     delivery.due_at = now + timedelta(seconds=destination.timeout + lease_margin)
     delivery.updated_at = now
@@ -176,6 +187,7 @@ class Outcome:
     duration_ms: int
     status_code: int | None = None
     retry_after: float | None = None
+    throttled: bool = False  # 429 or timeout: wait at least the policy's min_wait
 
 
 def retry_delay(policy: RetryPolicy, attempts: int, retry_after: float | None = None,
@@ -188,14 +200,15 @@ def retry_delay(policy: RetryPolicy, attempts: int, retry_after: float | None = 
     return delay
 
 
-def finish_attempt(session: Session, ticket: Ticket, outcome: Outcome, policy: RetryPolicy,
+def finish_attempt(session: Session, ticket: Ticket, outcome: Outcome, destination: Destination,
                    now: datetime | None = None) -> str:
-    """Log the attempt and move the delivery on; returns its new status.
+    """Log the attempt, move the delivery on and feed the circuit breaker; returns the delivery's status.
 
     Guarded by (status, dispatch): if the lease expired and another dispatch took over, this
     worker's result is still logged, and a success still counts (the destination has it).
     """
     now = now or utcnow()
+    policy = destination.retry
     session.add(Attempt(delivery_id=ticket.delivery_id, number=ticket.number, started_at=outcome.started_at,
                         duration_ms=outcome.duration_ms, outcome=outcome.result,
                         status_code=outcome.status_code, detail=outcome.detail[:DETAIL_LIMIT]))
@@ -211,11 +224,25 @@ def finish_attempt(session: Session, ticket: Ticket, outcome: Outcome, policy: R
             f"gave up after {ticket.number} attempts; last: {outcome.detail}")[:DETAIL_LIMIT])
     else:
         delay = retry_delay(policy, ticket.number, outcome.retry_after)
+        if outcome.throttled:
+            delay = max(delay, policy.min_wait)
         status, values = RETRYING, dict(due_at=now + timedelta(seconds=delay),
                                         last_error=outcome.detail[:DETAIL_LIMIT])
     changed = session.execute(update(Delivery).where(owned).values(status=status, updated_at=now, **values)
                               .execution_options(synchronize_session=False)).rowcount
+    if circuits.record(session, destination, ticket.delivery_id, outcome.result, outcome.detail, now) == \
+            circuits.CLOSED:
+        wake(session, destination.name, now)
     return status if changed else "superseded"
+
+
+def wake(session: Session, destination: str, now: datetime | None = None) -> int:
+    """Make the deliveries held back by a circuit or a pause due now (the circuit closed, or a resume)."""
+    now = now or utcnow()
+    return session.execute(update(Delivery).where(
+        Delivery.destination == destination, Delivery.status == RETRYING, Delivery.due_at > now,
+        Delivery.last_error.startswith(circuits.WAITING),
+    ).values(due_at=now, updated_at=now).execution_options(synchronize_session=False)).rowcount
 
 
 def trace(session: Session, message_id: str) -> Message | None:

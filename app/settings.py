@@ -71,6 +71,7 @@ class Duration(fields.Field):
 # --- the YAML schema ------------------------------------------------------
 
 CLEARANCES = ("phi", "limited", "deidentified")
+ORDER_KEY_GRAMMAR = re.compile(r"[A-Z][A-Z0-9]{2}-\d+(?:\.\d+)?|[A-Za-z_]\w*(?:\.\w+)*")
 
 
 class _Strict(Schema):
@@ -82,11 +83,13 @@ class RetrySchema(_Strict):
     max_attempts = fields.Integer(load_default=8, validate=validate.Range(min=1, max=1000))
     initial = Duration(load_default=5.0)
     max = Duration(load_default=3600.0)
+    min_wait = Duration(load_default=10.0)  # floor after a 429 or a timeout: the destination is overloaded
 
 
 class CircuitSchema(_Strict):
     failure_threshold = fields.Integer(load_default=5, validate=validate.Range(min=1))
     open_for = Duration(load_default=30.0)
+    max_open_for = Duration(load_default=600.0)  # open_for doubles on each trip in a row, up to this
 
 
 class SourceSchema(_Strict):
@@ -114,6 +117,9 @@ class DestinationSchema(_Strict):
     retry = fields.Nested(RetrySchema, load_default=lambda: RetrySchema().load({}))
     circuit = fields.Nested(CircuitSchema, load_default=lambda: CircuitSchema().load({}))
     secret = fields.String(load_default=None, allow_none=True)
+    # Same key -> delivered in acceptance order: "data.patient_id" (JSON event) or "PID-3" (HL7 v2 field).
+    ordered_by = fields.String(load_default=None, allow_none=True, validate=validate.Regexp(
+        ORDER_KEY_GRAMMAR, error="use a dotted JSON path like data.patient_id or an HL7 field like PID-3 or PID-3.1"))
 
     # skip_on_field_errors=False: a typo elsewhere in the destination must not hide a bad URL or transform.
     @validates_schema(skip_on_field_errors=False)
@@ -184,12 +190,14 @@ class RetryPolicy:
     max_attempts: int = 8
     initial: float = 5.0
     max: float = 3600.0
+    min_wait: float = 10.0
 
 
 @dataclass(frozen=True)
 class CircuitPolicy:
     failure_threshold: int = 5
     open_for: float = 30.0
+    max_open_for: float = 600.0
 
 
 @dataclass(frozen=True)
@@ -213,6 +221,7 @@ class Destination:
     retry: RetryPolicy = RetryPolicy()
     circuit: CircuitPolicy = CircuitPolicy()
     secret: str | None = field(default=None, repr=False)
+    ordered_by: str | None = None
 
 
 @dataclass(frozen=True)
@@ -358,7 +367,7 @@ def load_routing(path: str | os.PathLike, env: Mapping[str, str] | None = None) 
         destinations={n: Destination(
             name=n, url=d["url"], owner=d["owner"], clearance=d["clearance"], transform=d["transform"],
             timeout=d["timeout"], retry=RetryPolicy(**d["retry"]), circuit=CircuitPolicy(**d["circuit"]),
-            secret=d["secret"]) for n, d in data["destinations"].items()},
+            secret=d["secret"], ordered_by=d["ordered_by"]) for n, d in data["destinations"].items()},
         routes=tuple(Route(r["match"]["source"], r["match"]["type"], tuple(r["to"])) for r in data["routes"]),
         path=name,
     )

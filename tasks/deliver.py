@@ -37,9 +37,9 @@ def attempt(ticket: outbox.Ticket, destination: Destination) -> outbox.Outcome:
     """Transform and send once; classify what happened. Never raises for the destination's faults."""
     started, t0 = utcnow(), time.monotonic()
 
-    def outcome(result: str, detail: str, status_code=None, retry_after=None) -> outbox.Outcome:
+    def outcome(result: str, detail: str, status_code=None, retry_after=None, throttled=False) -> outbox.Outcome:
         return outbox.Outcome(result, detail, started, int((time.monotonic() - t0) * 1000), status_code,
-                              retry_after)
+                              retry_after, throttled)
 
     try:
         body, content_type = transforms.resolve(destination.transform)(transforms.Envelope(
@@ -53,7 +53,7 @@ def attempt(ticket: outbox.Ticket, destination: Destination) -> outbox.Outcome:
             ticket.delivery_id, ticket.message_id, ticket.correlation_id, body, content_type,
             ticket.message_type))
     except adapters.TemporaryError as exc:
-        return outcome("temporary", exc.detail, exc.status_code, exc.retry_after)
+        return outcome("temporary", exc.detail, exc.status_code, exc.retry_after, exc.throttled)
     except adapters.PermanentError as exc:
         return outcome("permanent", exc.detail, exc.status_code)
     except Exception as exc:  # an adapter bug: retry (bounded by max_attempts) rather than lose the message
@@ -69,12 +69,12 @@ def deliver(delivery_id: str, dispatch: int) -> str:
     store = current_app.extensions["courier.store"]
     with store.session() as session:
         ticket = outbox.begin_attempt(session, delivery_id, dispatch, destinations, lease_margin=LEASE_MARGIN)
-    if ticket is None:
-        return "skipped"
+    if isinstance(ticket, str):
+        return ticket
     destination = destinations[ticket.destination]
     result = attempt(ticket, destination)
     with store.session() as session:
-        status = outbox.finish_attempt(session, ticket, result, destination.retry)
+        status = outbox.finish_attempt(session, ticket, result, destination)
     log.info("delivery %s to %s attempt %d: %s (%s)", delivery_id, ticket.destination, ticket.number, status,
              result.detail)
     return status

@@ -50,7 +50,7 @@ def begin(store, c, now=T0):
 
 def finish(store, ticket, result, now=T0, **kw):
     with store.session() as s:
-        return outbox.finish_attempt(s, ticket, outcome(result, **kw), POLICY, now=now)
+        return outbox.finish_attempt(s, ticket, outcome(result, **kw), DESTS["billing"], now=now)
 
 
 def test_claim_marks_in_flight_with_a_lease_and_counts_dispatches(store):
@@ -99,7 +99,7 @@ def test_delivered_is_final_and_a_duplicate_task_is_a_noop(store):
     ticket = begin(store, c)
     assert ticket.number == 1 and ticket.body == b"{}"
     assert finish(store, ticket, "delivered") == "delivered"
-    assert begin(store, c) is None  # the same task again: nothing to do
+    assert begin(store, c) == "skipped"  # the same task again: nothing to do
     d = deliveries(store)[c.delivery_id]
     assert (d.status, d.attempts, d.due_at, d.delivered_at) == ("delivered", 1, None, T0)
 
@@ -111,7 +111,7 @@ def test_stale_dispatch_is_ignored_but_its_success_still_counts(store):
     # The attempt's lease (timeout 10 + margin 30) runs out; the relay dispatches again.
     second = claim_one(store, now=T0 + timedelta(seconds=41))
     assert second.dispatch == first.dispatch + 1
-    assert begin(store, first, now=T0 + timedelta(seconds=41)) is None  # the old task, redelivered
+    assert begin(store, first, now=T0 + timedelta(seconds=41)) == "skipped"  # the old task, redelivered
     ticket2 = begin(store, second, now=T0 + timedelta(seconds=41))
     assert finish(store, ticket1, "delivered") == "delivered"  # the slow first attempt did get through
     assert finish(store, ticket2, "temporary") == "superseded"
@@ -154,10 +154,10 @@ def test_attempts_that_never_finish_still_exhaust_the_budget(store):
     now = T0
     for _ in range(POLICY.max_attempts):
         c = claim_one(store, now=now)
-        assert begin(store, c, now=now) is not None  # ...and the worker dies here
+        assert isinstance(begin(store, c, now=now), outbox.Ticket)  # ...and the worker dies here
         now += timedelta(seconds=41)  # the attempt's lease runs out
     c = claim_one(store, now=now)
-    assert begin(store, c, now=now) is None
+    assert begin(store, c, now=now) == "dead"
     d = deliveries(store)[c.delivery_id]
     assert d.status == "dead" and "never finished" in d.last_error
 
