@@ -12,19 +12,61 @@ Settings that matter for not losing or duplicating work, and why:
 from __future__ import annotations
 
 from celery import Celery, Task
+from celery.worker.consumer import Consumer as CeleryConsumer
 from flask import Flask
 from kombu import Exchange, Queue
 
 from app.settings import Settings
 
-DELIVERY_LIMIT = 20  # broker redeliveries of one task (worker killed while running it) before it is dropped
+# Broker redeliveries of one task (its worker died while running it) before RabbitMQ parks it in
+# the destination's dead-letter queue instead of handing it out again: a poison task cannot loop.
+DELIVERY_LIMIT = 5
+
+
+def _exchange(settings: Settings, kind: str) -> Exchange:
+    return Exchange(f"{settings.queue_prefix}.{kind}", type="direct", durable=True)
 
 
 def delivery_queues(settings: Settings) -> list[Queue]:
-    exchange = Exchange(f"{settings.queue_prefix}.deliver", type="direct", durable=True)
-    return [Queue(settings.queue_for(name), exchange, routing_key=name, durable=True,
-                  queue_arguments={"x-queue-type": "quorum", "x-delivery-limit": DELIVERY_LIMIT})
+    """One quorum queue per destination (a bulkhead), dead-lettering into the destination's DLQ."""
+    return [Queue(settings.queue_for(name), _exchange(settings, "deliver"), routing_key=name, durable=True,
+                  queue_arguments={"x-queue-type": "quorum", "x-delivery-limit": DELIVERY_LIMIT,
+                                   "x-dead-letter-exchange": f"{settings.queue_prefix}.dead",
+                                   "x-dead-letter-routing-key": name})
             for name in settings.routing.destinations]
+
+
+def dead_letter_queues(settings: Settings) -> list[Queue]:
+    """`<prefix>.dead.<destination>`: what operators see in Flower and the RabbitMQ UI as dead."""
+    return [Queue(f"{settings.queue_prefix}.dead.{name}", _exchange(settings, "dead"), routing_key=name,
+                  durable=True, queue_arguments={"x-queue-type": "quorum"})
+            for name in settings.routing.destinations]
+
+
+def declare_dead_letter_queues(celery: Celery, settings: Settings) -> None:
+    """Declare the DLQs (idempotent); they must exist before RabbitMQ dead-letters into them."""
+    with celery.connection_for_write() as conn:
+        channel = conn.default_channel
+        for queue in dead_letter_queues(settings):
+            queue.bind(channel).declare()
+
+
+def publish_dead_letter(celery: Celery, settings: Settings, record: dict) -> None:
+    """Mirror a dead delivery into its destination's DLQ (ids and reason only, never the body: PHI)."""
+    with celery.producer_or_acquire() as producer:
+        producer.publish(record, exchange=_exchange(settings, "dead"), routing_key=record["destination"],
+                         serializer="json", delivery_mode=2, headers={"courier-dead": "1"},
+                         declare=[q for q in dead_letter_queues(settings)
+                                  if q.routing_key == record["destination"]], retry=True)
+
+
+class Consumer(CeleryConsumer):
+    """Celery's consumer without "native delayed delivery": it declares 28 extra quorum queues for
+    ETA tasks, and Courier never sends one (retry waits live in the store)."""
+
+    class Blueprint(CeleryConsumer.Blueprint):
+        default_steps = [s for s in CeleryConsumer.Blueprint.default_steps
+                         if not s.endswith(":DelayedDelivery")]
 
 
 def celery_init_app(flask_app: Flask) -> Celery:
@@ -49,6 +91,7 @@ def celery_init_app(flask_app: Flask) -> Celery:
         task_serializer="json",
         accept_content=["json"],
         worker_prefetch_multiplier=1,
+        worker_consumer="tasks.celery_app:Consumer",
         worker_hijack_root_logger=False,
         # Task events cost three confirmed publishes per task; Flower switches them on when it runs.
         worker_send_task_events=False,

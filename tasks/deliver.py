@@ -14,7 +14,7 @@ from flask import current_app
 
 import adapters
 from app import outbox, transforms
-from app.models import utcnow
+from app.models import DEAD, Delivery, utcnow
 from app.settings import Destination
 
 log = logging.getLogger("courier.deliver")
@@ -70,11 +70,33 @@ def deliver(delivery_id: str, dispatch: int) -> str:
     with store.session() as session:
         ticket = outbox.begin_attempt(session, delivery_id, dispatch, destinations, lease_margin=LEASE_MARGIN)
     if isinstance(ticket, str):
-        return ticket
-    destination = destinations[ticket.destination]
-    result = attempt(ticket, destination)
-    with store.session() as session:
-        status = outbox.finish_attempt(session, ticket, result, destination)
-    log.info("delivery %s to %s attempt %d: %s (%s)", delivery_id, ticket.destination, ticket.number, status,
-             result.detail)
+        status = ticket
+    else:
+        destination = destinations[ticket.destination]
+        result = attempt(ticket, destination)
+        with store.session() as session:
+            status = outbox.finish_attempt(session, ticket, result, destination)
+        log.info("delivery %s to %s attempt %d: %s (%s)", delivery_id, ticket.destination, ticket.number,
+                 status, result.detail)
+    if status == DEAD:
+        dead_letter(delivery_id)
     return status
+
+
+def dead_letter(delivery_id: str) -> None:
+    """Publish a dead delivery's record to its DLQ, after the commit that made it dead.
+
+    Best effort: the store already says "dead" with the reason, and that is what replay reads;
+    if the broker is down now, the DLQ misses one entry (logged), nothing else is lost.
+    """
+    from tasks.celery_app import publish_dead_letter
+
+    settings = current_app.extensions["courier.settings"]
+    with current_app.extensions["courier.store"].session() as session:
+        d = session.get(Delivery, delivery_id)
+        record = {"delivery_id": d.id, "message_id": d.message_id, "destination": d.destination,
+                  "attempts": d.attempts, "reason": d.last_error, "dead_at": utcnow().isoformat()}
+    try:
+        publish_dead_letter(current_app.extensions["celery"], settings, record)
+    except Exception as exc:  # the broker's trouble must not undo or repeat the delivery's outcome
+        log.error("could not publish dead delivery %s to its DLQ: %s", delivery_id, exc)

@@ -22,6 +22,7 @@ from celery import Celery
 from app import outbox
 from app.db import Store
 from app.settings import Settings
+from tasks.celery_app import declare_dead_letter_queues
 
 log = logging.getLogger("courier.relay")
 SQLITE_POLL = 0.1  # SQLite has no NOTIFY: poll often, it is a cheap indexed query
@@ -102,8 +103,12 @@ class Relay:
         log.info("relay started (batch %d, lease %.0fs, poll %.1fs)", self.settings.relay_batch,
                  self.settings.relay_lease, self.settings.relay_poll)
         backoff = 0.5
+        declared = False
         while not self.stopping.is_set():
             try:
+                if not declared:  # DLQs must exist before RabbitMQ dead-letters a poison task into them
+                    declare_dead_letter_queues(self.celery, self.settings)
+                    declared = True
                 if self._listener is None and self.store.is_postgres:
                     self.start_listening()
                 dispatched = self.pump()

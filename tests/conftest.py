@@ -59,15 +59,11 @@ def queue_prefix():
 
     with Connection(BROKER_URL) as conn:
         channel = conn.default_channel
-        for dest in ("billing", "erp", "files", "slow", "down"):
-            try:
-                channel.queue_delete(f"{prefix}.deliver.{dest}")
-            except Exception:
-                channel = conn.channel()
-        try:
-            channel.exchange_delete(f"{prefix}.deliver")
-        except Exception:
-            pass
+        for dest in ("billing", "erp"):
+            for kind in ("deliver", "dead"):
+                channel.queue_delete(f"{prefix}.{kind}.{dest}")
+        for kind in ("deliver", "dead"):
+            channel.exchange_delete(f"{prefix}.{kind}")
 
 
 @pytest.fixture
