@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 import select
 import threading
-import time
 
 from celery import Celery
 

@@ -7,111 +7,28 @@ asserted (timing goals live in bench/).
 """
 from __future__ import annotations
 
-import json
-import os
-import signal
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import select
 
-from app import create_app, tokens
 from app.models import Delivery
-from tests.conftest import BROKER_URL, settings_for, write_config
+from tests.processes import delivered_count, post_messages, running_courier, wait_all_delivered
 from tests.sinks import HttpSink
 
 pytestmark = pytest.mark.slow
-VENV_BIN = Path(sys.executable).parent
 N_MESSAGES = 300
-
-
-class Processes:
-    """The relay and worker as real OS processes, with their logs kept for failure messages."""
-
-    def __init__(self, env: dict[str, str], log_dir: Path):
-        self.env, self.log_dir, self.procs = env, log_dir, {}
-
-    def start(self, name: str) -> None:
-        argv = {
-            "relay": [str(VENV_BIN / "courier"), "relay"],
-            "worker": [str(VENV_BIN / "celery"), "-A", "tasks.worker", "worker", "--pool", "threads",
-                       "--concurrency", "8", "--loglevel", "INFO", "--without-mingle", "--without-gossip",
-                       "-n", f"test-{os.getpid()}@%h"],
-        }[name]
-        log = open(self.log_dir / f"{name}.log", "ab")
-        self.procs[name] = subprocess.Popen(argv, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                            cwd=Path(__file__).resolve().parents[1])
-
-    def wait_ready(self, timeout: float = 60.0) -> None:
-        """Wait until the worker consumes (its log says "ready"), so timings exclude its start-up."""
-        deadline = time.monotonic() + timeout
-        while b" ready." not in (self.log_dir / "worker.log").read_bytes():
-            assert time.monotonic() < deadline, self.logs()
-            time.sleep(0.1)
-
-    def kill(self, name: str) -> None:
-        proc = self.procs.pop(name)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=10)
-
-    def stop_all(self) -> None:
-        for name in list(self.procs):
-            proc = self.procs.pop(name)
-            proc.terminate()
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-
-    def logs(self) -> str:
-        return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}"
-                         for p in sorted(self.log_dir.glob("*.log")))
 
 
 @pytest.fixture
 def pipeline(tmp_path, store, queue_prefix):
     """A sink, a config routing every message of source `lab` to billing and erp, and process control."""
     with HttpSink() as sink:
-        cfg = write_config(tmp_path / "courier.yml", {"billing": f"http://127.0.0.1:{sink.port}/billing",
-                                                      "erp": f"http://127.0.0.1:{sink.port}/erp"},
-                           retry={"max_attempts": 10, "initial": "200ms", "max": "2s"})
-        env = {**os.environ, "DATABASE_URL": store.url, "BROKER_URL": BROKER_URL, "COURIER_CONFIG": str(cfg),
-               "COURIER_QUEUE_PREFIX": queue_prefix, "COURIER_RELAY_LEASE": "5s", "PYTHONUNBUFFERED": "1"}
-        procs = Processes(env, tmp_path)
-        flask_app = create_app(settings_for(cfg, store.url, queue_prefix))
-        with store.session() as session:
-            _, token = tokens.create(session, scope="ingest", source="lab")
-        try:
-            yield sink, procs, flask_app.test_client(), {"Authorization": f"Bearer {token}"}
-        finally:
-            procs.stop_all()
-            flask_app.extensions["courier.store"].dispose()
-
-
-def post_messages(client, headers, n: int, start: int = 0) -> None:
-    for i in range(start, start + n):
-        r = client.post("/api/v1/messages", headers=headers, content_type="application/json",
-                        data=json.dumps({"type": "service.completed", "id": f"svc-{i}", "data": {"n": i}}))
-        assert r.status_code == 202, r.get_json()
-
-
-def delivered_count(store) -> int:
-    with store.session() as s:
-        return s.scalar(select(func.count()).select_from(Delivery).where(Delivery.status == "delivered"))
-
-
-def wait_all_delivered(store, total: int, procs: Processes, timeout: float = 120.0) -> float:
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout:
-        if delivered_count(store) == total:
-            return time.monotonic() - t0
-        time.sleep(0.1)
-    with store.session() as s:
-        by_status = dict(s.execute(select(Delivery.status, func.count()).group_by(Delivery.status)).all())
-    pytest.fail(f"not all delivered after {timeout}s: {by_status}\n{procs.logs()}")
+        with running_courier(tmp_path, store, queue_prefix,
+                             {"billing": f"http://127.0.0.1:{sink.port}/billing",
+                              "erp": f"http://127.0.0.1:{sink.port}/erp"},
+                             retry={"max_attempts": 10, "initial": "200ms", "max": "2s"}) as courier:
+            yield sink, courier.procs, courier.client, courier.headers
 
 
 def check_sink(store, sink: HttpSink, *, exact: bool) -> None:

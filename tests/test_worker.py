@@ -7,7 +7,6 @@ import time
 
 import pytest
 from kombu import Connection
-from sqlalchemy import select
 
 from app import create_app, outbox
 from app.models import Delivery
