@@ -1,23 +1,25 @@
-"""The HTTP API of SPEC.md: ingest, message traces, delivery lists, health.
+"""The HTTP API of SPEC.md: ingest, message traces, delivery lists, operator actions, health.
 
 Errors are always `{"error": {"code", "message", "details"}}`. Handlers stay
 thin: parsing and storing live in `app.ingest`, status changes in `app.outbox`.
 """
 from __future__ import annotations
 
+import json
 import logging
 from datetime import datetime
 from functools import wraps
 
 from flask import Blueprint, Flask, current_app, g, jsonify, request, url_for
+from marshmallow import RAISE, Schema, ValidationError, fields, validate, validates, validates_schema
 from sqlalchemy import func, select
 from sqlalchemy.exc import SQLAlchemyError
 from werkzeug.exceptions import HTTPException
 
-from app import outbox, tokens
+from app import audit, circuits, outbox, tokens
 from app.db import Store
 from app.ingest import IngestError, ingest
-from app.models import Attempt, Delivery, Message, OPEN_STATUSES, DEAD, DELIVERED
+from app.models import Attempt, AuditRecord, Delivery, Message, OPEN_STATUSES, utcnow
 from app.settings import Settings
 
 log = logging.getLogger("courier.api")
@@ -199,19 +201,32 @@ def list_deliveries():
 @bp.get("/api/v1/destinations")
 @require("read")
 def list_destinations():
+    return jsonify({"items": _destinations()})
+
+
+def _destinations(only: str | None = None) -> list[dict]:
+    """Each configured destination's counts, circuit and pause switch (all of them, or `only` one)."""
     with store().session() as session:
-        counts = dict(((d, s), n) for d, s, n in session.execute(
-            select(Delivery.destination, Delivery.status, func.count())
-            .where(Delivery.status.in_(OPEN_STATUSES + (DEAD,)))
-            .group_by(Delivery.destination, Delivery.status)))
-        last = dict(session.execute(select(Delivery.destination, func.max(Delivery.delivered_at))
-                                    .where(Delivery.status == DELIVERED).group_by(Delivery.destination)).all())
+        summary = outbox.destination_summary(session)
+        rows = circuits.states(session)
+    now = utcnow()
     items = []
     for name, dest in settings().routing.destinations.items():
-        items.append({"name": name, "owner": dest.owner, "clearance": dest.clearance,
-                      "backlog": sum(counts.get((name, s), 0) for s in OPEN_STATUSES),
-                      "dead": counts.get((name, DEAD), 0), "last_success_at": _iso(last.get(name))})
-    return jsonify({"items": items})
+        if only is not None and name != only:
+            continue
+        counts = summary.get(name, {"backlog": 0, "dead": 0, "last_success_at": None})
+        row = rows.get(name)
+        items.append({
+            "name": name, "owner": dest.owner, "clearance": dest.clearance,
+            "backlog": counts["backlog"], "dead": counts["dead"], "last_success_at": _iso(counts["last_success_at"]),
+            "circuit": circuits.shown_state(row, now),
+            "circuit_open_until": _iso(row.open_until) if row and row.state != circuits.CLOSED else None,
+            "circuit_changed_at": _iso(row.changed_at) if row else None,
+            "consecutive_failures": row.failures if row else 0,
+            "paused": bool(row and row.paused_at), "paused_at": _iso(row.paused_at) if row else None,
+            "paused_by": row.paused_by if row else None, "pause_reason": row.pause_reason if row else None,
+        })
+    return items
 
 
 @bp.get("/api/v1/reconciliation")
@@ -230,6 +245,142 @@ def reconciliation():
             row["accepted"] += n
             row["pending" if status in OPEN_STATUSES else status] += n
     return jsonify({"since": _iso(since), "destinations": totals})
+
+
+# --- operator actions: replay, pause, resume, audit ------------------------
+
+class _Strict(Schema):
+    class Meta:
+        unknown = RAISE
+
+
+class ReasonSchema(_Strict):
+    reason = fields.String(load_default="", validate=validate.Length(max=2000))
+
+
+class PauseSchema(_Strict):
+    # Pausing stops deliveries to a clinical system: the log must say why.
+    reason = fields.String(required=True, validate=validate.Length(min=1, max=2000))
+
+
+class ReplayFilterSchema(_Strict):
+    destination = fields.String(required=True)
+    status = fields.String(required=True, validate=validate.OneOf(outbox.REPLAYABLE))
+    since = fields.AwareDateTime(load_default=None, allow_none=True)
+    until = fields.AwareDateTime(load_default=None, allow_none=True)
+    reason = fields.String(load_default="", validate=validate.Length(max=2000))
+    limit = fields.Integer(load_default=outbox.REPLAY_LIMIT, validate=validate.Range(min=1, max=outbox.REPLAY_LIMIT))
+
+    @validates("destination")
+    def _known(self, value, **_):
+        if value not in settings().routing.destinations:
+            raise ValidationError(f"unknown destination {value!r}")
+
+    @validates_schema
+    def _window(self, data, **_):
+        if data.get("since") and data.get("until") and data["since"] >= data["until"]:
+            raise ValidationError("must be later than since", "until")
+
+
+def _body(schema: Schema) -> dict:
+    """The JSON body validated by `schema`; an empty body counts as `{}` (every field optional or reported)."""
+    raw = request.get_data(cache=True)
+    doc = {}
+    if raw.strip():
+        try:
+            doc = json.loads(raw.decode("utf-8-sig"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise IngestError(400, "malformed", f"body is not valid JSON: {exc}") from None
+    if not isinstance(doc, dict):
+        raise IngestError(422, "invalid", "the body must be a JSON object", {"fields": {"_schema": ["expected an object"]}})
+    try:
+        return schema.load(doc)
+    except ValidationError as exc:
+        raise IngestError(422, "invalid", "the body has field errors", {"fields": exc.messages}) from None
+
+
+def _actor() -> str:
+    return audit.token_actor(g.token)
+
+
+@bp.post("/api/v1/deliveries/<delivery_id>/replay")
+@require("replay")
+def replay_delivery(delivery_id: str):
+    """Dead or delivered -> pending again, same id, fresh attempt budget; 409 for any other status."""
+    body = _body(ReasonSchema())
+    with store().session() as session:
+        delivery = session.get(Delivery, delivery_id, with_for_update=True)
+        if delivery is None:
+            return error(404, "not_found", f"no delivery {delivery_id!r}")
+        if delivery.status not in outbox.REPLAYABLE:
+            return error(409, "not_replayable", f"delivery {delivery_id} is {delivery.status}; only dead or "
+                         "delivered deliveries can be replayed", {"status": delivery.status})
+        outbox.replay(session, [delivery_id], actor=_actor(), reason=body["reason"])
+        session.refresh(delivery)
+        return jsonify(_delivery(delivery, with_log=True))
+
+
+@bp.post("/api/v1/deliveries/replay")
+@require("replay")
+def replay_deliveries():
+    """Replay a destination's dead (or delivered) deliveries, optionally created in [since, until)."""
+    body = _body(ReplayFilterSchema())
+    with store().session() as session:
+        ids = outbox.replay(session, actor=_actor(), reason=body["reason"], destination=body["destination"],
+                            status=body["status"], since=body["since"], until=body["until"], limit=body["limit"])
+    # limit_reached: more may match; the same call again takes the next batch.
+    return jsonify({"replayed": len(ids), "ids": ids[:outbox.AUDIT_IDS], "limit_reached": len(ids) >= body["limit"]})
+
+
+def _configured(name: str):
+    if name not in settings().routing.destinations:
+        return error(404, "not_found", f"no destination {name!r} in the routing config")
+    return None
+
+
+@bp.post("/api/v1/destinations/<name>/pause")
+@require("replay")
+def pause_destination(name: str):
+    if (missing := _configured(name)) is not None:
+        return missing
+    body = _body(PauseSchema())
+    with store().session() as session:
+        outbox.pause_destination(session, name, actor=_actor(), reason=body["reason"])
+    return jsonify(_destinations(only=name)[0])
+
+
+@bp.post("/api/v1/destinations/<name>/resume")
+@require("replay")
+def resume_destination(name: str):
+    if (missing := _configured(name)) is not None:
+        return missing
+    body = _body(ReasonSchema())
+    with store().session() as session:
+        outbox.resume_destination(session, name, actor=_actor(), reason=body["reason"])
+    return jsonify(_destinations(only=name)[0])
+
+
+def _audit(r: AuditRecord) -> dict:
+    return {"id": str(r.id), "at": _iso(r.at), "actor": r.actor, "action": r.action, "target": r.target,
+            "reason": r.reason, "details": audit.details_of(r)}
+
+
+@bp.get("/api/v1/audit")
+@require("read")
+def list_audit():
+    """Operator actions, newest first; `next_cursor` gives the next page."""
+    raw_cursor = request.args.get("cursor")
+    try:
+        cursor = int(raw_cursor) if raw_cursor else None
+    except ValueError:
+        return error(400, "malformed", f"query parameter cursor: not a cursor from this list: {raw_cursor!r}",
+                     {"parameter": "cursor"})
+    since, limit = _since(), _limit()
+    with store().session() as session:
+        rows, next_cursor = audit.listing(session, since=since, action=request.args.get("action") or None,
+                                          limit=limit, cursor=cursor)
+        items = [_audit(r) for r in rows]
+    return jsonify({"items": items, "next_cursor": str(next_cursor) if next_cursor is not None else None})
 
 
 # --- health ---------------------------------------------------------------

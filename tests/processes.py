@@ -75,6 +75,7 @@ def running_courier(tmp_path: Path, store, queue_prefix: str, destinations: dict
     cfg = write_config(tmp_path / "courier.yml", destinations, **destination_options)
     process_env = {**os.environ, "DATABASE_URL": store.url, "BROKER_URL": BROKER_URL, "COURIER_CONFIG": str(cfg),
                    "COURIER_QUEUE_PREFIX": queue_prefix, "COURIER_RELAY_LEASE": "5s", "PYTHONUNBUFFERED": "1",
+                   "PYTHONPATH": str(Path(__file__).resolve().parents[1]),  # transforms in tests/
                    **(env or {})}
     procs = Processes(process_env, tmp_path)
     flask_app = create_app(settings_for(cfg, store.url, queue_prefix))
