@@ -6,14 +6,16 @@ answers "accepted" only after `ingest()` returns: then the message is durable.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from dataclasses import dataclass, field
+from typing import Any
 
 from marshmallow import RAISE, Schema, ValidationError, fields, validate
 from sqlalchemy.exc import DBAPIError, OperationalError
 
-from app import hl7v2, outbox
+from app import hl7v2, ordering, outbox
 from app.db import Store
 from app.models import Message
 from app.settings import RoutingConfig
@@ -46,12 +48,14 @@ class EventSchema(Schema):
 
 @dataclass(frozen=True)
 class Parsed:
-    """One message ready to store: its type and the key duplicates are recognised by."""
+    """One message ready to store: its type, the key duplicates are recognised by, and the
+    parsed document (JSON envelope or Hl7Message) that order keys are read from."""
 
     message_type: str
     body: bytes
     content_type: str
     dedup_key: str | None
+    document: Any = field(default=None, repr=False, compare=False)
 
 
 @dataclass
@@ -94,7 +98,8 @@ def _parse_json(body: bytes) -> Parsed:
     except ValidationError as exc:
         raise IngestError(422, "invalid", "the event does not match the envelope schema",
                           {"fields": exc.messages}) from None
-    return Parsed(event["type"], body, "application/json", event.get("id"))
+    # The order key is read from the envelope as sent (occurred_at a string, not a datetime).
+    return Parsed(event["type"], body, "application/json", event.get("id"), doc)
 
 
 def _parse_hl7(body: bytes) -> tuple[list[Parsed], bool]:
@@ -116,7 +121,7 @@ def _parse_hl7(body: bytes) -> tuple[list[Parsed], bool]:
     is_batch = len(messages) > 1 or text.lstrip().startswith(("FHS", "BHS"))
     # Stored as UTF-8 whatever the sender used (MSH-18 may say otherwise); the content type says so.
     return [Parsed(m.message_type, m.text.encode("utf-8"), "application/hl7-v2; charset=utf-8",
-                   m.control_id or None)
+                   m.control_id or None, m)
             for m in messages], is_batch
 
 
@@ -138,15 +143,24 @@ def ingest(store: Store, routing: RoutingConfig, *, source: str, content_type: s
                           {"fields": {"type": [f"not in allowed_types of source {source!r}"]},
                            "allowed_types": list(allowed.allowed_types)})
     if idempotency_key is not None and not is_batch:
-        parsed = [Parsed(parsed[0].message_type, parsed[0].body, parsed[0].content_type, idempotency_key)]
+        parsed = [dataclasses.replace(parsed[0], dedup_key=idempotency_key)]
+    specs = {name: d.ordered_by for name, d in routing.destinations.items() if d.ordered_by}
+    plans = []
+    for p in parsed:
+        destinations = routing.destinations_for(source, p.message_type)
+        plans.append((p, destinations, ordering.keys_for(destinations, specs, p.document)))
     results = []
     try:
         with store.session() as session:
-            for p in parsed:
+            if len(plans) > 1:
+                # A batch locks all its keys up front, in one sorted pass: locking message by
+                # message, two batches holding the same patients in opposite order would deadlock.
+                ordering.lock(session, [(d, k) for _, _, keys in plans for d, k in keys.items()])
+            for p, destinations, keys in plans:
                 message, created = outbox.accept(session, outbox.NewMessage(
                     source=source, message_type=p.message_type, content_type=p.content_type, body=p.body,
                     dedup_key=p.dedup_key, correlation_id=correlation_id,
-                ), routing.destinations_for(source, p.message_type))
+                ), destinations, keys)
                 results.append(Result(message, created, [
                     {"id": d.id, "destination": d.destination, "status": d.status} for d in message.deliveries]))
     except (OperationalError, DBAPIError) as exc:

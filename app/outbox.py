@@ -23,7 +23,7 @@ from sqlalchemy import and_, or_, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from app import circuits
+from app import circuits, ordering
 from app.models import (ACCEPTED, DEAD, DELIVERED, IN_FLIGHT, OPEN_STATUSES, PENDING, RETRYING, UNROUTED,
                         Attempt, Circuit, Delivery, Message, new_id, utcnow)
 from app.settings import Destination, RetryPolicy
@@ -42,17 +42,30 @@ class NewMessage:
     correlation_id: str | None = None
 
 
-def accept(session: Session, new: NewMessage, destinations: list[str]) -> tuple[Message, bool]:
+def accept(session: Session, new: NewMessage, destinations: list[str],
+           order_keys: Mapping[str, str | None] | None = None) -> tuple[Message, bool]:
     """Store a message with a pending delivery per destination; `(existing, False)` for a duplicate.
 
     Duplicates are found by (source, dedup_key). Two concurrent duplicates race on the
     unique constraint: the loser's insert fails inside a savepoint (PostgreSQL makes it
     wait for the winner's commit first), and it returns the winner's row.
+
+    `order_keys` maps ordered destinations to this message's key (app.ordering); the relay
+    sends one key's deliveries in id order, so their ids must follow acceptance order.
     """
+
     if new.dedup_key is not None:
         existing = _find_duplicate(session, new)
         if existing is not None:
             return existing, False
+    keys = {d: ordering.fit(k) for d, k in (order_keys or {}).items() if d in destinations and k is not None}
+    # Pitfall 8 for ordered keys: ids are made before commit, so two concurrent ingests of
+    # one key could commit out of id order, and the relay could send the later one before
+    # the earlier one is even visible. PostgreSQL: an advisory lock per (destination, key),
+    # held until commit, makes them take turns, so an id is made only after every earlier
+    # delivery of its key has committed. SQLite needs none: BEGIN IMMEDIATE (app/db.py)
+    # already runs one writing transaction at a time.
+    ordering.lock(session, keys.items())
     now = utcnow()
     message_id = new_id()
     message = Message(
@@ -61,8 +74,9 @@ def accept(session: Session, new: NewMessage, destinations: list[str]) -> tuple[
         correlation_id=new.correlation_id or message_id, status=ACCEPTED if destinations else UNROUTED,
         received_at=now,
     )
-    message.deliveries = [Delivery(id=new_id(), destination=d, status=PENDING, attempts=0, dispatches=0,
-                                   due_at=now, created_at=now, updated_at=now) for d in destinations]
+    message.deliveries = [Delivery(id=ordering.next_id(session, d, keys[d]) if d in keys else new_id(),
+                                   destination=d, status=PENDING, attempts=0, dispatches=0, due_at=now,
+                                   created_at=now, updated_at=now, order_key=keys.get(d)) for d in destinations]
     try:
         with session.begin_nested():
             session.add(message)
@@ -71,10 +85,15 @@ def accept(session: Session, new: NewMessage, destinations: list[str]) -> tuple[
         if existing is None:
             raise
         return existing, False
-    if destinations and session.get_bind().dialect.name == "postgresql":
-        # Delivered to the relay's LISTEN at commit, so it wakes within milliseconds.
-        session.execute(text(f"NOTIFY {NOTIFY_CHANNEL}"))
+    if destinations:
+        _notify(session)
     return message, True
+
+
+def _notify(session: Session) -> None:
+    """Wake the relay at commit (PostgreSQL LISTEN/NOTIFY; SQLite relays poll)."""
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text(f"NOTIFY {NOTIFY_CHANNEL}"))
 
 
 def _find_duplicate(session: Session, new: NewMessage) -> Message | None:
@@ -94,12 +113,17 @@ def claim_due(session: Session, *, lease: float, limit: int, now: datetime | Non
 
     PostgreSQL: FOR UPDATE SKIP LOCKED, so several relays share the work and never take the
     same row. SQLite: the store opens every transaction with BEGIN IMMEDIATE, one writer at a time.
+
+    A delivery with an order key waits while an earlier one of its key is open (pending, in
+    flight or retrying), so at most one per key is out at a time and they go in id order.
     """
+
     now = now or utcnow()
     held = select(Circuit.destination).where(or_(
         Circuit.paused_at.is_not(None), and_(Circuit.state == circuits.OPEN, Circuit.open_until > now)))
     due = (select(Delivery.id)
-           .where(Delivery.status.in_(OPEN_STATUSES), Delivery.due_at <= now, Delivery.destination.not_in(held))
+           .where(Delivery.status.in_(OPEN_STATUSES), Delivery.due_at <= now, Delivery.destination.not_in(held),
+                  ordering.first_in_line())
            .order_by(Delivery.due_at).limit(limit)
            .with_for_update(skip_locked=True))
     rows = session.execute(
@@ -136,6 +160,7 @@ class Ticket:
     content_type: str
     body: bytes
     correlation_id: str
+    order_key: str | None = None
 
 
 def begin_attempt(session: Session, delivery_id: str, dispatch: int, destinations: Mapping[str, Destination],
@@ -174,7 +199,7 @@ def begin_attempt(session: Session, delivery_id: str, dispatch: int, destination
     delivery.updated_at = now
     message = delivery.message
     return Ticket(delivery.id, dispatch, delivery.attempts, delivery.destination, message.id, message.source,
-                  message.type, message.content_type, message.body, message.correlation_id)
+                  message.type, message.content_type, message.body, message.correlation_id, delivery.order_key)
 
 
 @dataclass(frozen=True)
@@ -233,16 +258,21 @@ def finish_attempt(session: Session, ticket: Ticket, outcome: Outcome, destinati
     if circuits.record(session, destination, ticket.delivery_id, outcome.result, outcome.detail, now) == \
             circuits.CLOSED:
         wake(session, destination.name, now)
+    if ticket.order_key is not None and status in (DELIVERED, DEAD) and changed:
+        _notify(session)  # the next delivery of this key is claimable now: wake the relay
     return status if changed else "superseded"
 
 
 def wake(session: Session, destination: str, now: datetime | None = None) -> int:
     """Make the deliveries held back by a circuit or a pause due now (the circuit closed, or a resume)."""
     now = now or utcnow()
-    return session.execute(update(Delivery).where(
+    woken = session.execute(update(Delivery).where(
         Delivery.destination == destination, Delivery.status == RETRYING, Delivery.due_at > now,
         Delivery.last_error.startswith(circuits.WAITING),
     ).values(due_at=now, updated_at=now).execution_options(synchronize_session=False)).rowcount
+    if woken:
+        _notify(session)
+    return woken
 
 
 def trace(session: Session, message_id: str) -> Message | None:
@@ -252,3 +282,127 @@ def trace(session: Session, message_id: str) -> Message | None:
 
 __all__ = ["accept", "claim_due", "release", "begin_attempt", "finish_attempt", "trace", "retry_delay",
            "NewMessage", "Claimed", "Ticket", "Outcome", "NOTIFY_CHANNEL", "DEAD", "DELIVERED"]
+
+
+# --- operator actions: replay, pause, resume ----------------------------------
+# Imported here, beside the only functions that use them, so the state machine above stays
+# readable on its own.
+from sqlalchemy import func  # noqa: E402
+
+from app import audit  # noqa: E402
+
+REPLAYABLE = (DEAD, DELIVERED)
+REPLAY_LIMIT = 10_000  # rows per replay call: one call never locks a whole destination's history
+AUDIT_IDS = 100  # ids kept in an audit record's details
+
+
+def replay(session: Session, delivery_ids: list[str] | None = None, *, actor: str, reason: str = "",
+           destination: str | None = None, status: str | None = None, since: datetime | None = None,
+           until: datetime | None = None, limit: int = REPLAY_LIMIT, now: datetime | None = None) -> list[str]:
+    """Make dead or delivered deliveries pending again, as if new; returns the ids replayed.
+
+    Either `delivery_ids`, or a filter (destination, status, created_at in [since, until)),
+    oldest first, at most `limit` rows: a filter that matched more is simply called again, as
+    the replayed rows no longer match it. Ids that are unknown or still open are left alone and
+    listed in the audit record. A replayed delivery keeps its id (so the destination sees the
+    same Idempotency-Key), its attempt log and its dispatch count, so a task dispatched before
+    the replay is still recognised as stale; its attempt budget starts afresh.
+    One audit record per call, in the same transaction.
+    """
+    now = now or utcnow()
+    filtered = any(v is not None for v in (destination, status, since, until))
+    if delivery_ids is not None and filtered:
+        raise ValueError("give delivery ids or a filter, not both")
+    if delivery_ids is None and not filtered:
+        raise ValueError("give delivery ids or a filter (destination, status, since, until)")
+    if status is not None and status not in REPLAYABLE:
+        raise ValueError(f"only {' or '.join(REPLAYABLE)} deliveries can be replayed, not {status!r}")
+    if limit < 1:
+        raise ValueError("limit must be at least 1")
+
+    if delivery_ids is not None:
+        ids = list(dict.fromkeys(delivery_ids))
+        if len(ids) > limit:
+            raise ValueError(f"{len(ids)} ids is more than the limit of {limit} per replay")
+        chosen = select(Delivery.id).where(Delivery.id.in_(ids), Delivery.status.in_(REPLAYABLE))
+        filter_doc: dict = {"delivery_ids": ids[:AUDIT_IDS]}
+    else:
+        chosen = select(Delivery.id).where(Delivery.status.in_((status,) if status else REPLAYABLE))
+        if destination is not None:
+            chosen = chosen.where(Delivery.destination == destination)
+        if since is not None:
+            chosen = chosen.where(Delivery.created_at >= since)
+        if until is not None:
+            chosen = chosen.where(Delivery.created_at < until)
+        chosen = chosen.order_by(Delivery.created_at, Delivery.id).limit(limit)
+        filter_doc = {"destination": destination, "status": status, "since": since and since.isoformat(),
+                      "until": until and until.isoformat(), "limit": limit}
+    # One UPDATE, however many rows. The status test is repeated outside the subquery: a row
+    # that another transaction changed while we waited for its lock is re-checked, not replayed blind.
+    replayed = list(session.execute(
+        update(Delivery)
+        .where(Delivery.id.in_(chosen.with_for_update().scalar_subquery()), Delivery.status.in_(REPLAYABLE))
+        .values(status=PENDING, attempts=0, due_at=now, last_error=None, delivered_at=None, updated_at=now)
+        .returning(Delivery.id)
+        .execution_options(synchronize_session=False)
+    ).scalars())
+
+    details: dict = {"count": len(replayed), "ids": replayed[:AUDIT_IDS], "filter": filter_doc}
+    if delivery_ids is not None:
+        left = [i for i in ids if i not in set(replayed)]
+        found = dict(session.execute(select(Delivery.id, Delivery.status).where(Delivery.id.in_(left))).all())
+        details["skipped"] = {i: found.get(i, "unknown") for i in left[:AUDIT_IDS]}
+        target = ids[0] if len(ids) == 1 else f"{len(ids)} deliveries: {', '.join(ids)}"
+    else:
+        target = " ".join(f"{k}={v}" for k, v in filter_doc.items() if v is not None and k != "limit")
+    audit.record(session, actor=actor, action="replay", target=target, reason=reason, details=details)
+    if replayed:
+        _notify(session)
+    return replayed
+
+
+def pause_destination(session: Session, name: str, *, actor: str, reason: str,
+                      now: datetime | None = None) -> Circuit:
+    """Hold every delivery to `name` (nothing is attempted, no attempt is spent) and log who and why."""
+    before = session.get(Circuit, name)
+    already = before is not None and before.paused_at is not None
+    row = circuits.pause(session, name, actor, reason, now)
+    audit.record(session, actor=actor, action="pause", target=name, reason=reason,
+                 details={"already_paused": already})
+    return row
+
+
+def resume_destination(session: Session, name: str, *, actor: str, reason: str = "",
+                       now: datetime | None = None) -> int | None:
+    """Lift a pause and make the deliveries it held due at once; how many were woken, None if not paused."""
+    # Locked first, so of two concurrent resumes exactly one sees the pause and wakes the backlog.
+    before = session.get(Circuit, name, with_for_update=True, populate_existing=True)
+    was_paused = before is not None and before.paused_at is not None
+    woken = 0
+    if was_paused:
+        circuits.resume(session, name, actor)
+        # Only when a pause was lifted: waking deliveries that an open circuit holds would
+        # just make them wait again.
+        woken = wake(session, name, now)
+    audit.record(session, actor=actor, action="resume", target=name, reason=reason,
+                 details={"was_paused": was_paused, "woken": woken})
+    return woken if was_paused else None
+
+
+def destination_summary(session: Session) -> dict[str, dict]:
+    """Per destination with deliveries: `backlog` (open), `dead` and `last_success_at`."""
+    summary: dict[str, dict] = {}
+    for name, status, n in session.execute(
+            select(Delivery.destination, Delivery.status, func.count())
+            .where(Delivery.status.in_(OPEN_STATUSES + (DEAD,)))
+            .group_by(Delivery.destination, Delivery.status)):
+        row = summary.setdefault(name, {"backlog": 0, "dead": 0, "last_success_at": None})
+        row["dead" if status == DEAD else "backlog"] += n
+    for name, last in session.execute(select(Delivery.destination, func.max(Delivery.delivered_at))
+                                      .where(Delivery.status == DELIVERED).group_by(Delivery.destination)):
+        summary.setdefault(name, {"backlog": 0, "dead": 0, "last_success_at": None})["last_success_at"] = last
+    return summary
+
+
+__all__ += ["replay", "pause_destination", "resume_destination", "destination_summary", "wake", "REPLAYABLE",
+            "REPLAY_LIMIT"]

@@ -71,7 +71,7 @@ class Duration(fields.Field):
 # --- the YAML schema ------------------------------------------------------
 
 CLEARANCES = ("phi", "limited", "deidentified")
-ORDER_KEY_GRAMMAR = re.compile(r"[A-Z][A-Z0-9]{2}-\d+(?:\.\d+)?|[A-Za-z_]\w*(?:\.\w+)*")
+ORDER_KEY_GRAMMAR = re.compile(r"(?:[A-Z][A-Z0-9]{2}-\d+(?:\.\d+)?|[A-Za-z_]\w*(?:\.\w+)*)\Z")
 
 
 class _Strict(Schema):

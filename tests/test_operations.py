@@ -162,7 +162,6 @@ def test_a_task_dispatched_before_the_replay_stays_stale(client, ingest, operate
 
 
 def test_bulk_replay_touches_only_matching_rows(client, ingest, operate, store, app):
-    t0 = utcnow()
     early = accepted(client, ingest, store, app)                        # billing dead, erp delivered
     t1 = utcnow()
     middle = [accepted(client, ingest, store, app) for _ in range(3)]   # billing dead, erp delivered
