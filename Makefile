@@ -27,5 +27,9 @@ run: migrate
 test: install
 	pytest
 
+# Benchmarks print numbers; they assert nothing (see bench/).
+bench: install
+	python bench/bulkhead.py
+
 clean:
 	rm -rf $(VENV) instance .pytest_cache .hypothesis

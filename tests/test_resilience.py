@@ -160,3 +160,30 @@ def test_a_poison_task_is_parked_in_the_dlq_after_bounded_redeliveries(tmp_path,
             attempts = s.get(Delivery, delivery_id).attempts
         assert 1 <= attempts <= DELIVERY_LIMIT + 1, attempts
         assert sink.received == []
+
+
+def test_ordered_destination_keeps_each_keys_order_through_failures(tmp_path, store, queue_prefix):
+    """Five patients, four messages each; the first answers fail. Per patient, order holds."""
+    import json
+
+    with HttpSink() as sink, running_courier(tmp_path, store, queue_prefix, {"billing": sink.url},
+                                             ordered_by="data.patient",
+                                             retry={"max_attempts": 20, "initial": "100ms", "max": "300ms"},
+                                             circuit={"failure_threshold": 50}) as courier:
+        sink.respond(*[(503, {}, b"busy")] * 6)
+        courier.procs.start("worker")
+        courier.procs.start("relay")
+        accepted: dict[str, list[str]] = {}
+        for i in range(20):
+            patient = f"P{i % 5}"
+            r = courier.client.post("/api/v1/messages", headers=courier.headers, content_type="application/json",
+                                    data=json.dumps({"type": "adt", "id": f"m{i}", "data": {"patient": patient}}))
+            assert r.status_code == 202
+            accepted.setdefault(patient, []).append(r.get_json()["deliveries"][0]["id"])
+        wait_all_delivered(store, 20, courier.procs, timeout=90)
+    # The sink refused the first six requests it got and took every later one.
+    assert len(sink.received) == 26
+    delivered_order: dict[str, list[str]] = {}
+    for r in sink.received[6:]:
+        delivered_order.setdefault(json.loads(r.body)["data"]["patient"], []).append(r.headers["idempotency-key"])
+    assert delivered_order == accepted
