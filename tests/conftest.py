@@ -75,6 +75,20 @@ def store(pg_url):
     s.dispose()
 
 
+@pytest.fixture
+def sqlite_store(tmp_path):
+    """A SQLite store in tmp_path, migrated by Alembic: for the tests about SQLite support."""
+    from alembic import command
+
+    from app.cli import alembic_config
+
+    url = f"sqlite:///{tmp_path}/courier.db"
+    command.upgrade(alembic_config(url), "head")
+    s = Store(url)
+    yield s
+    s.dispose()
+
+
 def write_config(path: Path, destinations: dict[str, str], routes: list[tuple[str, str, list[str]]] | None = None,
                  allowed_types: list[str] | None = None, **destination_options) -> Path:
     """A routing file with sources `lab` and `other` (no routes); by default every type of `lab` goes everywhere."""

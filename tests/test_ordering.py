@@ -313,19 +313,6 @@ def test_end_to_end_hl7_adt_for_two_patients(tmp_path, store, queue_prefix):
 
 # --- SQLite --------------------------------------------------------------------------------------
 
-@pytest.fixture
-def sqlite_store(tmp_path):
-    from alembic import command
-
-    from app.cli import alembic_config
-
-    url = f"sqlite:///{tmp_path}/courier.db"
-    command.upgrade(alembic_config(url), "head")
-    s = Store(url)
-    yield s
-    s.dispose()
-
-
 def test_sqlite_keeps_the_same_line(sqlite_store):
     with freeze_time(T0), sqlite_store.session() as s:  # one transaction, one millisecond: ids still in order
         ids = [outbox.accept(s, outbox.NewMessage("lab", "t", "application/json", b"{}", None),

@@ -5,7 +5,6 @@ import random
 import threading
 from datetime import datetime, timedelta, timezone
 
-import pytest
 from freezegun import freeze_time
 from sqlalchemy import select
 
@@ -176,19 +175,6 @@ def test_released_deliveries_are_due_at_once(store):
     with store.session() as s:
         outbox.release(s, [c], now=T0)
         assert len(outbox.claim_due(s, lease=60, limit=5, now=T0)) == 1
-
-
-@pytest.fixture
-def sqlite_store(tmp_path):
-    from alembic import command
-
-    from app.cli import alembic_config
-
-    url = f"sqlite:///{tmp_path}/courier.db"
-    command.upgrade(alembic_config(url), "head")
-    s = Store(url)
-    yield s
-    s.dispose()
 
 
 def test_sqlite_store_runs_the_same_state_machine(sqlite_store):
