@@ -126,14 +126,17 @@ def pause(session: Session, name: str, actor: str, reason: str, now: datetime | 
     return row
 
 
-def resume(session: Session, name: str, actor: str) -> Circuit | None:
-    """Lift a pause; the caller wakes the held deliveries (outbox.wake)."""
+def resume(session: Session, name: str, actor: str) -> bool:
+    """Lift a pause; True if there was one. The caller then wakes the held deliveries (outbox.wake).
+
+    Decided under the row lock, so of two concurrent resumes exactly one lifts the pause.
+    """
     row = _row(session, name, lock=True)
     if row is None or row.paused_at is None:
-        return row
+        return False
     row.paused_at, row.paused_by, row.pause_reason = None, None, None
     log.warning("destination %s resumed by %s", name, actor)
-    return row
+    return True
 
 
 def states(session: Session) -> dict[str, Circuit]:

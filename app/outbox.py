@@ -19,11 +19,11 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Mapping
 
-from sqlalchemy import and_, or_, select, text, update
+from sqlalchemy import and_, func, or_, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from app import circuits, ordering
+from app import audit, circuits, ordering
 from app.models import (ACCEPTED, DEAD, DELIVERED, IN_FLIGHT, OPEN_STATUSES, PENDING, RETRYING, UNROUTED,
                         Attempt, Circuit, Delivery, Message, new_id, utcnow)
 from app.settings import Destination, RetryPolicy
@@ -280,16 +280,7 @@ def trace(session: Session, message_id: str) -> Message | None:
     return session.get(Message, message_id)
 
 
-__all__ = ["accept", "claim_due", "release", "begin_attempt", "finish_attempt", "trace", "retry_delay",
-           "NewMessage", "Claimed", "Ticket", "Outcome", "NOTIFY_CHANNEL", "DEAD", "DELIVERED"]
-
-
 # --- operator actions: replay, pause, resume ----------------------------------
-# Imported here, beside the only functions that use them, so the state machine above stays
-# readable on its own.
-from sqlalchemy import func  # noqa: E402
-
-from app import audit  # noqa: E402
 
 REPLAYABLE = (DEAD, DELIVERED)
 REPLAY_LIMIT = 10_000  # rows per replay call: one call never locks a whole destination's history
@@ -375,15 +366,10 @@ def pause_destination(session: Session, name: str, *, actor: str, reason: str,
 def resume_destination(session: Session, name: str, *, actor: str, reason: str = "",
                        now: datetime | None = None) -> int | None:
     """Lift a pause and make the deliveries it held due at once; how many were woken, None if not paused."""
-    # Locked first, so of two concurrent resumes exactly one sees the pause and wakes the backlog.
-    before = session.get(Circuit, name, with_for_update=True, populate_existing=True)
-    was_paused = before is not None and before.paused_at is not None
-    woken = 0
-    if was_paused:
-        circuits.resume(session, name, actor)
-        # Only when a pause was lifted: waking deliveries that an open circuit holds would
-        # just make them wait again.
-        woken = wake(session, name, now)
+    was_paused = circuits.resume(session, name, actor)
+    # Only when a pause was lifted: waking deliveries that an open circuit holds would
+    # just make them wait again.
+    woken = wake(session, name, now) if was_paused else 0
     audit.record(session, actor=actor, action="resume", target=name, reason=reason,
                  details={"was_paused": was_paused, "woken": woken})
     return woken if was_paused else None
@@ -404,5 +390,6 @@ def destination_summary(session: Session) -> dict[str, dict]:
     return summary
 
 
-__all__ += ["replay", "pause_destination", "resume_destination", "destination_summary", "wake", "REPLAYABLE",
-            "REPLAY_LIMIT"]
+__all__ = ["accept", "claim_due", "release", "begin_attempt", "finish_attempt", "wake", "trace", "retry_delay",
+           "replay", "pause_destination", "resume_destination", "destination_summary", "NewMessage", "Claimed",
+           "Ticket", "Outcome", "NOTIFY_CHANNEL", "DEAD", "DELIVERED", "REPLAYABLE", "REPLAY_LIMIT"]
