@@ -5,22 +5,21 @@ thin: parsing and storing live in `app.ingest`, status changes in `app.outbox`.
 """
 from __future__ import annotations
 
-import json
 import logging
 from datetime import datetime
 from functools import wraps
 
 from flask import Blueprint, Flask, current_app, g, jsonify, request, url_for
-from marshmallow import RAISE, Schema, ValidationError, fields, validate, validates, validates_schema
+from marshmallow import Schema, ValidationError, fields, validate, validates, validates_schema
 from sqlalchemy import func, select
 from sqlalchemy.exc import SQLAlchemyError
 from werkzeug.exceptions import HTTPException
 
 from app import audit, circuits, outbox, tokens
 from app.db import Store
-from app.ingest import IngestError, ingest
+from app.ingest import IngestError, ingest, json_object
 from app.models import Attempt, AuditRecord, Delivery, Message, OPEN_STATUSES, utcnow
-from app.settings import Settings
+from app.settings import Settings, StrictSchema
 
 log = logging.getLogger("courier.api")
 bp = Blueprint("courier", __name__)
@@ -249,21 +248,16 @@ def reconciliation():
 
 # --- operator actions: replay, pause, resume, audit ------------------------
 
-class _Strict(Schema):
-    class Meta:
-        unknown = RAISE
-
-
-class ReasonSchema(_Strict):
+class ReasonSchema(StrictSchema):
     reason = fields.String(load_default="", validate=validate.Length(max=2000))
 
 
-class PauseSchema(_Strict):
+class PauseSchema(StrictSchema):
     # Pausing stops deliveries to a clinical system: the log must say why.
     reason = fields.String(required=True, validate=validate.Length(min=1, max=2000))
 
 
-class ReplayFilterSchema(_Strict):
+class ReplayFilterSchema(StrictSchema):
     destination = fields.String(required=True)
     status = fields.String(required=True, validate=validate.OneOf(outbox.REPLAYABLE))
     since = fields.AwareDateTime(load_default=None, allow_none=True)
@@ -285,14 +279,7 @@ class ReplayFilterSchema(_Strict):
 def _body(schema: Schema) -> dict:
     """The JSON body validated by `schema`; an empty body counts as `{}` (every field optional or reported)."""
     raw = request.get_data(cache=True)
-    doc = {}
-    if raw.strip():
-        try:
-            doc = json.loads(raw.decode("utf-8-sig"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise IngestError(400, "malformed", f"body is not valid JSON: {exc}") from None
-    if not isinstance(doc, dict):
-        raise IngestError(422, "invalid", "the body must be a JSON object", {"fields": {"_schema": ["expected an object"]}})
+    doc = json_object(raw, "the body") if raw.strip() else {}
     try:
         return schema.load(doc)
     except ValidationError as exc:

@@ -12,13 +12,13 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from marshmallow import RAISE, Schema, ValidationError, fields, validate
+from marshmallow import ValidationError, fields, validate
 from sqlalchemy.exc import DBAPIError, OperationalError
 
 from app import hl7v2, ordering, outbox
 from app.db import Store
 from app.models import Message
-from app.settings import RoutingConfig
+from app.settings import RoutingConfig, StrictSchema
 
 JSON_TYPES = {"application/json"}
 HL7_TYPES = {"application/hl7-v2", "x-application/hl7-v2+er7"}
@@ -33,11 +33,8 @@ class IngestError(Exception):
         self.status, self.code, self.message, self.details = status, code, message, details or {}
 
 
-class EventSchema(Schema):
+class EventSchema(StrictSchema):
     """The JSON event envelope. `data` is the payload; its own schema belongs to the event type."""
-
-    class Meta:
-        unknown = RAISE
 
     type = fields.String(required=True, validate=validate.Length(min=1, max=128))
     id = fields.String(validate=validate.Regexp(_SAFE_ID, error="1-255 characters of A-Z a-z 0-9 . _ : @ / + = -"))
@@ -81,7 +78,8 @@ def parse_body(content_type: str, body: bytes) -> tuple[list[Parsed], bool]:
                       {"accepted": sorted(JSON_TYPES | HL7_TYPES)})
 
 
-def _parse_json(body: bytes) -> Parsed:
+def json_object(body: bytes, what: str = "a JSON event") -> dict:
+    """Decode a body that must be one JSON object; IngestError says where it is not."""
     try:
         doc = json.loads(body.decode("utf-8-sig"))
     except UnicodeDecodeError as exc:
@@ -91,8 +89,13 @@ def _parse_json(body: bytes) -> Parsed:
         raise IngestError(400, "malformed", f"body is not valid JSON: {exc.msg} at line {exc.lineno} "
                           f"column {exc.colno}", {"line": exc.lineno, "column": exc.colno}) from None
     if not isinstance(doc, dict):
-        raise IngestError(422, "invalid", "a JSON event must be an object",
+        raise IngestError(422, "invalid", f"{what} must be an object",
                           {"fields": {"_schema": ["expected an object"]}})
+    return doc
+
+
+def _parse_json(body: bytes) -> Parsed:
+    doc = json_object(body)
     try:
         event = EventSchema().load(doc)
     except ValidationError as exc:

@@ -74,25 +74,27 @@ CLEARANCES = ("phi", "limited", "deidentified")
 ORDER_KEY_GRAMMAR = re.compile(r"(?:[A-Z][A-Z0-9]{2}-\d+(?:\.\d+)?|[A-Za-z_]\w*(?:\.\w+)*)\Z")
 
 
-class _Strict(Schema):
+class StrictSchema(Schema):
+    """Unknown keys are errors, so a typo is reported instead of silently ignored."""
+
     class Meta:
         unknown = RAISE
 
 
-class RetrySchema(_Strict):
+class RetrySchema(StrictSchema):
     max_attempts = fields.Integer(load_default=8, validate=validate.Range(min=1, max=1000))
     initial = Duration(load_default=5.0)
     max = Duration(load_default=3600.0)
     min_wait = Duration(load_default=10.0)  # floor after a 429 or a timeout: the destination is overloaded
 
 
-class CircuitSchema(_Strict):
+class CircuitSchema(StrictSchema):
     failure_threshold = fields.Integer(load_default=5, validate=validate.Range(min=1))
     open_for = Duration(load_default=30.0)
     max_open_for = Duration(load_default=600.0)  # open_for doubles on each trip in a row, up to this
 
 
-class SourceSchema(_Strict):
+class SourceSchema(StrictSchema):
     allowed_types = fields.List(fields.String(validate=validate.Length(min=1)), load_default=["*"])
     mllp_allow = fields.List(fields.String(), load_default=list)
 
@@ -108,7 +110,7 @@ class SourceSchema(_Strict):
             raise ValidationError({"mllp_allow": errors})
 
 
-class DestinationSchema(_Strict):
+class DestinationSchema(StrictSchema):
     url = fields.String(required=True)
     owner = fields.String(load_default="")
     clearance = fields.String(load_default="deidentified", validate=validate.OneOf(CLEARANCES))
@@ -139,17 +141,17 @@ class DestinationSchema(_Strict):
             raise ValidationError(errors)
 
 
-class MatchSchema(_Strict):
+class MatchSchema(StrictSchema):
     source = fields.String(load_default="*")
     type = fields.String(load_default="*")
 
 
-class RouteSchema(_Strict):
+class RouteSchema(StrictSchema):
     match = fields.Nested(MatchSchema, load_default=lambda: MatchSchema().load({}))
     to = fields.List(fields.String(), required=True, validate=validate.Length(min=1))
 
 
-class ConfigSchema(_Strict):
+class ConfigSchema(StrictSchema):
     sources = fields.Dict(keys=fields.String(), values=fields.Nested(SourceSchema), load_default=dict)
     destinations = fields.Dict(keys=fields.String(), values=fields.Nested(DestinationSchema), load_default=dict)
     routes = fields.List(fields.Nested(RouteSchema), load_default=list)
