@@ -59,15 +59,6 @@ class Relay:
 
     # -- waiting -----------------------------------------------------------
 
-    def _listen(self):
-        """A dedicated autocommit connection LISTENing for commits (PostgreSQL only)."""
-        import psycopg
-
-        url = self.store.engine.url.set(drivername="postgresql")
-        conn = psycopg.connect(url.render_as_string(hide_password=False), autocommit=True)
-        conn.execute(f"LISTEN {outbox.NOTIFY_CHANNEL}")
-        return conn
-
     def wait(self) -> None:
         """Sleep until a NOTIFY arrives or the poll interval passes."""
         if not self.store.is_postgres:
@@ -122,8 +113,17 @@ class Relay:
         log.info("relay stopped")
 
     def start_listening(self) -> None:
-        """LISTEN before the first claim, so no commit between claim and wait goes unnoticed."""
+        """Open a dedicated autocommit connection and LISTEN (PostgreSQL only).
+
+        Done before a round's claim, so no commit between claim and wait goes unnoticed.
+        """
+        import psycopg
+
+        url = self.store.engine.url.set(drivername="postgresql")
         try:
-            self._listener = self._listen()
+            conn = psycopg.connect(url.render_as_string(hide_password=False), autocommit=True)
+            conn.execute(f"LISTEN {outbox.NOTIFY_CHANNEL}")
         except Exception as exc:
             log.warning("cannot LISTEN (%s); polling", type(exc).__name__)
+            return
+        self._listener = conn
