@@ -16,6 +16,7 @@ import adapters
 from app import outbox, transforms
 from app.models import DEAD, Delivery, utcnow
 from app.settings import Destination
+from tasks.celery_app import publish_dead_letter
 
 log = logging.getLogger("courier.deliver")
 LEASE_MARGIN = 30.0  # seconds beyond the destination timeout before another dispatch may take over
@@ -89,8 +90,6 @@ def dead_letter(delivery_id: str) -> None:
     Best effort: the store already says "dead" with the reason, and that is what replay reads;
     if the broker is down now, the DLQ misses one entry (logged), nothing else is lost.
     """
-    from tasks.celery_app import publish_dead_letter
-
     settings = current_app.extensions["courier.settings"]
     with current_app.extensions["courier.store"].session() as session:
         d = session.get(Delivery, delivery_id)
