@@ -1,6 +1,8 @@
 # Two commands (SPEC.md): `make run` and `make test`. Everything else is a convenience.
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
+# The standalone product: every optional part (setup.cfg extras) plus the test tools.
+EXTRAS := mllp,sql,sentry,server,test
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 # honcho hands PORT to the first process (web); the others get PORT+100.
 # The routing file: ./courier.yml if you made one, else the runnable example.
@@ -12,7 +14,7 @@ export COURIER_CONFIG ?= $(if $(wildcard courier.yml),courier.yml,examples/couri
 $(VENV)/.installed: setup.cfg pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
-	$(VENV)/bin/pip install --quiet -e '.[test]'
+	$(VENV)/bin/pip install --quiet -e '.[$(EXTRAS)]'
 	touch $@
 
 install: $(VENV)/.installed

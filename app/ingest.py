@@ -15,7 +15,7 @@ from typing import Any
 from marshmallow import ValidationError, fields, validate
 from sqlalchemy.exc import DBAPIError, OperationalError
 
-from app import hl7v2, ordering, outbox
+from app import ordering, outbox
 from app.db import Store
 from app.models import Message
 from app.settings import RoutingConfig, StrictSchema
@@ -106,6 +106,11 @@ def _parse_json(body: bytes) -> Parsed:
 
 
 def _parse_hl7(body: bytes) -> tuple[list[Parsed], bool]:
+    try:
+        from app import hl7v2
+    except ImportError:  # python-hl7 comes with the [mllp] extra; a JSON-only install refuses HL7 clearly
+        raise IngestError(415, "unsupported_media_type", "HL7 v2 support is not installed here "
+                          "(pip install 'courier[mllp]')") from None
     try:
         text = hl7v2.decode(body)
         parts = hl7v2.split(text)

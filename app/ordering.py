@@ -14,14 +14,16 @@ import re
 import secrets
 import uuid
 from functools import lru_cache
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 from sqlalchemy import exists, func, select, text
 from sqlalchemy.orm import Session, aliased
 from sqlalchemy.sql.elements import ColumnElement
 
-from app.hl7v2 import Hl7Message
 from app.models import OPEN_STATUSES, Delivery, new_id
+
+if TYPE_CHECKING:  # HL7 v2 support is the optional [mllp] extra; a JSON-only install lacks it
+    from app.hl7v2 import Hl7Message
 
 MAX_KEY = 255  # Delivery.order_key is VARCHAR(255)
 _HL7_FIELD = re.compile(r"([A-Z][A-Z0-9]{2})-(\d+)(?:\.(\d+))?")
@@ -51,7 +53,7 @@ def key_for(spec: str, document: Any) -> str | None:
     """
     kind, path = _parse_spec(spec)
     if kind == "hl7":
-        value = _hl7_value(document, *path) if isinstance(document, Hl7Message) else None
+        value = _hl7_value(document, *path) if hasattr(document, "encoding_characters") else None
     else:
         value = _json_value(document, path) if isinstance(document, dict) else None
     return fit(value) if value else None
@@ -69,7 +71,7 @@ def _json_value(document: dict, path: tuple[str, ...]) -> str | None:
     return json.dumps(node, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
-def _hl7_value(message: Hl7Message, segment_id: str, field: int, component: int | None) -> str | None:
+def _hl7_value(message: "Hl7Message", segment_id: str, field: int, component: int | None) -> str | None:
     """Raw text (escapes kept) of field `field` of the first `segment_id` segment, or its component.
 
     Split with the message's own delimiters. A component is taken from the first repetition

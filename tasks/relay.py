@@ -117,10 +117,10 @@ class Relay:
 
         Done before a round's claim, so no commit between claim and wait goes unnoticed.
         """
-        import psycopg
-
         url = self.store.engine.url.set(drivername="postgresql")
         try:
+            import psycopg  # the [sql] extra; a host running psycopg2 alone gets polling
+
             conn = psycopg.connect(url.render_as_string(hide_password=False), autocommit=True)
             conn.execute(f"LISTEN {outbox.NOTIFY_CHANNEL}")
         except Exception as exc:
