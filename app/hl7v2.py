@@ -30,7 +30,9 @@ __all__ = [
     "Hl7Error",
     "Hl7Message",
     "build_ack",
+    "build_batch_ack",
     "decode",
+    "decode_with_codec",
     "parse",
     "parse_ack",
     "parse_all",
@@ -160,6 +162,11 @@ def decode(raw: bytes) -> str:
     Order: UTF-8 (after dropping a BOM), the charset MSH-18 declares, cp1252, latin-1,
     so bytes never make it fail; NUL bytes or no 'MSH' at all mean it is not HL7 v2.
     """
+    return decode_with_codec(raw)[0]
+
+
+def decode_with_codec(raw: bytes) -> tuple[str, str]:
+    """decode(), plus the Python codec it chose: an MLLP ACK goes back in the sender's charset."""
     if not isinstance(raw, (bytes, bytearray, memoryview)):
         raise TypeError(f"decode() takes bytes, not {type(raw).__name__}")
     raw = bytes(raw)
@@ -173,7 +180,7 @@ def decode(raw: bytes) -> str:
     if b"MSH" not in raw:
         raise Hl7Error("no MSH segment: not an HL7 v2 message", "byte 0", "100")
     try:
-        return raw.decode("utf-8")
+        return raw.decode("utf-8"), "utf-8"
     except UnicodeDecodeError:
         pass
     declared = _declared_codec(raw)
@@ -185,8 +192,8 @@ def decode(raw: bytes) -> str:
         except (UnicodeError, LookupError):
             continue
         if "MSH" in text:
-            return text
-    return raw.decode("latin-1")
+            return text, codec
+    return raw.decode("latin-1"), "latin-1"
 
 
 def _declared_codec(raw: bytes) -> str | None:
@@ -530,6 +537,22 @@ def build_ack(msg: Hl7Message | None, code: str, *, text: str = "", error_code: 
         err = ["ERR", "", "", err3, "E", "", "", "", _escape(text[:_ERR8_MAX], sep, encoding)]
         segments.append(sep.join(err).rstrip(sep))
     return "".join(segment + "\r" for segment in segments)
+
+
+def build_batch_ack(acks: list[str]) -> str:
+    """ACKs (from build_ack) for the messages of one batch, as one BHS ... BTS batch.
+
+    The HL7 batch protocol answers a batch with a batch of acknowledgments; over MLLP
+    it travels as one frame, so a sender gets exactly one answer per frame it sent.
+    BHS-3..7 are the first ACK's MSH-3..7 (already swapped); BTS-1 is the ACK count.
+    """
+    if not acks:
+        raise ValueError("a batch acknowledgment needs at least one ACK")
+    first = acks[0].split("\r", 1)[0]
+    sep = first[3]
+    fields = first.split(sep)  # fields[n-1] is MSH-n, fields[1] the encoding characters
+    bhs = sep.join(["BHS", *fields[1:7]])
+    return bhs + "\r" + "".join(acks) + f"BTS{sep}{len(acks)}\r"
 
 
 def parse_ack(text: str) -> tuple[str, str, str]:

@@ -97,6 +97,9 @@ class CircuitSchema(StrictSchema):
 class SourceSchema(StrictSchema):
     allowed_types = fields.List(fields.String(validate=validate.Length(min=1)), load_default=["*"])
     mllp_allow = fields.List(fields.String(), load_default=list)
+    # MSH-3/MSH-4 of the messages this source sends over MLLP, as "APP" or "APP^FACILITY"
+    # shell patterns; needed when several sources share a peer address (one interface engine).
+    mllp_senders = fields.List(fields.String(validate=validate.Length(min=1, max=200)), load_default=list)
 
     @validates_schema
     def _networks(self, data, **kwargs):
@@ -108,6 +111,16 @@ class SourceSchema(StrictSchema):
                 errors[i] = [str(exc)]
         if errors:
             raise ValidationError({"mllp_allow": errors})
+
+    @validates_schema
+    def _senders(self, data, **kwargs):
+        errors = {}
+        for i, pattern in enumerate(data.get("mllp_senders", [])):
+            if pattern.count("^") > 1 or not pattern.split("^")[0] or re.search(r"[\s|~\\&]", pattern):
+                errors[i] = ["use APP or APP^FACILITY (MSH-3.1, MSH-4.1; shell patterns like LAB* allowed), "
+                             "no spaces or other HL7 delimiters"]
+        if errors:
+            raise ValidationError({"mllp_senders": errors})
 
 
 class DestinationSchema(StrictSchema):
@@ -207,9 +220,27 @@ class Source:
     name: str
     allowed_types: tuple[str, ...] = ("*",)
     mllp_allow: tuple[str, ...] = ()
+    mllp_senders: tuple[str, ...] = ()  # "APP" or "APP^FACILITY" patterns for MSH-3.1/MSH-4.1
 
     def allows(self, message_type: str) -> bool:
         return any(fnmatch.fnmatchcase(message_type, p) for p in self.allowed_types)
+
+    def allows_peer(self, address: str) -> bool:
+        """Whether an MLLP peer at this IP address may connect as this source (mllp_allow)."""
+        try:
+            ip = ipaddress.ip_address(address.split("%", 1)[0])
+        except ValueError:
+            return False
+        if getattr(ip, "ipv4_mapped", None):  # ::ffff:10.0.0.5 on a dual-stack socket is 10.0.0.5
+            ip = ip.ipv4_mapped
+        return any(ip in ipaddress.ip_network(net, strict=False) for net in self.mllp_allow)
+
+    def sent_by(self, application: str, facility: str) -> bool | None:
+        """Whether MSH-3.1/MSH-4.1 match mllp_senders; None when the source lists no senders."""
+        if not self.mllp_senders:
+            return None
+        return any(fnmatch.fnmatchcase(f"{application}^{facility}", p if "^" in p else p + "^*")
+                   for p in self.mllp_senders)
 
 
 @dataclass(frozen=True)
@@ -364,7 +395,7 @@ def load_routing(path: str | os.PathLike, env: Mapping[str, str] | None = None) 
             problems.append(f"{where}: {'.'.join(map(str, p)) or '(top)'}: {message}")
         raise ConfigError(sorted(set(problems), key=_line_key)) from None
     return RoutingConfig(
-        sources={n: Source(n, tuple(s["allowed_types"]), tuple(s["mllp_allow"]))
+        sources={n: Source(n, tuple(s["allowed_types"]), tuple(s["mllp_allow"]), tuple(s["mllp_senders"]))
                  for n, s in data["sources"].items()},
         destinations={n: Destination(
             name=n, url=d["url"], owner=d["owner"], clearance=d["clearance"], transform=d["transform"],

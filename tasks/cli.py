@@ -9,6 +9,7 @@ from flask.cli import FlaskGroup
 
 from app import create_app
 from app.cli import COMMANDS, with_appcontext
+from app.mllp import mllp_command  # imports python-hl7 only when a listener starts
 
 
 def _create_app():
@@ -44,7 +45,7 @@ class CourierGroup(FlaskGroup):
 
 cli = CourierGroup(name="courier", create_app=_create_app, add_version_option=False,
                    help="Courier: durable message delivery for healthcare integration.")
-for command in COMMANDS + (relay_command,):
+for command in COMMANDS + (relay_command, mllp_command):
     cli.add_command(command)
 
 

@@ -1,0 +1,392 @@
+"""The MLLP listener (`courier mllp`): HL7 v2 over TCP in, ACKs out, through the same ingest as HTTP.
+
+Each frame `<VT> payload <FS><CR>` gets exactly one answer frame: `AA` only after
+`ingest()` has committed the message(s), `AE` when the store could not commit (the
+sender must resend), `AR` with the reason in MSA-3 and ERR when the frame can never
+be accepted. A frame holding a batch (FHS/BHS, or MSH after MSH) is ingested as a
+whole (all or nothing) and answered with a BHS ... BTS batch of one ACK per message.
+
+asyncio serves the sockets; the blocking parse + ingest runs in a thread pool so a
+slow database never stalls other connections. Peers are admitted by address
+(`mllp_allow`); among the sources a peer may speak for, MSH-3/MSH-4 (`mllp_senders`)
+pick one. Garbage, oversized frames, frames without an end block, slow or idle peers
+cost a log line and the connection, never the listener.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import click
+from flask import current_app
+
+from app.cli import with_appcontext
+
+log = logging.getLogger("courier.mllp")
+
+START_BLOCK, END_BLOCK, CARRIAGE_RETURN = b"\x0b", b"\x1c", b"\x0d"
+_WHITESPACE = b" \t\r\n"
+# Bytes outside any frame that make a peer "not speaking MLLP" (an HTTP client, a port scanner).
+MAX_JUNK_BYTES = 4096
+READ_CHUNK = 64 * 1024
+
+# ERR-3 (HL7 table 0357) for ingest's refusals: 200 unsupported message type, 207 application error.
+_ERROR_CODES = {"type_not_allowed": "200", "unknown_source": "207", "invalid": "207", "malformed": "102"}
+
+
+class FrameTooLarge(Exception):
+    """A frame grew past the size limit before its end block arrived."""
+
+
+class Deframer:
+    """Sans-IO MLLP framing: feed() bytes as they arrive, next_frame() gives complete payloads in order.
+
+    Bytes between frames are skipped (whitespace silently, anything else counted in
+    .junk). A start block inside an open frame restarts the frame: the sender gave up
+    on the first one, and answering it would misalign every later ACK. The CR after
+    the end block is optional on input (some senders omit it).
+    """
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self.buffer = bytearray()
+        self.in_frame = False
+        self.junk = 0
+        self.restarts = 0
+
+    def feed(self, data: bytes) -> None:
+        self.buffer += data
+        self._sync()
+
+    def _sync(self) -> None:
+        """Outside a frame, drop everything up to the next start block."""
+        if self.in_frame:
+            return
+        start = self.buffer.find(START_BLOCK)
+        skipped = self.buffer if start == -1 else self.buffer[:start]
+        self.junk += len(bytes(skipped).translate(None, _WHITESPACE))
+        if start == -1:
+            self.buffer.clear()
+        else:
+            del self.buffer[:start + 1]
+            self.in_frame = True
+
+    def next_frame(self) -> bytes | None:
+        """The next complete payload, or None if more bytes are needed. Raises FrameTooLarge."""
+        if not self.in_frame:
+            return None
+        end = self.buffer.find(END_BLOCK)
+        scan = self.buffer if end == -1 else self.buffer[:end]
+        restart = scan.rfind(START_BLOCK)
+        if restart != -1:
+            self.restarts += 1
+            self.junk += restart
+            del self.buffer[:restart + 1]
+            end = -1 if end == -1 else end - restart - 1
+        if end == -1:
+            if len(self.buffer) > self.max_bytes:
+                raise FrameTooLarge(len(self.buffer))
+            return None
+        if end > self.max_bytes:
+            raise FrameTooLarge(end)
+        payload = bytes(self.buffer[:end])
+        del self.buffer[:end + 1]
+        self.in_frame = False
+        self._sync()
+        return payload
+
+
+def frame(payload: bytes) -> bytes:
+    return START_BLOCK + payload + END_BLOCK + CARRIAGE_RETURN
+
+
+@dataclass(frozen=True)
+class Answer:
+    """What one frame got: the ACK payload (encoded), its code, and a log-safe summary (no PHI)."""
+
+    payload: bytes
+    code: str
+    summary: str
+
+
+class MllpListener:
+    """Serves MLLP on host:port until stop(); run() is the coroutine that does it."""
+
+    def __init__(self, settings, store, *, host: str = "0.0.0.0", port: int | None = None,
+                 idle_timeout: float = 600.0, frame_timeout: float = 60.0, ingest_timeout: float = 30.0,
+                 write_timeout: float = 30.0, max_connections: int = 200, workers: int = 8,
+                 stop_grace: float = 20.0):
+        from app import hl7v2  # python-hl7 (the [mllp] extra) is needed only when a listener runs
+
+        self.hl7v2 = hl7v2
+        self.settings, self.store = settings, store
+        self.host, self.port = host, settings.mllp_port if port is None else port
+        self.idle_timeout, self.frame_timeout = idle_timeout, frame_timeout
+        self.ingest_timeout, self.write_timeout = ingest_timeout, write_timeout
+        self.max_connections, self.stop_grace = max_connections, stop_grace
+        self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mllp-ingest")
+        self.started = threading.Event()  # set once the socket listens (self.port is then the real port)
+        self.stopping = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop_event: asyncio.Event | None = None
+        self._connections: dict[asyncio.Task, bool] = {}  # task -> busy with a frame
+
+    # --- lifecycle ---------------------------------------------------------------
+
+    async def run(self, *, handle_signals: bool = False) -> None:
+        """Listen until stop() (or SIGTERM/SIGINT with handle_signals), then stop gracefully."""
+        self._loop = asyncio.get_running_loop()
+        self._stop_event = asyncio.Event()
+        if handle_signals:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._loop.add_signal_handler(sig, self.stop)
+        server = await asyncio.start_server(self._accept, self.host, self.port, limit=READ_CHUNK)
+        self.port = server.sockets[0].getsockname()[1]
+        log.info("MLLP listener on %s:%d", self.host, self.port)
+        self.started.set()
+        try:
+            await self._stop_event.wait()
+        finally:
+            server.close()
+            await self._drain_connections()
+            await server.wait_closed()
+            self.executor.shutdown(wait=True)
+            log.info("MLLP listener stopped")
+
+    def stop(self) -> None:
+        """Stop accepting; connections finish the frame in hand (its ACK is sent), then close."""
+        if self.stopping:
+            return
+        self.stopping = True
+        log.info("MLLP listener stopping")
+        for task, busy in list(self._connections.items()):
+            if not busy:
+                task.cancel()  # waiting for bytes: nothing in hand to finish
+        if self._stop_event is not None:
+            self._stop_event.set()
+
+    def stop_threadsafe(self) -> None:
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self.stop)
+
+    async def _drain_connections(self) -> None:
+        tasks = list(self._connections)
+        if not tasks:
+            return
+        done, pending = await asyncio.wait(tasks, timeout=self.stop_grace)
+        for task in pending:
+            task.cancel()
+        if pending:
+            log.warning("MLLP stop: %d connections still busy after %gs, closed", len(pending), self.stop_grace)
+            await asyncio.wait(pending, timeout=5)
+
+    # --- connections ---------------------------------------------------------------
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        peer = writer.get_extra_info("peername") or ("?", 0)
+        where = f"{peer[0]}:{peer[1]}"
+        candidates = [s for s in self.settings.routing.sources.values() if s.allows_peer(str(peer[0]))]
+        if self.stopping or not candidates or len(self._connections) >= self.max_connections:
+            why = ("listener is stopping" if self.stopping else
+                   "address is in no source's mllp_allow" if not candidates else
+                   f"already {len(self._connections)} connections (the maximum)")
+            log.warning("MLLP connection from %s refused: %s", where, why)
+            writer.close()
+            return
+        self._connections[task] = False
+        log.info("MLLP connection from %s (may send as %s)", where, ", ".join(s.name for s in candidates))
+        try:
+            await self._converse(reader, writer, where, candidates, task)
+        except asyncio.CancelledError:
+            pass  # stop() or the stop grace period ran out
+        except (ConnectionError, OSError) as exc:
+            log.info("MLLP connection from %s lost: %s", where, exc)
+        except Exception:  # a bug must cost this connection only, never the listener
+            log.exception("MLLP connection from %s failed", where)
+        finally:
+            self._connections.pop(task, None)
+            writer.close()
+            try:
+                await asyncio.wait_for(writer.wait_closed(), 2)
+            except (Exception, asyncio.CancelledError):
+                pass
+
+    async def _converse(self, reader, writer, where: str, candidates: list, task: asyncio.Task) -> None:
+        deframer = Deframer(self.settings.max_message_bytes)
+        frame_started = 0.0
+        while True:
+            try:
+                payload = deframer.next_frame()
+            except FrameTooLarge:
+                log.warning("MLLP from %s: frame larger than %d bytes; answered AR and closed", where,
+                            self.settings.max_message_bytes)
+                await self._reply(writer, self._reject_frame(
+                    f"frame larger than {self.settings.max_message_bytes} bytes (the limit)", "104"))
+                return
+            if payload is not None:
+                self._connections[task] = True
+                answer = await self._answer(payload, where, candidates)
+                await self._reply(writer, answer.payload)
+                log.info("MLLP from %s: %s", where, answer.summary)
+                self._connections[task] = False
+                if self.stopping:
+                    return
+                continue
+            if self.stopping:
+                return
+            if deframer.junk > MAX_JUNK_BYTES:
+                log.warning("MLLP from %s: %d bytes outside any frame (not MLLP?); closed", where, deframer.junk)
+                return
+            if deframer.in_frame:
+                if not frame_started:
+                    frame_started = time.monotonic()
+                timeout = max(0.0, frame_started + self.frame_timeout - time.monotonic())
+            else:
+                frame_started, timeout = 0.0, self.idle_timeout
+            try:
+                data = await asyncio.wait_for(reader.read(READ_CHUNK), timeout)
+            except asyncio.TimeoutError:
+                if deframer.in_frame:
+                    # A frame trickling in or never ending (slow loris, or a sender that lost its end block).
+                    log.warning("MLLP from %s: no end block within %gs of the start block; answered AR and "
+                                "closed", where, self.frame_timeout)
+                    await self._reply(writer, self._reject_frame(
+                        f"frame not complete within {self.frame_timeout:g}s (no end block)", "100"))
+                else:
+                    log.info("MLLP connection from %s idle for %gs; closed", where, self.idle_timeout)
+                return
+            if not data:
+                if deframer.in_frame:
+                    log.warning("MLLP from %s: connection closed inside a frame (%d bytes, no end block); "
+                                "nothing stored", where, len(deframer.buffer))
+                else:
+                    log.info("MLLP connection from %s closed by peer", where)
+                return
+            junk_before = deframer.junk
+            deframer.feed(data)
+            if deframer.junk and not junk_before:
+                log.warning("MLLP from %s: bytes outside a frame (before a start block) skipped", where)
+
+    async def _reply(self, writer: asyncio.StreamWriter, payload: bytes) -> None:
+        writer.write(frame(payload))
+        # A peer that does not read its ACKs must not pin the connection (and its buffer) forever.
+        await asyncio.wait_for(writer.drain(), self.write_timeout)
+
+    async def _answer(self, payload: bytes, where: str, candidates: list) -> Answer:
+        future = self._loop.run_in_executor(self.executor, self.process, payload, where, candidates)
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), self.ingest_timeout)
+        except asyncio.TimeoutError:
+            # The commit may still land; the sender's resend is then a duplicate (same MSH-10), answered AA.
+            return self._refusal(payload, "AE", f"not stored within {self.ingest_timeout:g}s; send again",
+                                 "207", f"AE (store did not answer within {self.ingest_timeout:g}s)")
+
+    def _reject_frame(self, reason: str, error_code: str) -> bytes:
+        return self.hl7v2.build_ack(None, "AR", text=reason, error_code=error_code).encode("ascii", "replace")
+
+    # --- one frame (runs in the thread pool) ---------------------------------------------
+
+    def process(self, payload: bytes, where: str, candidates: list) -> Answer:
+        """Parse, pick the source, ingest; the ACK for the whole frame. Never raises."""
+        from app.ingest import IngestError, ingest
+
+        hl7v2 = self.hl7v2
+        try:
+            messages = hl7v2.parse_all(payload)
+        except hl7v2.Hl7Error as exc:
+            return self._refusal(payload, "AR", str(exc), exc.error_code, f"AR ({exc})")
+        except Exception as exc:  # the parser's bug is this frame's refusal, not the listener's end
+            log.exception("MLLP from %s: parser failed", where)
+            return self._refusal(payload, "AR", f"cannot parse: {type(exc).__name__}", "207", "AR (parser error)")
+        first = messages[0]
+        source = pick_source(candidates, first.sending_application, first.sending_facility)
+        ids = ", ".join(m.control_id for m in messages[:5]) + (", ..." if len(messages) > 5 else "")
+        if source is None:
+            reason = (f"sender {first.sending_application}^{first.sending_facility} (MSH-3/MSH-4) is not a "
+                      f"source allowed from this address")
+            return self._answer_messages(payload, messages, "AR", reason, "207", f"AR MSH-10 {ids}: unknown sender")
+        try:
+            results, _ = ingest(self.store, self.settings.routing, source=source.name,
+                                content_type="application/hl7-v2", body=payload)
+        except IngestError as exc:
+            code = "AE" if exc.status >= 500 else "AR"
+            return self._answer_messages(payload, messages, code, exc.message, _ERROR_CODES.get(exc.code, "207"),
+                                         f"{code} MSH-10 {ids} from {source.name}: {exc.code}")
+        except Exception as exc:  # an ingest bug: nothing committed that we know of, so the sender must resend
+            log.exception("MLLP from %s: ingest failed", where)
+            return self._answer_messages(payload, messages, "AE", f"internal error ({type(exc).__name__}); send "
+                                         "again", "207", f"AE MSH-10 {ids}: internal error")
+        stored = sum(1 for r in results if r.created)
+        return self._answer_messages(payload, messages, "AA", "", None,
+                                     f"AA MSH-10 {ids} from {source.name} ({stored} new, "
+                                     f"{len(results) - stored} duplicate)")
+
+    def _answer_messages(self, payload: bytes, messages: list, code: str, reason: str, error_code: str | None,
+                         summary: str) -> Answer:
+        hl7v2 = self.hl7v2
+        acks = [hl7v2.build_ack(m, code, text=reason, error_code=error_code) for m in messages]
+        batch = len(messages) > 1 or payload.lstrip(b" \t\r\n\xef\xbb\xbf").startswith((b"FHS", b"BHS"))
+        text = hl7v2.build_batch_ack(acks) if batch else acks[0]
+        return Answer(_encode(text, payload, hl7v2), code, summary)
+
+    def _refusal(self, payload: bytes, code: str, reason: str, error_code: str, summary: str) -> Answer:
+        """An ACK for a frame that did not parse: addressed from whatever MSH can be salvaged."""
+        hl7v2 = self.hl7v2
+        header = hl7v2.salvage_header(payload)
+        text = hl7v2.build_ack(header, code, text=reason, error_code=error_code)
+        return Answer(_encode(text, payload, hl7v2), code, summary)
+
+
+def _encode(text: str, payload: bytes, hl7v2) -> bytes:
+    """The ACK in the charset the message came in (its MSH-3..6 are echoed), else UTF-8."""
+    try:
+        codec = hl7v2.decode_with_codec(payload)[1]
+    except Exception:  # undecodable input: the ACK is ours, UTF-8 it is
+        codec = "utf-8"
+    return text.encode(codec, errors="replace")
+
+
+def pick_source(candidates: list, application: str, facility: str):
+    """The source for a message from an admitted peer: the first whose mllp_senders match
+    MSH-3.1/MSH-4.1, else the first that lists no senders (config order); None if neither."""
+    named = [s for s in candidates if s.sent_by(application, facility)]
+    if named:
+        return named[0]
+    return next((s for s in candidates if s.sent_by(application, facility) is None), None)
+
+
+def _env_seconds(name: str, default: float) -> float:
+    from app.settings import ConfigError, parse_duration
+
+    try:
+        return parse_duration(os.environ.get(name, default))
+    except ValueError as exc:
+        raise ConfigError([f"environment: {name}: {exc}"]) from None
+
+
+@click.command("mllp")
+@click.option("--host", default="0.0.0.0", show_default=True, help="address to listen on (port: MLLP_PORT)")
+@with_appcontext
+def mllp_command(host: str):
+    """Receive HL7 v2 over MLLP on MLLP_PORT until SIGTERM; ACK AA only after commit."""
+    from app.settings import ConfigError
+
+    try:
+        timeouts = dict(idle_timeout=_env_seconds("COURIER_MLLP_IDLE_TIMEOUT", 600.0),
+                        frame_timeout=_env_seconds("COURIER_MLLP_FRAME_TIMEOUT", 60.0),
+                        ingest_timeout=_env_seconds("COURIER_MLLP_INGEST_TIMEOUT", 30.0))
+    except ConfigError as exc:
+        raise click.ClickException("; ".join(exc.problems)) from None
+    try:
+        listener = MllpListener(current_app.extensions["courier.settings"], current_app.extensions["courier.store"],
+                                host=host, **timeouts)
+    except ImportError as exc:
+        raise click.ClickException(f"HL7 v2 support is not installed ({exc}); pip install 'courier[mllp]'") from None
+    asyncio.run(listener.run(handle_signals=True))
