@@ -22,10 +22,7 @@ def create_app(settings: Settings | None = None, test_config: dict | None = None
 
     settings = settings or load_settings()
     flask_app = Flask(__name__, instance_relative_config=False)
-    flask_app.config.update(
-        MAX_CONTENT_LENGTH=settings.max_message_bytes,
-        JSON_SORT_KEYS=False,
-    )
+    flask_app.config.update(JSON_SORT_KEYS=False)
     if test_config:
         flask_app.config.update(test_config)
     flask_app.extensions["courier.settings"] = settings

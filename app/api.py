@@ -398,22 +398,42 @@ def readyz():
     return jsonify({"status": "ready" if ready else "not_ready", "checks": checks}), 200 if ready else 503
 
 
-def init_app(app: Flask) -> None:
-    app.register_blueprint(bp)
+# --- errors and limits ----------------------------------------------------
 
-    @app.errorhandler(IngestError)
-    def _ingest_error(exc: IngestError):
-        return error(exc.status, exc.code, exc.message, exc.details)
+@bp.before_request
+def _limit_body():
+    # Per request, not app-wide MAX_CONTENT_LENGTH: inside a host app the limit is Courier's own.
+    request.max_content_length = settings().max_message_bytes
 
-    @app.errorhandler(HTTPException)
-    def _http_error(exc: HTTPException):
-        code = {413: "too_large", 404: "not_found", 405: "method_not_allowed"}.get(exc.code, "http_error")
-        message = exc.description or exc.name
-        if exc.code == 413:
-            message = f"the body is larger than the limit of {settings().max_message_bytes} bytes"
-        return error(exc.code or 500, code, message)
 
-    @app.errorhandler(SQLAlchemyError)
-    def _store_error(exc: SQLAlchemyError):
-        log.error("store error: %s", type(exc).__name__)
-        return error(503, "store_unavailable", "the store is unreachable; try again")
+@bp.errorhandler(IngestError)
+def _ingest_error(exc: IngestError):
+    return error(exc.status, exc.code, exc.message, exc.details)
+
+
+def _http_error(exc: HTTPException):
+    code = {413: "too_large", 404: "not_found", 405: "method_not_allowed"}.get(exc.code, "http_error")
+    message = exc.description or exc.name
+    if exc.code == 413:
+        message = f"the body is larger than the limit of {settings().max_message_bytes} bytes"
+    return error(exc.code or 500, code, message)
+
+
+@bp.errorhandler(SQLAlchemyError)
+def _store_error(exc: SQLAlchemyError):
+    log.error("store error: %s", type(exc).__name__)
+    return error(503, "store_unavailable", "the store is unreachable; try again")
+
+
+bp.register_error_handler(HTTPException, _http_error)
+
+
+def init_app(app: Flask, url_prefix: str | None = None, *, own_app: bool = True) -> None:
+    """Mount the API on `app` under `url_prefix`.
+
+    `own_app`: Courier's standalone app also answers unknown URLs (404/405 raised before any
+    blueprint is chosen) in its JSON error format; a host app keeps its own error pages.
+    """
+    app.register_blueprint(bp, url_prefix=url_prefix or None)
+    if own_app:
+        app.register_error_handler(HTTPException, _http_error)

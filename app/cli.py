@@ -5,7 +5,9 @@ destinations, audit.
 """
 from __future__ import annotations
 
+import os
 import sys
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from functools import update_wrapper
 from pathlib import Path
@@ -17,6 +19,7 @@ from flask.cli import ScriptInfo
 import migrations
 from app import audit, circuits, outbox
 from app import tokens as token_store
+from app.db import make_engine
 from app.settings import ConfigError, load_settings
 
 
@@ -48,9 +51,34 @@ def with_appcontext(f):
     return update_wrapper(decorator, f)
 
 
-def _database_url() -> str:
-    import os
-    return os.environ.get("DATABASE_URL", "sqlite:///instance/courier.db")
+def migrate(engine, command_name: str = "upgrade", *args: str) -> None:
+    """Run an Alembic command (upgrade, downgrade, current) of Courier's migrations on `engine`.
+
+    The engine may be a host application's: Courier's migrations touch only its own tables
+    and its own version table (migrations/env.py).
+    """
+    from alembic import command
+
+    cfg = alembic_config(engine.url.render_as_string(hide_password=False))
+    with engine.connect() as connection:
+        cfg.attributes["connection"] = connection
+        getattr(command, command_name)(cfg, *args)
+
+
+@contextmanager
+def _store_engine():
+    """The store of the app in hand (`flask --app host courier db ...`), else DATABASE_URL's.
+
+    The standalone `courier db` loads no app, so it migrates even while the routing file is broken.
+    """
+    if current_app:
+        yield current_app.extensions["courier.store"].engine
+        return
+    engine = make_engine(os.environ.get("DATABASE_URL", "sqlite:///instance/courier.db"))
+    try:
+        yield engine
+    finally:
+        engine.dispose()
 
 
 @click.group("db")
@@ -62,8 +90,8 @@ def db_group():
 @click.argument("revision", default="head")
 def db_upgrade(revision: str):
     """Migrate the store up to REVISION (default: head)."""
-    from alembic import command
-    command.upgrade(alembic_config(_database_url()), revision)
+    with _store_engine() as engine:
+        migrate(engine, "upgrade", revision)
     click.echo(f"database at {revision}")
 
 
@@ -71,16 +99,16 @@ def db_upgrade(revision: str):
 @click.argument("revision")
 def db_downgrade(revision: str):
     """Migrate the store down to REVISION (e.g. -1, or base to drop Courier's tables)."""
-    from alembic import command
-    command.downgrade(alembic_config(_database_url()), revision)
+    with _store_engine() as engine:
+        migrate(engine, "downgrade", revision)
     click.echo(f"database at {revision}")
 
 
 @db_group.command("current")
 def db_current():
     """Show the store's migration revision."""
-    from alembic import command
-    command.current(alembic_config(_database_url()))
+    with _store_engine() as engine:
+        migrate(engine, "current")
 
 
 @click.group("config")

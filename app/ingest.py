@@ -14,6 +14,7 @@ from typing import Any
 
 from marshmallow import ValidationError, fields, validate
 from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.orm import Session
 
 from app import ordering, outbox
 from app.db import Store
@@ -133,16 +134,23 @@ def _parse_hl7(body: bytes) -> tuple[list[Parsed], bool]:
             for m in messages], is_batch
 
 
-def ingest(store: Store, routing: RoutingConfig, *, source: str, content_type: str, body: bytes,
-           idempotency_key: str | None = None, correlation_id: str | None = None) -> tuple[list[Result], bool]:
-    """Validate, route and durably store; returns (results, is_batch). Raises IngestError."""
+@dataclass(frozen=True)
+class Plan:
+    """A validated message and where it goes: what `store_plans` writes."""
+
+    parsed: Parsed
+    destinations: list[str]
+    order_keys: dict[str, str | None]
+
+
+def plan(routing: RoutingConfig, *, source: str, content_type: str, body: bytes,
+         idempotency_key: str | None = None) -> tuple[list[Plan], bool]:
+    """Parse, validate and route without touching the store; returns (plans, is_batch). Raises IngestError."""
     if source not in routing.sources:
         raise IngestError(403, "unknown_source", f"source {source!r} is not configured")
     if idempotency_key is not None and not _SAFE_ID.fullmatch(idempotency_key):
         raise IngestError(400, "malformed", "Idempotency-Key header: 1-255 characters of "
                           "A-Z a-z 0-9 . _ : @ / + = -", {"header": "Idempotency-Key"})
-    if correlation_id is not None and not _SAFE_ID.fullmatch(correlation_id[:64] or "-"):
-        correlation_id = None  # an unusable correlation id is replaced, not an error: it is ours to make
     parsed, is_batch = parse_body(content_type, body)
     allowed = routing.sources[source]
     refused = [p.message_type for p in parsed if not allowed.allows(p.message_type)]
@@ -156,21 +164,38 @@ def ingest(store: Store, routing: RoutingConfig, *, source: str, content_type: s
     plans = []
     for p in parsed:
         destinations = routing.destinations_for(source, p.message_type)
-        plans.append((p, destinations, ordering.keys_for(destinations, specs, p.document)))
+        plans.append(Plan(p, destinations, ordering.keys_for(destinations, specs, p.document)))
+    return plans, is_batch
+
+
+def store_plans(session: Session, plans: list[Plan], *, source: str,
+                correlation_id: str | None = None) -> list[Result]:
+    """Write planned messages and their deliveries in `session`'s transaction; the caller commits."""
+    if correlation_id is not None and not _SAFE_ID.fullmatch(correlation_id[:64] or "-"):
+        correlation_id = None  # an unusable correlation id is replaced, not an error: it is ours to make
+    if len(plans) > 1:
+        # A batch locks all its keys up front, in one sorted pass: locking message by
+        # message, two batches holding the same patients in opposite order would deadlock.
+        ordering.lock(session, [(d, k) for p in plans for d, k in p.order_keys.items()])
     results = []
+    for p in plans:
+        message, created = outbox.accept(session, outbox.NewMessage(
+            source=source, message_type=p.parsed.message_type, content_type=p.parsed.content_type,
+            body=p.parsed.body, dedup_key=p.parsed.dedup_key, correlation_id=correlation_id,
+        ), p.destinations, p.order_keys)
+        results.append(Result(message, created, [
+            {"id": d.id, "destination": d.destination, "status": d.status} for d in message.deliveries]))
+    return results
+
+
+def ingest(store: Store, routing: RoutingConfig, *, source: str, content_type: str, body: bytes,
+           idempotency_key: str | None = None, correlation_id: str | None = None) -> tuple[list[Result], bool]:
+    """Validate, route and durably store; returns (results, is_batch). Raises IngestError."""
+    plans, is_batch = plan(routing, source=source, content_type=content_type, body=body,
+                           idempotency_key=idempotency_key)
     try:
         with store.session() as session:
-            if len(plans) > 1:
-                # A batch locks all its keys up front, in one sorted pass: locking message by
-                # message, two batches holding the same patients in opposite order would deadlock.
-                ordering.lock(session, [(d, k) for _, _, keys in plans for d, k in keys.items()])
-            for p, destinations, keys in plans:
-                message, created = outbox.accept(session, outbox.NewMessage(
-                    source=source, message_type=p.message_type, content_type=p.content_type, body=p.body,
-                    dedup_key=p.dedup_key, correlation_id=correlation_id,
-                ), destinations, keys)
-                results.append(Result(message, created, [
-                    {"id": d.id, "destination": d.destination, "status": d.status} for d in message.deliveries]))
+            results = store_plans(session, plans, source=source, correlation_id=correlation_id)
     except (OperationalError, DBAPIError) as exc:
         raise IngestError(503, "store_unavailable", "the message store could not commit; nothing was "
                           "accepted, send again", {"retryable": True}) from exc

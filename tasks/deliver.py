@@ -15,7 +15,8 @@ from flask import current_app
 import adapters
 from app import outbox, transforms
 from app.models import DEAD, Delivery, utcnow
-from app.settings import Destination
+from app.db import Store
+from app.settings import Destination, Settings
 from tasks.celery_app import publish_dead_letter
 
 log = logging.getLogger("courier.deliver")
@@ -66,21 +67,26 @@ def attempt(ticket: outbox.Ticket, destination: Destination) -> outbox.Outcome:
 @shared_task(name="courier.deliver", ignore_result=True)
 def deliver(delivery_id: str, dispatch: int) -> str:
     """Make one attempt at `delivery_id` if dispatch number `dispatch` still owns it."""
-    destinations = current_app.extensions["courier.settings"].routing.destinations
-    store = current_app.extensions["courier.store"]
+    status = run_attempt(current_app.extensions["courier.settings"], current_app.extensions["courier.store"],
+                         delivery_id, dispatch)
+    if status == DEAD:
+        dead_letter(delivery_id)
+    return status
+
+
+def run_attempt(settings: Settings, store: Store, delivery_id: str, dispatch: int) -> str:
+    """One attempt, recorded: shared by the Celery task and the embedded delivery threads."""
+    destinations = settings.routing.destinations
     with store.session() as session:
         ticket = outbox.begin_attempt(session, delivery_id, dispatch, destinations, lease_margin=LEASE_MARGIN)
     if isinstance(ticket, str):
-        status = ticket
-    else:
-        destination = destinations[ticket.destination]
-        result = attempt(ticket, destination)
-        with store.session() as session:
-            status = outbox.finish_attempt(session, ticket, result, destination)
-        log.info("delivery %s to %s attempt %d: %s (%s)", delivery_id, ticket.destination, ticket.number,
-                 status, result.detail)
-    if status == DEAD:
-        dead_letter(delivery_id)
+        return ticket
+    destination = destinations[ticket.destination]
+    result = attempt(ticket, destination)
+    with store.session() as session:
+        status = outbox.finish_attempt(session, ticket, result, destination)
+    log.info("delivery %s to %s attempt %d: %s (%s)", delivery_id, ticket.destination, ticket.number,
+             status, result.detail)
     return status
 
 

@@ -15,6 +15,8 @@ from __future__ import annotations
 import logging
 import select
 import threading
+from contextlib import contextmanager
+from typing import Callable, Iterator
 
 from celery import Celery
 
@@ -28,34 +30,54 @@ SQLITE_POLL = 0.1  # SQLite has no NOTIFY: poll often, it is a cheap indexed que
 
 
 class Relay:
-    def __init__(self, settings: Settings, store: Store, celery: Celery):
+    """Claims due deliveries and hands them to Celery workers over RabbitMQ.
+
+    Subclasses change where claimed deliveries go (`handoff`), how many to claim (`capacity`)
+    and what to set up first (`prepare`); `tasks.embedded` hands them to threads in-process.
+    """
+
+    def __init__(self, settings: Settings, store: Store, celery: Celery | None = None):
         self.settings, self.store, self.celery = settings, store, celery
         self.stopping = threading.Event()
         self._listener = None
 
     # -- one round ---------------------------------------------------------
 
-    def pump(self) -> int:
-        """Claim and publish one batch; returns how many deliveries were dispatched."""
-        with self.store.session() as session:
-            claimed = outbox.claim_due(session, lease=self.settings.relay_lease, limit=self.settings.relay_batch)
-        if not claimed:
-            return 0
+    def prepare(self) -> None:
+        """DLQs must exist before RabbitMQ dead-letters a poison task into them."""
+        declare_dead_letter_queues(self.celery, self.settings)
+
+    def capacity(self) -> int:
+        """How many deliveries to claim this round."""
+        return self.settings.relay_batch
+
+    @contextmanager
+    def handoff(self) -> Iterator[Callable[[outbox.Claimed], None]]:
+        """A function that publishes one claimed delivery as a `deliver` task, with confirms."""
         task = self.celery.tasks["courier.deliver"]
-        published = 0
+        with self.celery.producer_or_acquire() as producer:
+            yield lambda c: task.apply_async((c.delivery_id, c.dispatch), producer=producer,
+                                             queue=self.settings.queue_for(c.destination))
+
+    def pump(self, limit: int) -> int:
+        """Claim up to `limit` due deliveries and hand them over; returns how many went."""
+        if limit <= 0:
+            return 0
+        with self.store.session() as session:
+            claimed = outbox.claim_due(session, lease=self.settings.relay_lease, limit=limit)
+        handed = 0
         try:
-            with self.celery.producer_or_acquire() as producer:
+            with self.handoff() as send:
                 for c in claimed:
-                    task.apply_async((c.delivery_id, c.dispatch), producer=producer,
-                                     queue=self.settings.queue_for(c.destination))
-                    published += 1
+                    send(c)
+                    handed += 1
         except Exception:
             # Broker down or a confirm refused: hand the rest back at once rather than waiting out the lease.
-            log.exception("publish failed after %d of %d; releasing the rest", published, len(claimed))
+            log.exception("handoff failed after %d of %d; releasing the rest", handed, len(claimed))
             with self.store.session() as session:
-                outbox.release(session, claimed[published:])
+                outbox.release(session, claimed[handed:])
             raise
-        return published
+        return handed
 
     # -- waiting -----------------------------------------------------------
 
@@ -93,17 +115,18 @@ class Relay:
         log.info("relay started (batch %d, lease %.0fs, poll %.1fs)", self.settings.relay_batch,
                  self.settings.relay_lease, self.settings.relay_poll)
         backoff = 0.5
-        declared = False
+        prepared = False
         while not self.stopping.is_set():
             try:
-                if not declared:  # DLQs must exist before RabbitMQ dead-letters a poison task into them
-                    declare_dead_letter_queues(self.celery, self.settings)
-                    declared = True
+                if not prepared:
+                    self.prepare()
+                    prepared = True
                 if self._listener is None and self.store.is_postgres:
                     self.start_listening()
-                dispatched = self.pump()
+                limit = self.capacity()
+                dispatched = self.pump(limit)
                 backoff = 0.5
-                if dispatched < self.settings.relay_batch:
+                if dispatched < limit:  # nothing more is due now
                     self.wait()
             except Exception as exc:
                 log.error("relay round failed (%s: %s); retrying in %.1fs", type(exc).__name__, exc, backoff)

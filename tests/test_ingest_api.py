@@ -1,6 +1,7 @@
 """POST /api/v1/messages and the read API, against the real PostgreSQL store."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import threading
 
@@ -145,7 +146,7 @@ def test_error_statuses_say_what_and_where(client, make_token, app, store):
     media = client.post("/api/v1/messages", data=b"x", headers=h, content_type="text/plain")
     assert media.status_code == 415
 
-    app.config["MAX_CONTENT_LENGTH"] = 100
+    app.extensions["courier.settings"] = dataclasses.replace(app.extensions["courier.settings"], max_message_bytes=100)
     big = post_json(client, h, {**EVENT, "data": {"x": "y" * 200}})
     assert big.status_code == 413 and big.get_json()["error"]["code"] == "too_large"
     assert counts(store) == (0, 0)

@@ -25,6 +25,7 @@ from tests.conftest import ADMIN_URL
 
 REPO = Path(__file__).resolve().parents[1]
 COURIER = REPO / ".venv" / "bin" / "courier"
+VERSION_TABLE = "courier_alembic_version"  # not alembic_version: a host app's own Alembic owns that
 TABLES = {"courier_messages", "courier_deliveries", "courier_attempts", "courier_api_tokens", "courier_circuits",
           "courier_audit"}
 
@@ -72,7 +73,7 @@ def courier_db(url: str, *args: str) -> subprocess.CompletedProcess:
 def courier_tables(url: str) -> set[str]:
     engine = make_engine(url)
     try:
-        return set(inspect(engine).get_table_names()) & (TABLES | {"alembic_version"})
+        return set(inspect(engine).get_table_names()) & (TABLES | {VERSION_TABLE})
     finally:
         engine.dispose()
 
@@ -94,13 +95,13 @@ def alembic_revision(url: str) -> str | None:
     engine = make_engine(url)
     try:
         with engine.connect() as conn:
-            return MigrationContext.configure(conn).get_current_revision()
+            return MigrationContext.configure(conn, opts={"version_table": VERSION_TABLE}).get_current_revision()
     finally:
         engine.dispose()
 
 
 def assert_at_head(url: str) -> None:
-    assert courier_tables(url) == TABLES | {"alembic_version"}
+    assert courier_tables(url) == TABLES | {VERSION_TABLE}
     sql = due_index_sql(url)
     assert sql is not None, "ix_courier_deliveries_due is missing"
     # Partial: only open deliveries, on due_at. Without the WHERE the index grows with every delivered row.
@@ -121,7 +122,7 @@ def test_upgrade_downgrade_upgrade_round_trip(empty_db):
     assert_at_head(empty_db)
 
     courier_db(empty_db, "downgrade", "base")
-    assert courier_tables(empty_db) == {"alembic_version"}  # Alembic's own bookkeeping stays, empty
+    assert courier_tables(empty_db) == {VERSION_TABLE}  # Alembic's own bookkeeping stays, empty
     assert alembic_revision(empty_db) is None
     assert due_index_sql(empty_db) is None
 
@@ -150,7 +151,7 @@ def test_models_match_the_migration(empty_db):
     engine = make_engine(empty_db)
     try:
         with engine.connect() as conn:
-            context = MigrationContext.configure(conn, opts={"compare_type": True,
+            context = MigrationContext.configure(conn, opts={"compare_type": True, "version_table": VERSION_TABLE,
                                                              "compare_server_default": True})
             diff = compare_metadata(context, Base.metadata)
     finally:
@@ -166,3 +167,24 @@ def test_model_due_index_is_partial_like_the_migration():
         where = str(index.dialect_options[dialect]["where"])
         for status in DUE_WHERE_STATUSES:
             assert status in where, (dialect, where)
+
+
+def test_a_revision_in_the_legacy_version_table_is_adopted(empty_db):
+    """Courier 0.1 kept its revision in `alembic_version`; upgrading moves it and keeps the rows."""
+    command.upgrade(alembic_config(empty_db), "0001")
+    engine = make_engine(empty_db)
+    try:
+        with engine.begin() as conn:  # what a 0.1 install looks like
+            conn.execute(text(f"DROP TABLE {VERSION_TABLE}"))
+            conn.execute(text("CREATE TABLE alembic_version (version_num VARCHAR(32) NOT NULL PRIMARY KEY)"))
+            conn.execute(text("INSERT INTO alembic_version VALUES ('0001'), ('host_rev_1')"))
+            conn.execute(text("INSERT INTO courier_api_tokens (id, name, scope, token_hash, created_at) "
+                              "VALUES ('t1', 'n', 'admin', :h, CURRENT_TIMESTAMP)"), {"h": "0" * 64})
+        courier_db(empty_db, "upgrade")
+        with engine.connect() as conn:
+            # The host's revision stays where the host's Alembic looks; Courier's moved and went on to head.
+            assert conn.scalars(text("SELECT version_num FROM alembic_version")).all() == ["host_rev_1"]
+            assert conn.scalar(text("SELECT count(*) FROM courier_api_tokens")) == 1
+    finally:
+        engine.dispose()
+    assert_at_head(empty_db)
