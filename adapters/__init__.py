@@ -30,6 +30,10 @@ SCHEMES: dict[str, str] = {
     "http": "adapters.http:HttpAdapter",
     "https": "adapters.http:HttpAdapter",
     "file": "adapters.file:FileAdapter",
+    "mllp": "adapters.mllp:MllpAdapter",
+    "sql": "adapters.sql:SqlAdapter",
+    "amqp": "adapters.amqp:AmqpAdapter",
+    "amqps": "adapters.amqp:AmqpAdapter",
 }
 
 

@@ -101,6 +101,7 @@ class Hl7Server:
     received: list = field(default_factory=list)
     connections: int = 0
     port: int = 0
+    close_after_ack: bool = False  # hang up after each answer, as some engines do
 
     def __post_init__(self):
         self.behaviour = self.behaviour or (lambda message: ack_for(message, "AA"))
@@ -119,6 +120,8 @@ class Hl7Server:
                     if answer is not None:
                         writer.writeblock(answer)
                         await writer.drain()
+                    if self.close_after_ack:
+                        break
             except (asyncio.IncompleteReadError, ConnectionError):
                 pass
             finally:
