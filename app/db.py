@@ -45,9 +45,13 @@ def make_engine(url: str, **kwargs) -> Engine:
 class Store:
     """One engine and session factory per process."""
 
-    def __init__(self, url: str, **engine_kwargs):
-        self.url = url
-        self.engine = make_engine(url, **engine_kwargs)
+    def __init__(self, url: str | Engine, **engine_kwargs):
+        if isinstance(url, Engine) and url.dialect.name != "sqlite":
+            self.engine = url  # a host application's engine: share its pool
+        else:  # SQLite gets Courier's own engine on the same file: it needs WAL and BEGIN IMMEDIATE
+            url = url.url if isinstance(url, Engine) else url
+            self.engine = make_engine(url, **engine_kwargs)
+        self.url = self.engine.url.render_as_string(hide_password=False)
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
 
     @property

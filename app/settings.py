@@ -474,3 +474,28 @@ def load_settings(env: Mapping[str, str] | None = None, **overrides: Any) -> Set
     values.update(overrides)
     return Settings(**values)
 
+
+
+# A host application's config keys (app.config) whose environment names differ.
+_HOST_KEYS = {"COURIER_DATABASE_URL": "DATABASE_URL", "COURIER_BROKER_URL": "BROKER_URL"}
+
+
+def settings_from_config(config: Mapping[str, Any], *, root_path: str = "",
+                         database_url: str | None = None) -> Settings:
+    """Settings from a host Flask app's `COURIER_*` keys (embedding); `database_url` from its engine.
+
+    A relative COURIER_CONFIG is found next to the host's package; `${VAR}` in that file
+    still reads the process environment, where secrets belong.
+    """
+    env = {_HOST_KEYS.get(k, k): str(v) for k, v in config.items() if k.startswith("COURIER_") and v is not None}
+    if not env.get("COURIER_CONFIG"):
+        raise ConfigError(["app.config: COURIER_CONFIG: set it to the routing file (sources, destinations, "
+                           "routes; see examples/embedded_host)"])
+    if database_url is None and not env.get("DATABASE_URL"):
+        raise ConfigError(["app.config: COURIER_DATABASE_URL: set it, or pass the host's engine: "
+                           "Courier(app, engine=engine)"])
+    path = os.path.join(root_path, env["COURIER_CONFIG"])
+    overrides: dict[str, Any] = {"config_path": path, "routing": load_routing(path)}
+    if database_url is not None:
+        overrides["database_url"] = database_url
+    return load_settings(env, **overrides)

@@ -12,6 +12,7 @@ Settings that matter for not losing or duplicating work, and why:
 from __future__ import annotations
 
 from celery import Celery, Task
+from celery.signals import worker_process_init, worker_ready
 from celery.worker.consumer import Consumer as CeleryConsumer
 from flask import Flask
 from kombu import Exchange, Queue
@@ -99,4 +100,26 @@ def celery_init_app(flask_app: Flask) -> Celery:
     celery.set_default()
     flask_app.extensions["celery"] = celery
     import tasks.deliver  # noqa: F401  registers the task on this app
+    return celery
+
+
+def celery_for(flask_app: Flask) -> Celery:
+    """The app's Celery app, made on first use (a host app embedding Courier has none until then)."""
+    return flask_app.extensions.get("celery") or celery_init_app(flask_app)
+
+
+def worker_app(flask_app: Flask) -> Celery:
+    """The Celery app a worker process runs (`celery -A module worker`), for Courier's app or a host's."""
+    celery = celery_init_app(flask_app)
+    settings, store = flask_app.extensions["courier.settings"], flask_app.extensions["courier.store"]
+
+    @worker_ready.connect(weak=False)
+    def _declare_dead_letters(**_):
+        declare_dead_letter_queues(celery, settings)
+
+    @worker_process_init.connect(weak=False)
+    def _fresh_connections(**_):
+        # A prefork child must not share the parent's database connections.
+        store.engine.dispose(close=False)
+
     return celery

@@ -24,10 +24,11 @@ def _create_app():
 @with_appcontext
 def relay_command():
     """Dispatch due deliveries from the outbox to RabbitMQ until stopped."""
+    from tasks.celery_app import celery_for
     from tasks.relay import Relay
 
     ext = current_app.extensions
-    relay = Relay(ext["courier.settings"], ext["courier.store"], ext["celery"])
+    relay = Relay(ext["courier.settings"], ext["courier.store"], celery_for(current_app))
     for sig in (signal.SIGTERM, signal.SIGINT):  # finish the round in hand, then stop
         signal.signal(sig, lambda *_: relay.stopping.set())
     relay.run()
@@ -45,8 +46,11 @@ class CourierGroup(FlaskGroup):
 
 cli = CourierGroup(name="courier", create_app=_create_app, add_version_option=False,
                    help="Courier: durable message delivery for healthcare integration.")
+# The same commands under `flask --app HOST courier ...`, configured by the host's COURIER_* keys.
+host_cli = click.Group("courier", help="Courier's commands, configured by this app's COURIER_* settings.")
 for command in COMMANDS + (relay_command, mllp_command):
     cli.add_command(command)
+    host_cli.add_command(command)
 
 
 def main() -> None:

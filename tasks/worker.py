@@ -1,19 +1,5 @@
-"""Entry point for `celery -A tasks.worker worker`: the Flask app and its Celery app, built once."""
-from celery.signals import worker_process_init, worker_ready
-
+"""Entry point for `celery -A tasks.worker worker`: Courier's own Flask app and its Celery app, built once."""
 from app import create_app
-from tasks.celery_app import celery_init_app, declare_dead_letter_queues
+from tasks.celery_app import worker_app
 
-flask_app = create_app()
-celery = celery_init_app(flask_app)
-
-
-@worker_ready.connect
-def _declare_dead_letters(**_):
-    declare_dead_letter_queues(celery, flask_app.extensions["courier.settings"])
-
-
-@worker_process_init.connect
-def _fresh_connections(**_):
-    # A prefork child must not share the parent's database connections.
-    flask_app.extensions["courier.store"].engine.dispose(close=False)
+celery = worker_app(create_app())
