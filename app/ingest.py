@@ -23,7 +23,7 @@ from app.settings import RoutingConfig, StrictSchema
 
 JSON_TYPES = {"application/json"}
 HL7_TYPES = {"application/hl7-v2", "x-application/hl7-v2+er7"}
-_SAFE_ID = re.compile(r"[A-Za-z0-9._:@/+=-]{1,255}")
+_SAFE_ID = re.compile(r"[A-Za-z0-9._:@/+=-]{1,255}\Z")  # \Z: marshmallow's Regexp only anchors the start
 
 
 class IngestError(Exception):
