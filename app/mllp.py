@@ -337,10 +337,17 @@ class MllpListener:
         return Answer(_encode(text, payload, hl7v2), code, summary)
 
     def _refusal(self, payload: bytes, code: str, reason: str, error_code: str, summary: str) -> Answer:
-        """An ACK for a frame that did not parse: addressed from whatever MSH can be salvaged."""
+        """An ACK for a frame that did not parse, addressed from whatever MSH can be salvaged;
+        a batch that still splits gets a batch of them, one per message, all with the reason."""
         hl7v2 = self.hl7v2
-        header = hl7v2.salvage_header(payload)
-        text = hl7v2.build_ack(header, code, text=reason, error_code=error_code)
+        try:
+            parts = hl7v2.split(hl7v2.decode(payload))
+            batch = len(parts) > 1 or payload.lstrip(b" \t\r\n\xef\xbb\xbf").startswith((b"FHS", b"BHS"))
+        except Exception:  # not even splittable: one ACK for the frame
+            parts, batch = [payload], False
+        acks = [hl7v2.build_ack(hl7v2.salvage_header(part), code, text=reason, error_code=error_code)
+                for part in parts]
+        text = hl7v2.build_batch_ack(acks) if batch else acks[0]
         return Answer(_encode(text, payload, hl7v2), code, summary)
 
 
