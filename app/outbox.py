@@ -77,14 +77,21 @@ def accept(session: Session, new: NewMessage, destinations: list[str],
     message.deliveries = [Delivery(id=ordering.next_id(session, d, keys[d]) if d in keys else new_id(),
                                    destination=d, status=PENDING, attempts=0, dispatches=0, due_at=now,
                                    created_at=now, updated_at=now, order_key=keys.get(d)) for d in destinations]
-    try:
-        with session.begin_nested():
-            session.add(message)
-    except IntegrityError:
-        existing = _find_duplicate(session, new)
-        if existing is None:
-            raise
-        return existing, False
+    if session.get_bind().dialect.name == "sqlite":
+        # No savepoint on SQLite: in pysqlite's default mode (a host's engine, embedding) RELEASE
+        # commits the outer transaction, so a host's rollback would keep the message. No race to
+        # catch either on Courier's own engine, whose BEGIN IMMEDIATE admits one writer at a time.
+        session.add(message)
+        session.flush()
+    else:
+        try:
+            with session.begin_nested():
+                session.add(message)
+        except IntegrityError:
+            existing = _find_duplicate(session, new)
+            if existing is None:
+                raise
+            return existing, False
     if destinations:
         _notify(session)
     return message, True

@@ -360,3 +360,32 @@ except IngestError as exc:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=REPO)
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("415 ") and "courier[mllp]" in out.stdout
+
+
+def test_a_host_on_sqlite_commits_and_rolls_back_with_its_events(tmp_path, sink, queue_prefix):
+    """pysqlite's default mode commits at a savepoint's RELEASE; emit must not use one there."""
+    from app.cli import migrate
+
+    app = create_app({"DATABASE_URL": f"sqlite:///{tmp_path}/supplyroom.db", "COURIER_QUEUE_PREFIX": queue_prefix})
+    engine = app.extensions["supplyroom.engine"]
+    HostBase.metadata.create_all(engine)
+    with Session(engine) as session, session.begin():
+        session.add(StockItem(sku="gauze-10", name="Gauze", on_hand=5))
+    migrate(app.extensions["courier.store"].engine, "upgrade", "head")
+    client = app.test_client()
+
+    assert issue(client, 6).status_code == 409
+    with pytest.raises(RuntimeError), Session(engine) as session, session.begin():
+        courier.emit(session, "supply.consumed", {"sku": "gauze-10"})  # the transaction's first statement
+        raise RuntimeError("rolled back")
+    assert counts(app) == (0, 0, 0)
+    assert issue(client, 2).status_code == 201
+    assert counts(app) == (1, 1, 1) and on_hand(app) == 3
+    delivery = courier.start_embedded(threads=1)
+    try:
+        sink.wait_for(1)
+        wait_statuses(app, ["delivered"])
+    finally:
+        delivery.stop()
+        engine.dispose()
+    assert len(sink.received) == 1
