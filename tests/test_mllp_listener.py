@@ -453,6 +453,19 @@ def test_deframer_gives_the_same_frames_however_the_stream_is_cut(payloads, cuts
     assert not deframer.in_frame and not deframer.buffer
 
 
+def test_deframer_restarts_at_a_second_start_block_and_takes_a_bare_end_block():
+    deframer = Deframer(max_bytes=100)
+    deframer.feed(START_BLOCK + b"abandoned" + START_BLOCK + b"MSH|one" + END_BLOCK + START_BLOCK + b"MSH|two")
+    assert deframer.next_frame() == b"MSH|one"  # the sender gave up on the first frame
+    assert deframer.restarts == 1 and deframer.junk == len(b"abandoned")
+    assert deframer.next_frame() is None and deframer.in_frame
+    deframer.feed(END_BLOCK)  # no CR after the end block: still a frame
+    assert deframer.next_frame() == b"MSH|two"
+    deframer.feed(START_BLOCK + b"x" * 101)
+    with pytest.raises(FrameTooLarge):
+        deframer.next_frame()
+
+
 @settings(max_examples=300, deadline=None)
 @given(data=st.binary(max_size=3000))
 def test_deframer_on_random_bytes_never_holds_more_than_the_limit(data):
@@ -525,3 +538,24 @@ def test_listener_survives_random_and_mutated_input_without_partial_store(listen
     assert accepted <= after           # and everything acknowledged is stored
     # The listener still serves.
     assert acks(exchange_all(listener.port, frame(adt("ALIVE")))[0][0])[0][0] == "AA"
+
+
+# --- configuration ----------------------------------------------------------------------------
+
+def test_bad_mllp_senders_and_networks_are_refused_with_file_and_line(tmp_path):
+    from app.settings import ConfigError, load_routing
+
+    path = tmp_path / "courier.yml"
+    path.write_text("sources:\n"
+                    "  lab:\n"
+                    "    mllp_allow: [10.0.0.0/33]\n"
+                    "    mllp_senders: ['LAB^HOSP^X', 'LAB|HOSP', 'ok^*']\n"
+                    "destinations: {}\nroutes: []\n")
+    with pytest.raises(ConfigError) as err:
+        load_routing(path, {})
+    problems = err.value.problems
+    assert any(p.startswith(f"{path}:3: sources.lab.mllp_allow.0:") for p in problems), problems
+    senders = [p[len(str(path)):] for p in problems if ": sources.lab.mllp_senders." in p]
+    assert [p.split(": ")[0:2] for p in senders] == [[":4", "sources.lab.mllp_senders.0"],
+                                                     [":4", "sources.lab.mllp_senders.1"]]
+    assert "use APP or APP^FACILITY" in senders[0]
