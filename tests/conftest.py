@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import os
 import secrets
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 import yaml
@@ -30,6 +32,23 @@ def _admin_engine():
     return create_engine(ADMIN_URL, isolation_level="AUTOCOMMIT")
 
 
+@contextmanager
+def fresh_database(prefix: str) -> Iterator[str]:
+    """The URL of a new, empty PostgreSQL database; dropped afterwards (its connections cut first)."""
+    name = f"{prefix}_{os.getpid()}_{secrets.token_hex(3)}"
+    admin = _admin_engine()
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield make_url(ADMIN_URL).set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :n"),
+                         {"n": name})
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
+        admin.dispose()
+
+
 @pytest.fixture(scope="session")
 def pg_url():
     """A fresh database for this test run, at Alembic head; dropped afterwards."""
@@ -37,17 +56,9 @@ def pg_url():
 
     from app.cli import alembic_config
 
-    name = f"courier_test_{os.getpid()}_{secrets.token_hex(3)}"
-    admin = _admin_engine()
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    url = make_url(ADMIN_URL).set(database=name).render_as_string(hide_password=False)
-    command.upgrade(alembic_config(url), "head")
-    yield url
-    with admin.connect() as conn:
-        conn.execute(text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :n"), {"n": name})
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
-    admin.dispose()
+    with fresh_database("courier_test") as url:
+        command.upgrade(alembic_config(url), "head")
+        yield url
 
 
 @pytest.fixture(scope="session")

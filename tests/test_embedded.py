@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import signal
 import socket
 import subprocess
@@ -20,14 +19,13 @@ import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import create_engine, func, select, text
-from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
 
 from app import tokens
 from courier import include_name
 from app.ingest import IngestError
 from app.models import Delivery, Message
-from tests.conftest import ADMIN_URL, BROKER_URL
+from tests.conftest import BROKER_URL, fresh_database
 from tests.processes import VENV_BIN
 from tests.sinks import HttpSink
 
@@ -72,20 +70,9 @@ def table_names(engine) -> set[str]:
 @pytest.fixture(scope="module")
 def host_db():
     """A fresh database holding the supply room's tables and Courier's, both migrated; dropped afterwards."""
-    name = f"supplyroom_test_{os.getpid()}_{secrets.token_hex(3)}"
-    admin = create_engine(ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    url = make_url(ADMIN_URL).set(database=name).render_as_string(hide_password=False)
-    try:
+    with fresh_database("supplyroom_test") as url:
         migrate_both(url)
         yield url
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :n"),
-                         {"n": name})
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
-        admin.dispose()
 
 
 @pytest.fixture
@@ -239,12 +226,7 @@ def test_host_and_courier_tables_coexist_and_migrate_separately(host_db):
 
 def test_courier_downgrade_leaves_the_host_untouched(host_db):
     """On a second database: dropping Courier entirely keeps every host table and row."""
-    name = f"{make_url(host_db).database}_down"
-    admin = create_engine(ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    url = make_url(ADMIN_URL).set(database=name).render_as_string(hide_password=False)
-    try:
+    with fresh_database("supplyroom_down") as url:
         migrate_both(url)
         run([str(VENV_BIN / "flask"), "--app", "supplyroom", "courier", "db", "downgrade", "base"], host_env(url))
         engine = create_engine(url)
@@ -254,10 +236,6 @@ def test_courier_downgrade_leaves_the_host_untouched(host_db):
                 assert conn.scalar(text("SELECT count(*) FROM stock_items")) == 2
         finally:
             engine.dispose()
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
-        admin.dispose()
 
 
 def free_port() -> int:

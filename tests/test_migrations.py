@@ -6,7 +6,6 @@ Procfile's `release` process does. The run's shared `pg_url` database is never t
 from __future__ import annotations
 
 import os
-import secrets
 import subprocess
 import sys
 from pathlib import Path
@@ -15,13 +14,12 @@ import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from sqlalchemy import create_engine, inspect, text
-from sqlalchemy.engine import make_url
+from sqlalchemy import inspect, text
 
 from app.cli import alembic_config
 from app.db import make_engine
 from app.models import Base
-from tests.conftest import ADMIN_URL
+from tests.conftest import fresh_database
 
 REPO = Path(__file__).resolve().parents[1]
 COURIER = REPO / ".venv" / "bin" / "courier"
@@ -45,18 +43,8 @@ def empty_db(request, tmp_path):
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'instance' / 'courier.db'}"
         return
-    name = f"courier_migtest_{os.getpid()}_{secrets.token_hex(3)}"
-    admin = create_engine(ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield make_url(ADMIN_URL).set(database=name).render_as_string(hide_password=False)
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :n"),
-                         {"n": name})
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
-        admin.dispose()
+    with fresh_database("courier_migtest") as url:
+        yield url
 
 
 def courier_db(url: str, *args: str) -> subprocess.CompletedProcess:
