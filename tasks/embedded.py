@@ -44,11 +44,13 @@ class Embedded(Relay):
         """Nothing to declare: no broker."""
 
     def capacity(self) -> int:
-        """Claim only for idle delivery threads, so no claimed delivery waits out its lease in a queue."""
+        """Claim for idle threads plus one waiting delivery each: claims come in batches, and none
+        waits in the queue longer than one attempt (far less than its lease)."""
+        limit = 2 * self.threads
         with self._changed:
-            self._changed.wait_for(lambda: self._outstanding < self.threads or self.stopping.is_set(),
+            self._changed.wait_for(lambda: self._outstanding < limit or self.stopping.is_set(),
                                    timeout=self.settings.relay_poll)
-            return max(self.threads - self._outstanding, 0)
+            return max(limit - self._outstanding, 0)
 
     @contextmanager
     def handoff(self) -> Iterator[Callable[[outbox.Claimed], None]]:
