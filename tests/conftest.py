@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import socket
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -59,6 +60,15 @@ def pg_url():
     with fresh_database("courier_test") as url:
         command.upgrade(alembic_config(url), "head")
         yield url
+
+
+@pytest.fixture
+def closed_port():
+    """A loopback port that refuses connections: bound (so nobody else takes it) but not listening."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    yield s.getsockname()[1]
+    s.close()
 
 
 @pytest.fixture(scope="session")

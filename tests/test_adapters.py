@@ -39,15 +39,6 @@ def outgoing(delivery_id: str = "dlv-0001", body: bytes = HL7, **kw) -> Outgoing
 
 
 @pytest.fixture
-def closed_port():
-    """A loopback port that refuses connections: bound (so nobody else takes it) but not listening."""
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    yield s.getsockname()[1]
-    s.close()
-
-
-@pytest.fixture
 def sink():
     with HttpSink(path="/hook") as s:
         yield s

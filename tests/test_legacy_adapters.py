@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import re
 import secrets
-import socket
 from dataclasses import replace
 from datetime import datetime
 
@@ -24,6 +23,7 @@ from adapters.mllp import MllpAdapter
 from adapters.sql import SqlAdapter
 from tests.conftest import BROKER_URL
 from tests.mllp_peers import Hl7Server, ack_for
+from tests import test_adapters as contract
 from tests.test_adapters import HL7, Peer, outgoing
 
 PG_URL = "postgresql://postgres@127.0.0.1:5432/test"
@@ -31,15 +31,6 @@ MARIADB_URL = "mysql://root@127.0.0.1:3306/test"
 
 
 # --- peers --------------------------------------------------------------------------------
-
-@pytest.fixture
-def closed_port():
-    """A loopback port that refuses connections: bound (so nobody else takes it) but not listening."""
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    yield s.getsockname()[1]
-    s.close()
-
 
 @pytest.fixture
 def hl7_server():
@@ -187,12 +178,10 @@ def keyed_peer(request) -> Peer:
 
 # --- contract ----------------------------------------------------------------------------
 
-def test_contract_send_delivers_exact_body(peer):
-    out = outgoing()
-    with adapters.open_adapter(peer.url, timeout=5) as adapter:
-        result = adapter.send(out)
-    assert isinstance(result, Sent) and result.detail
-    assert peer.bodies(out.delivery_id) == [HL7]
+# The shared adapter contract, run against these peers too (pytest resolves `peer` in this module).
+test_contract_send_delivers_exact_body = contract.test_contract_send_delivers_exact_body
+test_contract_unreachable_peer_is_temporary = contract.test_contract_unreachable_peer_is_temporary
+test_contract_refusal_is_permanent = contract.test_contract_refusal_is_permanent
 
 
 def test_contract_redelivery_keeps_the_idempotency_key(keyed_peer):
@@ -204,23 +193,6 @@ def test_contract_redelivery_keeps_the_idempotency_key(keyed_peer):
     assert set(keys) == {"dlv-again"}
     assert len(keys) == (1 if keyed_peer.dedups else 2)
     assert all(body == HL7 for body in keyed_peer.bodies("dlv-again"))
-
-
-def test_contract_unreachable_peer_is_temporary(peer):
-    with adapters.open_adapter(peer.down_url, timeout=3) as adapter:
-        with pytest.raises(TemporaryError) as err:
-            adapter.send(outgoing())
-    assert err.value.detail
-    assert "Müller" not in err.value.detail
-    assert peer.keys() == []
-
-
-def test_contract_refusal_is_permanent(peer):
-    with adapters.open_adapter(peer.url, timeout=5) as adapter:
-        with pytest.raises(PermanentError) as err:
-            adapter.send(peer.refusing(outgoing()))
-    assert err.value.detail
-    assert "Müller" not in err.value.detail
 
 
 @pytest.mark.parametrize("url, cls", [
