@@ -472,9 +472,17 @@ def write_report(path: Path, res: Results, args, info: dict, loads: tuple, start
         *profile_section(res),
         *(["## Notes", "", *[f"- {n}" for n in res.notes], ""] if res.notes else []),
     ]
-    text_ = "\n".join(doc)
-    path.write_text(text_ + "\n")
+    path.write_text("\n".join(doc) + "\n" + _kept_analysis(path))
     return summary
+
+
+ANALYSIS_MARKER = "<!-- analysis: written by hand, kept when bench/run.py rewrites this file -->"
+
+
+def _kept_analysis(path: Path) -> str:
+    """The hand-written analysis at the end of the previous report, if any: a rerun keeps it for editing."""
+    previous = path.read_text() if path.exists() else ""
+    return previous[previous.index(ANALYSIS_MARKER):] if ANALYSIS_MARKER in previous else ""
 
 
 # -- main --------------------------------------------------------------------------------
