@@ -29,8 +29,13 @@ run: migrate
 test: install
 	pytest
 
-# Benchmarks print numbers; they assert nothing (see bench/).
+# Benchmarks print numbers; they assert nothing (see bench/run.py). py-spy is for the profile only,
+# so it is installed here, not in setup.cfg. `make bench BENCH_ARGS=--quick` checks the harness in
+# about 2 minutes; `make bench BENCH_ARGS="--duration 300"` is the run for the record. Needs wrk (Debian).
+BENCH_ARGS ?=
 bench: install
+	$(VENV)/bin/pip install --quiet py-spy
+	python bench/run.py $(BENCH_ARGS)
 	python bench/bulkhead.py
 
 clean:
