@@ -97,6 +97,7 @@ class Row:
     lost: int = 0
     duplicates: int = 0      # extra requests at the sinks in this phase
     dead: int = 0
+    failed_attempts: int = 0  # attempts that failed temporarily in this phase: evidence the fault hit
     recover_s: float | None = None
     notes: list[str] = field(default_factory=list)
 
@@ -187,6 +188,7 @@ class Chaos:
         self.lost_keys: set[str] = set()
         self.dupes_before = 0
         self.dead_before = 0
+        self.failed_before = 0
         self.disk_note = ""
 
     # -- set-up --------------------------------------------------------------
@@ -492,6 +494,9 @@ class Chaos:
                              f"to alpha/beta (keys not delivered in the store: {extra[:3]})")
         dupes = requests - len(seen)
         row.duplicates, self.dupes_before = dupes - self.dupes_before, dupes
+        failed = self._retry_db(lambda c: c.execute(text(
+            "SELECT count(*) FROM courier_attempts WHERE outcome <> 'delivered'")).scalar())
+        row.failed_attempts, self.failed_before = failed - self.failed_before, failed
         dead = sum(1 for r in rows if r[2] == "dead")
         row.dead, self.dead_before = dead - self.dead_before, dead
         self.totals = {"messages_in_store": len({r[5] for r in rows}), "deliveries": len(rows),
@@ -504,13 +509,14 @@ class Skip(Exception):
 
 
 def table(rows: list[Row]) -> str:
-    lines = ["| fault | accepted | refused (no ack) | lost | duplicates | dead | time to recover |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| fault | accepted | refused (no ack) | lost | duplicates | dead | failed attempts | time to recover |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         recover = "-" if r.recover_s is None else f"{r.recover_s:.1f} s"
         if any(n.startswith("skipped") for n in r.notes):
             recover = "skipped"
-        lines.append(f"| {r.fault} | {r.accepted} | {r.refused} | {r.lost} | {r.duplicates} | {r.dead} | {recover} |")
+        lines.append(f"| {r.fault} | {r.accepted} | {r.refused} | {r.lost} | {r.duplicates} | {r.dead} | {r.failed_attempts} "
+                     f"| {recover} |")
     return "\n".join(lines)
 
 
