@@ -571,7 +571,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\ntotals: {totals}")
     (log_dir / "report.md").write_text(report + "\n\n" + "\n".join(notes) + f"\n\ntotals: {totals}\n")
     lost = sum(r.lost for r in rows)
-    print(f"\n{'LOST ' + str(lost) + ' acknowledged deliveries' if lost else 'nothing acknowledged was lost'}"
+    print(f"\n{f'LOST {lost} (acknowledged messages missing from the store, or their deliveries)' if lost else 'nothing acknowledged was lost'}"
           f" ({totals['seconds']:.0f}s)")
     return 1 if lost else 0
 
