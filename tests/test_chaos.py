@@ -27,5 +27,7 @@ def test_nothing_acknowledged_is_lost_under_kills_and_restarts():
     assert all(r.accepted > 0 for r in rows), f"a phase accepted nothing: the load did not run\n{report}"
     assert sum(r.lost for r in rows) == 0, f"acknowledged messages lost (logs in {log_dir}):\n{report}\n" \
                                            f"{totals['lost_detail']}"
-    # Every delivery in the store is closed, and every HTTP one that is delivered reached its sink.
+    # Every delivery in the store is closed, and the destinations hold exactly the delivered ones:
+    # distinct Idempotency-Keys at the HTTP sinks plus files in the drop = delivered in the store.
     assert totals["delivered"] + totals["dead"] == totals["deliveries"], totals
+    assert totals["sink_distinct"] + totals["drop_files"] == totals["delivered"], totals
