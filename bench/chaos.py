@@ -520,7 +520,11 @@ def table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-def run(profile: Profile, seed: int | None = None, say: Callable[[str], None] = print,
+def say_now(line: str) -> None:
+    print(line, flush=True)
+
+
+def run(profile: Profile, seed: int | None = None, say: Callable[[str], None] = say_now,
         keep: bool = False) -> tuple[list[Row], dict, Path]:
     """Run the suite; returns the rows, the cumulative totals and the log directory."""
     missing = missing_services()
@@ -543,7 +547,12 @@ def run(profile: Profile, seed: int | None = None, say: Callable[[str], None] = 
         chaos.setup()
         for name in profile.faults:
             rows.append(chaos.phase(name))
-        totals = dict(chaos.totals, seconds=round(time.monotonic() - t0, 1), seed=seed,
+        acknowledged = sum(r.accepted for r in rows)
+        # A message can be stored without its 202/AA reaching the sender (web killed after the commit):
+        # not a loss, it is delivered all the same; the sender's resend would be answered as a duplicate.
+        totals = dict(chaos.totals, acknowledged=acknowledged,
+                      stored_without_ack=chaos.totals["messages_in_store"] - acknowledged,
+                      seconds=round(time.monotonic() - t0, 1), seed=seed,
                       lost_detail=list(chaos.lost_detail.items())[:20])
         if chaos.disk_note:
             totals["disk"] = chaos.disk_note
