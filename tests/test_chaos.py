@@ -5,7 +5,7 @@ machine's), runs web, relay, worker and mllp as real processes under load, and
 in turn kills the worker, kills web and relay, crashes PostgreSQL, crashes
 RabbitMQ and stops a destination for 10 s; after each it drains and reconciles
 every 202 and AA against the store and the sinks (see bench/chaos.py). About
-2.5 minutes on a 2-core machine. `make chaos` runs the full suite.
+1.5 to 2.2 minutes on a 2-core machine (six runs: 89-131 s). `make chaos` runs the full suite.
 """
 from __future__ import annotations
 
