@@ -182,17 +182,7 @@ def keyed_peer(request) -> Peer:
 test_contract_send_delivers_exact_body = contract.test_contract_send_delivers_exact_body
 test_contract_unreachable_peer_is_temporary = contract.test_contract_unreachable_peer_is_temporary
 test_contract_refusal_is_permanent = contract.test_contract_refusal_is_permanent
-
-
-def test_contract_redelivery_keeps_the_idempotency_key(keyed_peer):
-    out = outgoing("dlv-again")
-    with adapters.open_adapter(keyed_peer.url, timeout=5) as adapter:
-        adapter.send(out)
-        adapter.send(out)
-    keys = keyed_peer.keys()
-    assert set(keys) == {"dlv-again"}
-    assert len(keys) == (1 if keyed_peer.dedups else 2)
-    assert all(body == HL7 for body in keyed_peer.bodies("dlv-again"))
+test_contract_redelivery_keeps_the_idempotency_key = contract.test_contract_redelivery_keeps_the_idempotency_key
 
 
 @pytest.mark.parametrize("url, cls", [
