@@ -411,6 +411,7 @@ def _ingest_error(exc: IngestError):
     return error(exc.status, exc.code, exc.message, exc.details)
 
 
+@bp.errorhandler(HTTPException)
 def _http_error(exc: HTTPException):
     code = {413: "too_large", 404: "not_found", 405: "method_not_allowed"}.get(exc.code, "http_error")
     message = exc.description or exc.name
@@ -423,9 +424,6 @@ def _http_error(exc: HTTPException):
 def _store_error(exc: SQLAlchemyError):
     log.error("store error: %s", type(exc).__name__)
     return error(503, "store_unavailable", "the store is unreachable; try again")
-
-
-bp.register_error_handler(HTTPException, _http_error)
 
 
 def init_app(app: Flask, url_prefix: str | None = None, *, own_app: bool = True) -> None:

@@ -25,6 +25,7 @@ from app import tokens
 from courier import include_name
 from app.ingest import IngestError
 from app.models import Delivery, Message
+from bench.infra import free_port
 from tests.conftest import BROKER_URL, fresh_database
 from tests.processes import VENV_BIN
 from tests.sinks import HttpSink
@@ -238,14 +239,9 @@ def test_courier_downgrade_leaves_the_host_untouched(host_db):
             engine.dispose()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start(argv: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
-    return subprocess.Popen(argv, cwd=HOST_DIR, env=env, stdout=open(log, "ab"), stderr=subprocess.STDOUT)
+    with open(log, "ab") as out:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen(argv, cwd=HOST_DIR, env=env, stdout=out, stderr=subprocess.STDOUT)
 
 
 def wait_http(port: int, log: Path, timeout: float = 30.0) -> None:
