@@ -20,7 +20,7 @@ import migrations
 from app import audit, circuits, outbox
 from app import tokens as token_store
 from app.db import make_engine
-from app.settings import ConfigError, load_settings
+from app.settings import DEFAULT_DATABASE_URL, ConfigError, load_settings
 
 
 def alembic_config(url: str):
@@ -74,7 +74,7 @@ def _store_engine():
     if current_app:
         yield current_app.extensions["courier.store"].engine
         return
-    engine = make_engine(os.environ.get("DATABASE_URL", "sqlite:///instance/courier.db"))
+    engine = make_engine(os.environ.get("DATABASE_URL", DEFAULT_DATABASE_URL))
     try:
         yield engine
     finally:

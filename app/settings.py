@@ -413,6 +413,8 @@ def _line_key(problem: str) -> tuple:
 
 # --- environment ----------------------------------------------------------
 
+DEFAULT_DATABASE_URL = "sqlite:///instance/courier.db"  # SPEC.md: DATABASE_URL's default
+
 @dataclass(frozen=True)
 class Settings:
     """Process settings from the environment (SPEC.md) plus the routing file."""
@@ -456,7 +458,7 @@ def load_settings(env: Mapping[str, str] | None = None, **overrides: Any) -> Set
     config_path = overrides.pop("config_path", None) or env.get("COURIER_CONFIG", "courier.yml")
     routing = overrides.pop("routing", None) or load_routing(config_path, env)
     values: dict[str, Any] = dict(
-        database_url=env.get("DATABASE_URL", "sqlite:///instance/courier.db"),
+        database_url=env.get("DATABASE_URL", DEFAULT_DATABASE_URL),
         broker_url=env.get("BROKER_URL", "amqp://guest:guest@localhost:5672//"),
         config_path=config_path,
         routing=routing,
