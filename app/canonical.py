@@ -334,8 +334,9 @@ class PayerV1(Canonical):
 
 
 class ObservationV1(Canonical):
-    """One result value (HL7 OBX); values are rendered as text, repetitions kept apart."""
-    code = one(CodingV1, required=True)
+    """One result (HL7 OBX); values are rendered as text, repetitions kept apart. The code
+    is optional: text reports send their lines as OBX without one."""
+    code = one(CodingV1)
     value_type = coded()
     values = texts(PHI)             # may be free text (TX, FT): treated as such
     units = text(NONE)
