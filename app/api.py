@@ -47,13 +47,18 @@ def require(action: str):
             scheme, _, credential = header.partition(" ")
             if scheme.lower() != "bearer" or not credential.strip():
                 return error(401, "unauthorized", "send Authorization: Bearer <token>")
-            try:
-                with store().session() as session:
-                    token = tokens.authenticate(session, credential.strip())
-                    if token is not None:
-                        session.expunge(token)
-            except SQLAlchemyError:
-                return error(503, "store_unavailable", "the store is unreachable; try again")
+            credential = credential.strip()
+            token = tokens.cached(credential)
+            if token is None:
+                try:
+                    with store().session() as session:
+                        token = tokens.authenticate(session, credential)
+                        if token is not None:
+                            session.expunge(token)
+                except SQLAlchemyError:
+                    return error(503, "store_unavailable", "the store is unreachable; try again")
+                if token is not None:
+                    tokens.remember(credential, token)
             if token is None:
                 return error(401, "unauthorized", "the token is unknown or revoked")
             if not tokens.allows(token, action):
@@ -92,7 +97,7 @@ def post_message():
     return response
 
 
-def _accepted(message: Message, deliveries: list[dict], created: bool) -> dict:
+def _accepted(message: outbox.Stored, deliveries: list[dict], created: bool) -> dict:
     return {"id": message.id, "status": "accepted", "duplicate": not created,
             "routed": message.status == "accepted", "type": message.type, "deliveries": deliveries}
 

@@ -18,7 +18,6 @@ from sqlalchemy.orm import Session
 
 from app import ordering, outbox
 from app.db import Store
-from app.models import Message
 from app.settings import RoutingConfig, StrictSchema
 
 JSON_TYPES = {"application/json"}
@@ -44,6 +43,9 @@ class EventSchema(StrictSchema):
     data = fields.Dict(required=True)
 
 
+_EVENT = EventSchema()  # one instance: building a schema costs more than loading an event with it
+
+
 @dataclass(frozen=True)
 class Parsed:
     """One message ready to store: its type, the key duplicates are recognised by, and the
@@ -58,7 +60,7 @@ class Parsed:
 
 @dataclass
 class Result:
-    message: Message
+    message: outbox.Stored
     created: bool
     deliveries: list = field(default_factory=list)
 
@@ -98,7 +100,7 @@ def json_object(body: bytes, what: str = "a JSON event") -> dict:
 def _parse_json(body: bytes) -> Parsed:
     doc = json_object(body)
     try:
-        event = EventSchema().load(doc)
+        event = _EVENT.load(doc)
     except ValidationError as exc:
         raise IngestError(422, "invalid", "the event does not match the envelope schema",
                           {"fields": exc.messages}) from None

@@ -19,8 +19,9 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Mapping
 
-from sqlalchemy import and_, func, or_, select, text, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import and_, bindparam, func, insert, or_, select, text, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
 from app import audit, circuits, ordering
@@ -42,22 +43,35 @@ class NewMessage:
     correlation_id: str | None = None
 
 
+@dataclass(frozen=True)
+class StoredDelivery:
+    id: str
+    destination: str
+    status: str
+
+
+@dataclass(frozen=True)
+class Stored:
+    """A message as `accept` stored it, or found it (a duplicate): what the caller reports back."""
+
+    id: str
+    type: str
+    status: str
+    deliveries: list[StoredDelivery]
+
+
 def accept(session: Session, new: NewMessage, destinations: list[str],
-           order_keys: Mapping[str, str | None] | None = None) -> tuple[Message, bool]:
+           order_keys: Mapping[str, str | None] | None = None) -> tuple[Stored, bool]:
     """Store a message with a pending delivery per destination; `(existing, False)` for a duplicate.
 
-    Duplicates are found by (source, dedup_key). Two concurrent duplicates race on the
-    unique constraint: the loser's insert fails inside a savepoint (PostgreSQL makes it
-    wait for the winner's commit first), and it returns the winner's row.
+    Duplicates are found by (source, dedup_key): the insert is `ON CONFLICT DO NOTHING`, so
+    of two concurrent duplicates the second waits for the first's commit and inserts nothing
+    (no savepoint, no exception), and then reads the first's row.
 
     `order_keys` maps ordered destinations to this message's key (app.ordering); the relay
     sends one key's deliveries in id order, so their ids must follow acceptance order.
+    Core statements, not ORM objects: this is the hot path of every ingest.
     """
-
-    if new.dedup_key is not None:
-        existing = _find_duplicate(session, new)
-        if existing is not None:
-            return existing, False
     keys = {d: ordering.fit(k) for d, k in (order_keys or {}).items() if d in destinations and k is not None}
     # Pitfall 8 for ordered keys: ids are made before commit, so two concurrent ingests of
     # one key could commit out of id order, and the relay could send the later one before
@@ -68,33 +82,25 @@ def accept(session: Session, new: NewMessage, destinations: list[str],
     ordering.lock(session, keys.items())
     now = utcnow()
     message_id = new_id()
-    message = Message(
+    status = ACCEPTED if destinations else UNROUTED
+    dialect_insert = pg_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
+    stmt = dialect_insert(Message).values(
         id=message_id, source=new.source, type=new.message_type, content_type=new.content_type,
         body=new.body, size=len(new.body), dedup_key=new.dedup_key,
-        correlation_id=new.correlation_id or message_id, status=ACCEPTED if destinations else UNROUTED,
-        received_at=now,
-    )
-    message.deliveries = [Delivery(id=ordering.next_id(session, d, keys[d]) if d in keys else new_id(),
-                                   destination=d, status=PENDING, attempts=0, dispatches=0, due_at=now,
-                                   created_at=now, updated_at=now, order_key=keys.get(d)) for d in destinations]
-    if session.get_bind().dialect.name == "sqlite":
-        # No savepoint on SQLite: in pysqlite's default mode (a host's engine, embedding) RELEASE
-        # commits the outer transaction, so a host's rollback would keep the message. No race to
-        # catch either on Courier's own engine, whose BEGIN IMMEDIATE admits one writer at a time.
-        session.add(message)
-        session.flush()
-    else:
-        try:
-            with session.begin_nested():
-                session.add(message)
-        except IntegrityError:
-            existing = _find_duplicate(session, new)
-            if existing is None:
-                raise
-            return existing, False
-    if destinations:
+        correlation_id=new.correlation_id or message_id, status=status, received_at=now)
+    if new.dedup_key is None:
+        session.execute(stmt)
+    elif session.execute(stmt.on_conflict_do_nothing(index_elements=["source", "dedup_key"])
+                         .returning(Message.id)).first() is None:
+        return _duplicate(session, new), False
+    rows = [dict(id=ordering.next_id(session, d, keys[d]) if d in keys else new_id(), message_id=message_id,
+                 destination=d, status=PENDING, attempts=0, dispatches=0, due_at=now, created_at=now,
+                 updated_at=now, order_key=keys.get(d)) for d in destinations]
+    if rows:
+        session.execute(dialect_insert(Delivery), rows)  # one multi-row INSERT (insertmanyvalues)
         _notify(session)
-    return message, True
+    return Stored(message_id, new.message_type, status,
+                  [StoredDelivery(r["id"], r["destination"], PENDING) for r in rows]), True
 
 
 def _notify(session: Session) -> None:
@@ -103,9 +109,12 @@ def _notify(session: Session) -> None:
         session.execute(text(f"NOTIFY {NOTIFY_CHANNEL}"))
 
 
-def _find_duplicate(session: Session, new: NewMessage) -> Message | None:
-    return session.scalars(select(Message).where(
-        Message.source == new.source, Message.dedup_key == new.dedup_key)).one_or_none()
+def _duplicate(session: Session, new: NewMessage) -> Stored:
+    """The stored message that `new` duplicates (its insert just found the conflict)."""
+    message = session.scalars(select(Message).where(
+        Message.source == new.source, Message.dedup_key == new.dedup_key)).one()
+    return Stored(message.id, message.type, message.status,
+                  [StoredDelivery(d.id, d.destination, d.status) for d in message.deliveries])
 
 
 @dataclass(frozen=True)
@@ -172,41 +181,82 @@ class Ticket:
 
 def begin_attempt(session: Session, delivery_id: str, dispatch: int, destinations: Mapping[str, Destination],
                   *, lease_margin: float, now: datetime | None = None) -> Ticket | str:
-    """Start an attempt if this dispatch still owns the delivery and its circuit lets it through.
+    """`begin_attempts` for one delivery: its Ticket, or why not ("skipped", "waiting", "dead")."""
+    tickets, refused = begin_attempts(session, [(delivery_id, dispatch)], destinations,
+                                      lease_margin=lease_margin, now=now)
+    return tickets[0] if tickets else refused[delivery_id]
 
-    Returns a Ticket, or why not: "skipped" (not ours), "waiting" (circuit open or destination
-    paused: back to retrying until then, no attempt spent) or "dead" (budget spent).
+
+def begin_attempts(session: Session, items: list[tuple[str, int]], destinations: Mapping[str, Destination],
+                   *, lease_margin: float, now: datetime | None = None) -> tuple[list[Ticket], dict[str, str]]:
+    """Start an attempt at each (delivery id, dispatch) that this dispatch still owns and whose circuit lets it go.
+
+    Returns the Tickets to send, in id order, and for the others why not: "skipped" (not ours),
+    "waiting" (circuit open or destination paused: back to retrying until then, no attempt
+    spent) or "dead" (budget spent). One locking read and one update for the whole batch.
 
     A task whose delivery is finished, or that a newer dispatch superseded, is a no-op: that
     is what makes a redelivered or duplicated task harmless. The attempt is counted before
     sending, so a message that kills its worker every time still runs out of attempts: when
     the budget is spent by attempts that never finished, the delivery goes dead here.
+    The i-th ticket's lease is i+1 destination timeouts (plus the margin): the batch is sent
+    one after the other, and a send that takes longer than the timeout is cut off by it.
     """
     now = now or utcnow()
-    delivery = session.get(Delivery, delivery_id, with_for_update=True)
-    if delivery is None or delivery.status != IN_FLIGHT or delivery.dispatches != dispatch:
-        return "skipped"
-    destination = destinations.get(delivery.destination)
-    reason = None
-    if destination is None:
-        reason = f"destination {delivery.destination!r} is no longer configured"
-    elif delivery.attempts >= destination.retry.max_attempts:
-        reason = (f"gave up: attempt {delivery.attempts} of {destination.retry.max_attempts} never finished "
-                  "(the worker died or lost the store while sending)")
-    if reason:
-        delivery.status, delivery.due_at, delivery.updated_at, delivery.last_error = DEAD, None, now, reason
-        return "dead"
-    admission = circuits.admit(session, destination, delivery.id, now)
-    if admission.verdict == "wait":  # held back by the breaker or a pause: no attempt is spent
-        delivery.status, delivery.due_at, delivery.updated_at = RETRYING, admission.until, now
-        delivery.last_error = admission.reason[:DETAIL_LIMIT]
-        return "waiting"
-    delivery.attempts += 1
-    delivery.due_at = now + timedelta(seconds=destination.timeout + lease_margin)
-    delivery.updated_at = now
-    message = delivery.message
-    return Ticket(delivery.id, dispatch, delivery.attempts, delivery.destination, message.id, message.source,
-                  message.type, message.content_type, message.body, message.correlation_id, delivery.order_key)
+    dispatch_of = dict(items)
+    rows = session.execute(
+        select(Delivery.id, Delivery.dispatches, Delivery.status, Delivery.attempts, Delivery.destination,
+               Delivery.order_key, Message.id.label("message_id"), Message.source, Message.type, Message.content_type,
+               Message.body, Message.correlation_id)
+        .join(Message, Delivery.message_id == Message.id)
+        .where(Delivery.id.in_(list(dispatch_of)))
+        .order_by(Delivery.id)
+        .with_for_update(of=Delivery)).all()
+    refused = {delivery_id: "skipped" for delivery_id in dispatch_of}
+    candidates: dict[str, list] = {}
+    for row in rows:
+        if row.status != IN_FLIGHT or row.dispatches != dispatch_of[row.id]:
+            continue
+        destination = destinations.get(row.destination)
+        reason = None
+        if destination is None:
+            reason = f"destination {row.destination!r} is no longer configured"
+        elif row.attempts >= destination.retry.max_attempts:
+            reason = (f"gave up: attempt {row.attempts} of {destination.retry.max_attempts} never finished "
+                      "(the worker died or lost the store while sending)")
+        if reason:
+            _set(session, row.id, status=DEAD, due_at=None, updated_at=now, last_error=reason)
+            refused[row.id] = DEAD
+        else:
+            candidates.setdefault(row.destination, []).append(row)
+    tickets, leases = [], []
+    for name, group in candidates.items():
+        destination = destinations[name]
+        admission = None
+        for row in group:
+            # A "go" covers the rest of the batch (the circuit is closed); a half-open circuit
+            # admits a single probe, and asking again for the others tells them to wait for it.
+            if admission is not circuits.GO:
+                admission = circuits.admit(session, destination, row.id, now)
+            if admission.verdict == "wait":  # held back by the breaker or a pause: no attempt is spent
+                _set(session, row.id, status=RETRYING, due_at=admission.until, updated_at=now,
+                     last_error=admission.reason[:DETAIL_LIMIT])
+                refused[row.id] = "waiting"
+                continue
+            refused.pop(row.id)
+            leases.append({"b_id": row.id, "b_due": now + timedelta(
+                seconds=destination.timeout * (len(leases) + 1) + lease_margin)})
+            tickets.append(Ticket(row.id, row.dispatches, row.attempts + 1, name, *row[6:], order_key=row.order_key))
+    if leases:
+        table = Delivery.__table__
+        session.execute(update(table).where(table.c.id == bindparam("b_id")).values(
+            attempts=table.c.attempts + 1, due_at=bindparam("b_due"), updated_at=now), leases)
+    return tickets, refused
+
+
+def _set(session: Session, delivery_id: str, **values) -> None:
+    session.execute(update(Delivery).where(Delivery.id == delivery_id).values(**values)
+                    .execution_options(synchronize_session=False))
 
 
 @dataclass(frozen=True)
@@ -234,40 +284,69 @@ def retry_delay(policy: RetryPolicy, attempts: int, retry_after: float | None = 
 
 def finish_attempt(session: Session, ticket: Ticket, outcome: Outcome, destination: Destination,
                    now: datetime | None = None) -> str:
-    """Log the attempt, move the delivery on and feed the circuit breaker; returns the delivery's status.
+    """`finish_attempts` for one attempt; returns the delivery's status ("superseded" if no longer ours)."""
+    return finish_attempts(session, destination, [(ticket, outcome)], now=now)[ticket.delivery_id]
 
+
+def finish_attempts(session: Session, destination: Destination, results: list[tuple[Ticket, Outcome | None]],
+                    now: datetime | None = None) -> dict[str, str]:
+    """Log each attempt, move its delivery on and feed the circuit breaker; returns {delivery id: status}.
+
+    An outcome of None means the ticket was never sent (an earlier one of its batch failed):
+    its attempt is given back and it is due again at once, for the breaker to decide on.
     Guarded by (status, dispatch): if the lease expired and another dispatch took over, this
     worker's result is still logged, and a success still counts (the destination has it).
+    Successes are one UPDATE for the batch; retries and dead ends one each.
     """
     now = now or utcnow()
     policy = destination.retry
-    session.add(Attempt(delivery_id=ticket.delivery_id, number=ticket.number, started_at=outcome.started_at,
-                        duration_ms=outcome.duration_ms, outcome=outcome.result,
-                        status_code=outcome.status_code, detail=outcome.detail[:DETAIL_LIMIT]))
-    owned = and_(Delivery.id == ticket.delivery_id, Delivery.status == IN_FLIGHT,
-                 Delivery.dispatches == ticket.dispatch)
-    if outcome.result == "delivered":
-        status, values = DELIVERED, dict(due_at=None, delivered_at=now, last_error=None)
-        owned = and_(Delivery.id == ticket.delivery_id, Delivery.status.in_(OPEN_STATUSES))
-    elif outcome.result == "permanent":
-        status, values = DEAD, dict(due_at=None, last_error=outcome.detail[:DETAIL_LIMIT])
-    elif ticket.number >= policy.max_attempts:
-        status, values = DEAD, dict(due_at=None, last_error=(
-            f"gave up after {ticket.number} attempts; last: {outcome.detail}")[:DETAIL_LIMIT])
-    else:
-        delay = retry_delay(policy, ticket.number, outcome.retry_after)
-        if outcome.throttled:
-            delay = max(delay, policy.min_wait)
-        status, values = RETRYING, dict(due_at=now + timedelta(seconds=delay),
-                                        last_error=outcome.detail[:DETAIL_LIMIT])
-    changed = session.execute(update(Delivery).where(owned).values(status=status, updated_at=now, **values)
-                              .execution_options(synchronize_session=False)).rowcount
-    if circuits.record(session, destination, ticket.delivery_id, outcome.result, outcome.detail, now) == \
-            circuits.CLOSED:
+    attempts = [dict(delivery_id=t.delivery_id, number=t.number, started_at=o.started_at, duration_ms=o.duration_ms,
+                     outcome=o.result, status_code=o.status_code, detail=o.detail[:DETAIL_LIMIT])
+                for t, o in results if o is not None]
+    if attempts:
+        session.execute(insert(Attempt.__table__), attempts)
+    statuses: dict[str, str] = {}
+    delivered = [t.delivery_id for t, o in results if o is not None and o.result == "delivered"]
+    if delivered:
+        done = set(session.execute(
+            update(Delivery).where(Delivery.id.in_(delivered), Delivery.status.in_(OPEN_STATUSES))
+            .values(status=DELIVERED, due_at=None, delivered_at=now, last_error=None, updated_at=now)
+            .returning(Delivery.id).execution_options(synchronize_session=False)).scalars())
+        statuses.update({i: DELIVERED if i in done else "superseded" for i in delivered})
+    for ticket, outcome in results:
+        if ticket.delivery_id in statuses:
+            continue
+        owned = and_(Delivery.id == ticket.delivery_id, Delivery.status == IN_FLIGHT,
+                     Delivery.dispatches == ticket.dispatch)
+        if outcome is None:
+            status, values = RETRYING, dict(due_at=now, attempts=Delivery.attempts - 1)
+        elif outcome.result == "permanent":
+            status, values = DEAD, dict(due_at=None, last_error=outcome.detail[:DETAIL_LIMIT])
+        elif ticket.number >= policy.max_attempts:
+            status, values = DEAD, dict(due_at=None, last_error=(
+                f"gave up after {ticket.number} attempts; last: {outcome.detail}")[:DETAIL_LIMIT])
+        else:
+            delay = retry_delay(policy, ticket.number, outcome.retry_after)
+            if outcome.throttled:
+                delay = max(delay, policy.min_wait)
+            status, values = RETRYING, dict(due_at=now + timedelta(seconds=delay),
+                                            last_error=outcome.detail[:DETAIL_LIMIT])
+        changed = session.execute(update(Delivery).where(owned).values(status=status, updated_at=now, **values)
+                                  .execution_options(synchronize_session=False)).rowcount
+        statuses[ticket.delivery_id] = status if changed else "superseded"
+    closed, previous = False, None
+    for ticket, outcome in results:
+        if outcome is None or (outcome.result != "temporary" and previous not in (None, "temporary")):
+            continue  # a second answer in a row changes nothing the first did not (and costs a read)
+        previous = outcome.result
+        if circuits.record(session, destination, ticket.delivery_id, outcome.result, outcome.detail,
+                           now) == circuits.CLOSED:
+            closed = True
+    if closed:
         wake(session, destination.name, now)
-    if ticket.order_key is not None and status in (DELIVERED, DEAD) and changed:
-        _notify(session)  # the next delivery of this key is claimable now: wake the relay
-    return status if changed else "superseded"
+    if any(t.order_key is not None and statuses[t.delivery_id] in (DELIVERED, DEAD) for t, _ in results):
+        _notify(session)  # the next delivery of these keys is claimable now: wake the relay
+    return statuses
 
 
 def wake(session: Session, destination: str, now: datetime | None = None) -> int:
@@ -397,6 +476,6 @@ def destination_summary(session: Session) -> dict[str, dict]:
     return summary
 
 
-__all__ = ["accept", "claim_due", "release", "begin_attempt", "finish_attempt", "wake", "trace", "retry_delay",
+__all__ = ["accept", "claim_due", "release", "begin_attempt", "begin_attempts", "finish_attempt", "finish_attempts", "wake", "trace", "retry_delay",
            "replay", "pause_destination", "resume_destination", "destination_summary", "NewMessage", "Claimed",
-           "Ticket", "Outcome", "NOTIFY_CHANNEL", "DEAD", "DELIVERED", "REPLAYABLE", "REPLAY_LIMIT"]
+           "Ticket", "Outcome", "Stored", "NOTIFY_CHANNEL", "DEAD", "DELIVERED", "REPLAYABLE", "REPLAY_LIMIT"]

@@ -431,6 +431,7 @@ class Settings:
     queue_prefix: str = "courier"
     relay_lease: float = 120.0
     relay_batch: int = 200
+    relay_task_size: int = 10
     relay_poll: float = 1.0
     log_level: str = "INFO"
 
@@ -470,6 +471,7 @@ def load_settings(env: Mapping[str, str] | None = None, **overrides: Any) -> Set
         queue_prefix=env.get("COURIER_QUEUE_PREFIX", "courier"),
         relay_lease=_env_duration(env, "COURIER_RELAY_LEASE", 120.0),
         relay_batch=_env_int(env, "COURIER_RELAY_BATCH", 200),
+        relay_task_size=_env_int(env, "COURIER_RELAY_TASK_SIZE", 10),
         relay_poll=_env_duration(env, "COURIER_RELAY_POLL", 1.0),
         log_level=env.get("COURIER_LOG_LEVEL", "INFO").upper(),
     )

@@ -64,30 +64,54 @@ def attempt(ticket: outbox.Ticket, destination: Destination) -> outbox.Outcome:
     return outcome("delivered", sent.detail, sent.status_code)
 
 
-@shared_task(name="courier.deliver", ignore_result=True)
-def deliver(delivery_id: str, dispatch: int) -> str:
-    """Make one attempt at `delivery_id` if dispatch number `dispatch` still owns it."""
-    status = run_attempt(current_app.extensions["courier.settings"], current_app.extensions["courier.store"],
-                         delivery_id, dispatch)
-    if status == DEAD:
-        dead_letter(delivery_id)
-    return status
+@shared_task(name="courier.deliver", bind=True, ignore_result=True)
+def deliver(self, destination: str, items: list[list]) -> dict[str, str]:
+    """Make one attempt at each [delivery id, dispatch] of `destination` that its dispatch still owns.
+
+    A batch that RabbitMQ hands out again (its worker died mid-batch) is split into one task
+    per delivery: if one message kills its worker every time, the broker's delivery limit
+    then parks that one task alone, and its neighbours go out.
+    """
+    settings = current_app.extensions["courier.settings"]
+    if len(items) > 1 and (self.request.delivery_info or {}).get("redelivered"):
+        log.warning("batch of %d deliveries to %s redelivered by the broker: splitting it", len(items), destination)
+        with self.app.producer_or_acquire() as producer:
+            for item in items:
+                self.apply_async((destination, [item]), producer=producer, queue=settings.queue_for(destination))
+        return {}
+    statuses = run_batch(settings, current_app.extensions["courier.store"], [tuple(i) for i in items])
+    for delivery_id, status in statuses.items():
+        if status == DEAD:
+            dead_letter(delivery_id)
+    return statuses
 
 
-def run_attempt(settings: Settings, store: Store, delivery_id: str, dispatch: int) -> str:
-    """One attempt, recorded: shared by the Celery task and the embedded delivery threads."""
+def run_batch(settings: Settings, store: Store, items: list[tuple[str, int]]) -> dict[str, str]:
+    """Attempts at a batch of one destination's deliveries, recorded; {delivery id: status}.
+
+    Shared by the Celery task and the embedded delivery threads. Two transactions for the
+    batch (begin, finish), the sends one after the other in between. After a temporary
+    failure the rest are not sent (given back, due at once): the destination is in trouble,
+    and the circuit breaker, fed with that failure, decides what happens next.
+    """
     destinations = settings.routing.destinations
     with store.session() as session:
-        ticket = outbox.begin_attempt(session, delivery_id, dispatch, destinations, lease_margin=LEASE_MARGIN)
-    if isinstance(ticket, str):
-        return ticket
-    destination = destinations[ticket.destination]
-    result = attempt(ticket, destination)
+        tickets, statuses = outbox.begin_attempts(session, items, destinations, lease_margin=LEASE_MARGIN)
+    if not tickets:
+        return statuses
+    results: dict[str, list[tuple[outbox.Ticket, outbox.Outcome | None]]] = {}  # per destination
+    for ticket in tickets:
+        sent = results.setdefault(ticket.destination, [])
+        failed = any(o is None or o.result == "temporary" for _, o in sent)
+        sent.append((ticket, None if failed else attempt(ticket, destinations[ticket.destination])))
     with store.session() as session:
-        status = outbox.finish_attempt(session, ticket, result, destination)
-    log.info("delivery %s to %s attempt %d: %s (%s)", delivery_id, ticket.destination, ticket.number,
-             status, result.detail)
-    return status
+        for name, sent in results.items():
+            statuses.update(outbox.finish_attempts(session, destinations[name], sent))
+    for ticket, outcome in (pair for sent in results.values() for pair in sent):
+        if outcome is not None:
+            log.info("delivery %s to %s attempt %d: %s (%s)", ticket.delivery_id, ticket.destination,
+                     ticket.number, statuses[ticket.delivery_id], outcome.detail)
+    return statuses
 
 
 def dead_letter(delivery_id: str) -> None:

@@ -3,7 +3,7 @@
 For small installs that run no RabbitMQ and no separate worker: one relay thread
 claims due deliveries from the outbox (the same `claim_due` as `courier relay`)
 and hands them to a few delivery threads, which make the same recorded attempt
-as the Celery task (`tasks.deliver.run_attempt`). Retries, circuits, ordering
+as the Celery task (`tasks.deliver.run_batch`). Retries, circuits, ordering
 and dead-lettering (in the store) behave as in the full deployment.
 
 Limits: one process's threads deliver (a few hundred deliveries/s to a fast
@@ -23,7 +23,7 @@ from typing import Callable, Iterator
 from app import outbox
 from app.db import Store
 from app.settings import Settings
-from tasks.deliver import run_attempt
+from tasks.deliver import run_batch
 from tasks.relay import Relay
 
 log = logging.getLogger("courier.embedded")
@@ -35,7 +35,7 @@ class Embedded(Relay):
     def __init__(self, settings: Settings, store: Store, threads: int = 4):
         super().__init__(settings, store)
         self.threads = threads
-        self.work: queue.Queue[outbox.Claimed] = queue.Queue()
+        self.work: queue.Queue[list[outbox.Claimed]] = queue.Queue()  # batches of one destination
         self._outstanding = 0  # handed over and not yet finished
         self._changed = threading.Condition()
         self._threads: list[threading.Thread] = []
@@ -44,35 +44,36 @@ class Embedded(Relay):
         """Nothing to declare: no broker."""
 
     def capacity(self) -> int:
-        """Claim for idle threads plus one waiting delivery each: claims come in batches, and none
-        waits in the queue longer than one attempt (far less than its lease)."""
-        limit = 2 * self.threads
+        """Claim for idle threads plus one waiting batch each: claims come in rounds, and none
+        waits in the queue longer than one batch's attempts (far less than its lease)."""
+        limit = 2 * self.threads * max(self.settings.relay_task_size, 1)
         with self._changed:
             self._changed.wait_for(lambda: self._outstanding < limit or self.stopping.is_set(),
                                    timeout=self.settings.relay_poll)
             return max(limit - self._outstanding, 0)
 
     @contextmanager
-    def handoff(self) -> Iterator[Callable[[outbox.Claimed], None]]:
-        def send(claimed: outbox.Claimed) -> None:
+    def handoff(self) -> Iterator[Callable[[list[outbox.Claimed]], None]]:
+        def send(batch: list[outbox.Claimed]) -> None:
             with self._changed:
-                self._outstanding += 1
-            self.work.put(claimed)
+                self._outstanding += len(batch)
+            self.work.put(batch)
         yield send
 
     def _deliver_forever(self) -> None:
         while not self.stopping.is_set():
             try:
-                claimed = self.work.get(timeout=0.2)
+                batch = self.work.get(timeout=0.2)
             except queue.Empty:
                 continue
             try:
-                run_attempt(self.settings, self.store, claimed.delivery_id, claimed.dispatch)
+                run_batch(self.settings, self.store, [(c.delivery_id, c.dispatch) for c in batch])
             except Exception:  # the store is down: the lease runs out and the relay dispatches it again
-                log.exception("delivery %s failed before its outcome was recorded", claimed.delivery_id)
+                log.exception("%d deliveries to %s failed before their outcome was recorded", len(batch),
+                              batch[0].destination)
             finally:
                 with self._changed:
-                    self._outstanding -= 1
+                    self._outstanding -= len(batch)
                     self._changed.notify_all()
 
     def start(self) -> "Embedded":
@@ -94,7 +95,7 @@ class Embedded(Relay):
             thread.join(timeout)
         unsent = []
         while not self.work.empty():
-            unsent.append(self.work.get_nowait())
+            unsent += self.work.get_nowait()
         if unsent:
             with self.store.session() as session:
                 outbox.release(session, unsent)

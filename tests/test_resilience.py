@@ -164,6 +164,36 @@ def test_a_poison_task_is_parked_in_the_dlq_after_bounded_redeliveries(tmp_path,
         assert sink.received == []
 
 
+def test_a_poison_message_in_a_batch_is_parked_alone_and_its_neighbours_go(tmp_path, store, queue_prefix):
+    """Six messages in one task; one kills the worker. The broker hands the batch out again, the
+    worker splits it into one task each, the neighbours are delivered and the poison is parked.
+    (Without the split, the three behind the poison would never be sent: the batch dies each time.)"""
+    import json
+
+    with HttpSink() as sink, running_courier(tmp_path, store, queue_prefix, {"billing": sink.url},
+                                             transform="tests.poison:kill_worker_on_poison",
+                                             retry={"max_attempts": 50, "initial": "1s", "max": "2s"}) as courier:
+        dlq_messages(courier.app, "billing")
+        for i in range(6):  # accepted before the relay starts: its first claim takes all six, one batch
+            body = {"type": "service.completed", "id": f"b-{i}", "data": {"n": "poison" if i == 2 else i}}
+            r = courier.client.post("/api/v1/messages", headers=courier.headers, content_type="application/json",
+                                    data=json.dumps(body))
+            assert r.status_code == 202
+        courier.procs.start("worker", pool="prefork", concurrency=1)
+        courier.procs.start("relay")
+        with store.session() as s:
+            (poison,) = [d.id for d in s.scalars(select(Delivery)) if b"poison" in d.message.body]
+        wait_all_delivered(store, 5, courier.procs, timeout=90)
+        deadline = time.monotonic() + 90
+        parked = []
+        while not any(poison in str(m) for m in parked) and time.monotonic() < deadline:
+            time.sleep(1.0)
+            parked += dlq_messages(courier.app, "billing")
+        assert any(poison in str(m) for m in parked), courier.procs.logs()
+    assert all(b"poison" not in r.body for r in sink.received)
+    assert set(sink.count_by_key()) == set(_delivery_ids(store)) - {poison}
+
+
 def test_ordered_destination_keeps_each_keys_order_through_failures(tmp_path, store, queue_prefix):
     """Five patients, four messages each; the first answers fail. Per patient, order holds."""
     import json

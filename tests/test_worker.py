@@ -54,7 +54,8 @@ def run_once(flask_app, store, destination="billing"):
         claimed = [c for c in outbox.claim_due(s, lease=60, limit=10) if c.destination == destination]
     assert claimed, "nothing was due"
     with flask_app.app_context():
-        return deliver.run(claimed[0].delivery_id, claimed[0].dispatch), claimed[0]
+        c = claimed[0]
+        return deliver.run(c.destination, [[c.delivery_id, c.dispatch]])[c.delivery_id], c
 
 
 def delivery(store, delivery_id):
@@ -87,7 +88,7 @@ def test_503_is_retried_with_the_same_key_then_delivered(courier, store, sink):
         outbox.release(s, [outbox.Claimed(d.id, d.destination, d.dispatches)])
         s.execute(Delivery.__table__.update().where(Delivery.id == d.id).values(status="in_flight"))
     with flask_app.app_context():
-        assert deliver.run(d.id, d.dispatches) == "delivered"
+        assert deliver.run(d.destination, [[d.id, d.dispatches]]) == {d.id: "delivered"}
     keys = [r.headers["idempotency-key"] for r in sink.received]
     assert keys == [d.id, d.id]
     d, log = delivery(store, d.id)
@@ -136,3 +137,58 @@ def test_relay_wakes_on_commit_and_publishes_to_the_destination_queue(courier, s
             m.ack()
         queue.close()
     assert any(d.id in str(t) for t in tasks), tasks
+
+
+def test_a_batch_is_delivered_in_one_task_each_with_its_own_key(courier, store, sink):
+    flask_app, _ = courier
+    ids = sorted(accept(store, key=f"b{i}").deliveries[0].id for i in range(5))
+    with store.session() as s:
+        claimed = outbox.claim_due(s, lease=60, limit=10)
+    with flask_app.app_context():
+        statuses = deliver.run("billing", [[c.delivery_id, c.dispatch] for c in claimed])
+    assert statuses == {i: "delivered" for i in ids}
+    assert [r.headers["idempotency-key"] for r in sink.received] == ids  # sent in id order, once each
+    assert all([a.outcome for a in delivery(store, i)[1]] == ["delivered"] for i in ids)
+
+
+def test_a_batch_stops_at_its_first_temporary_failure_and_gives_the_rest_back(courier, store, sink):
+    """The rest were never sent: no attempt is spent or logged for them, and they are due at once."""
+    flask_app, _ = courier
+    sink.respond((200, {}, b"ok"), (503, {}, b"busy"))
+    ids = sorted(accept(store, key=f"b{i}").deliveries[0].id for i in range(5))
+    with store.session() as s:
+        claimed = outbox.claim_due(s, lease=60, limit=10)
+    with flask_app.app_context():
+        statuses = deliver.run("billing", [[c.delivery_id, c.dispatch] for c in claimed])
+    assert [statuses[i] for i in ids] == ["delivered", "retrying", "retrying", "retrying", "retrying"]
+    assert len(sink.received) == 2
+    d, log = delivery(store, ids[1])
+    assert d.attempts == 1 and [a.outcome for a in log] == ["temporary"] and "503" in d.last_error
+    for untried in ids[2:]:
+        d, log = delivery(store, untried)
+        assert d.attempts == 0 and log == [] and d.due_at.timestamp() <= time.time()
+
+
+def test_a_stale_item_in_a_batch_is_skipped_and_the_others_go(courier, store, sink):
+    flask_app, _ = courier
+    ids = sorted(accept(store, key=f"s{i}").deliveries[0].id for i in range(3))
+    with store.session() as s:
+        claimed = {c.delivery_id: c for c in outbox.claim_due(s, lease=60, limit=10)}
+    items = [[i, claimed[i].dispatch] for i in ids]
+    items[1][1] -= 1  # an older dispatch of the middle one: superseded
+    with flask_app.app_context():
+        statuses = deliver.run("billing", items)
+    assert [statuses[i] for i in ids] == ["delivered", "skipped", "delivered"]
+    assert sorted(r.headers["idempotency-key"] for r in sink.received) == [ids[0], ids[2]]
+
+
+def test_split_makes_even_batches_of_one_destination_each():
+    from tasks.relay import split
+
+    claimed = [outbox.Claimed(f"a{i}", "a", 1) for i in range(25)] + [outbox.Claimed(f"b{i}", "b", 1)
+                                                                       for i in range(3)]
+    batches = split(claimed, 10)
+    assert sorted(len(b) for b in batches) == [3, 8, 8, 9]
+    assert all(len({c.destination for c in b}) == 1 for b in batches)
+    assert sorted(c.delivery_id for b in batches for c in b) == sorted(c.delivery_id for c in claimed)
+    assert [len(b) for b in split(claimed[:3], 1)] == [1, 1, 1]
