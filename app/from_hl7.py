@@ -275,6 +275,16 @@ def _decimal(seg: _Segment, field: int, component: int = 1, sub: int = 1) -> str
     return str(value)
 
 
+def _money(seg: _Segment, field: int) -> dict | None:
+    """CP (FT1-11/12): component 1 is MO, the amount and its currency as subcomponents."""
+    if not seg.value(field):
+        return None
+    currency = seg.value(field, 1, 2)
+    if len(currency) > 8:  # ISO 4217 codes have 3 letters; this is something else
+        raise MappingError("not a currency code", seg.where(field))
+    return _compact({"amount": _decimal(seg, field), "currency": currency})
+
+
 def _compact(data: dict) -> dict:
     """Leave out absent values: None, '', [] and {} mean 'not sent'."""
     return {k: v for k, v in data.items() if v not in (None, "", [], {})}
@@ -396,13 +406,13 @@ def _adt(msg: _Message, trigger: str) -> list[_Event]:
     pv1, evn = msg.first("PV1"), msg.first("EVN")
     times = [_when(evn, 6), _when(evn, 2), _when(msg.msh, 7)]
     data = _context(pid, pv1, _first_time(*times))
+    if trigger in ("A01", "A03", "A04") and "visit" not in data:
+        what = "a discharge" if trigger == "A03" else "an admission or registration"
+        reason = "no PV1 segment" if pv1 is None else "the PV1 segment is empty"
+        raise MappingError(f"{reason}: {what} needs the visit", "PV1")
     if trigger in ("A01", "A04"):
-        if pv1 is None:
-            raise MappingError("no PV1 segment: an admission or registration needs the visit", "PV1")
         return [_Event("patient.admitted", {"kind": "admission" if trigger == "A01" else "registration", **data}, times)]
     if trigger == "A03":
-        if pv1 is None:
-            raise MappingError("no PV1 segment: a discharge needs the visit", "PV1")
         return [_Event("patient.discharged", data, times)]
     return [_Event("patient.updated", data, times)]
 
@@ -418,9 +428,7 @@ def _charge(ft1: _Segment, line: int) -> dict:
         "service_date": _timestamp(ft1, 4, 1), "service_end": _timestamp(ft1, 4, 2),
         "posted_at": _timestamp(ft1, 5),
         "quantity": _decimal(ft1, 10),
-        # FT1-11/12 are CP: component 1 is MO, amount & currency as subcomponents.
-        "amount": _compact({"amount": _decimal(ft1, 11), "currency": ft1.value(11, 1, 2)}) if ft1.value(11) else None,
-        "unit_price": _compact({"amount": _decimal(ft1, 12), "currency": ft1.value(12, 1, 2)}) if ft1.value(12) else None,
+        "amount": _money(ft1, 11), "unit_price": _money(ft1, 12),
         "department": _compact({"code": department.value(1), "name": department.value(2)})
         if department.value(1) else None,
         "diagnoses": _codings(ft1, 19),
