@@ -10,7 +10,9 @@ URL
 
 The URL is used as is: the query string is sent unchanged (it is the
 destination's, not ours), and user info becomes HTTP Basic auth. Proxy
-settings come from the usual environment variables (HTTPS_PROXY, NO_PROXY).
+settings come from the usual environment variables (HTTPS_PROXY, NO_PROXY,
+REQUESTS_CA_BUNDLE), read once when the adapter is made (requests would read
+them again on every request).
 
 Options
 =======
@@ -114,6 +116,10 @@ class HttpAdapter(Adapter):
     def __init__(self, url: str, *, timeout: float = 10.0, secret: str | None = None):
         super().__init__(url, timeout=timeout, secret=secret)
         self._session = requests.Session()
+        # The environment's proxy and CA settings for this URL, resolved once: per request they
+        # cost more than the rest of the send.
+        self._environment = self._session.merge_environment_settings(url, {}, None, None, None)
+        self._session.trust_env = False
 
     @classmethod
     def check_url(cls, url: str) -> None:
@@ -148,7 +154,8 @@ class HttpAdapter(Adapter):
             # stream=True so we read the answer ourselves, and only its head.
             resp = self._session.post(
                 self.url, data=out.body, headers=headers, timeout=(self.timeout, self.timeout),
-                allow_redirects=False, stream=True,
+                allow_redirects=False, proxies=self._environment["proxies"], verify=self._environment["verify"],
+                cert=self._environment["cert"], stream=True,
             )
         except requests.RequestException as exc:
             raise _classify_exception(exc, self.timeout) from None

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from functools import lru_cache
 from datetime import datetime, timedelta
 from typing import Mapping
 
@@ -83,30 +84,51 @@ def accept(session: Session, new: NewMessage, destinations: list[str],
     now = utcnow()
     message_id = new_id()
     status = ACCEPTED if destinations else UNROUTED
-    dialect_insert = pg_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
-    stmt = dialect_insert(Message).values(
-        id=message_id, source=new.source, type=new.message_type, content_type=new.content_type,
-        body=new.body, size=len(new.body), dedup_key=new.dedup_key,
-        correlation_id=new.correlation_id or message_id, status=status, received_at=now)
+    dialect = session.get_bind().dialect.name
+    conn = session.connection()
+    values = dict(id=message_id, source=new.source, type=new.message_type, content_type=new.content_type,
+                  body=new.body, size=len(new.body), dedup_key=new.dedup_key,
+                  correlation_id=new.correlation_id or message_id, status=status, received_at=now)
     if new.dedup_key is None:
-        session.execute(stmt)
-    elif session.execute(stmt.on_conflict_do_nothing(index_elements=["source", "dedup_key"])
-                         .returning(Message.id)).first() is None:
+        conn.execute(_insert_message(dialect, dedup=False), values)
+    elif conn.execute(_insert_message(dialect, dedup=True), values).first() is None:
         return _duplicate(session, new), False
-    rows = [dict(id=ordering.next_id(session, d, keys[d]) if d in keys else new_id(), message_id=message_id,
-                 destination=d, status=PENDING, attempts=0, dispatches=0, due_at=now, created_at=now,
-                 updated_at=now, order_key=keys.get(d)) for d in destinations]
-    if rows:
-        session.execute(dialect_insert(Delivery), rows)  # one multi-row INSERT (insertmanyvalues)
+    ids = [ordering.next_id(session, d, keys[d]) if d in keys else new_id() for d in destinations]
+    if destinations:
+        params = {}
+        for i, (delivery_id, name) in enumerate(zip(ids, destinations)):
+            params.update({f"id_{i}": delivery_id, f"destination_{i}": name, f"order_key_{i}": keys.get(name)})
+        conn.execute(_insert_deliveries(len(destinations)), {"message_id": message_id, "now": now, **params})
         _notify(session)
     return Stored(message_id, new.message_type, status,
-                  [StoredDelivery(r["id"], r["destination"], PENDING) for r in rows]), True
+                  [StoredDelivery(i, d, PENDING) for i, d in zip(ids, destinations)]), True
+
+
+# The ingest statements are built once and reused: building a statement costs more than running it.
+
+@lru_cache(maxsize=None)
+def _insert_message(dialect: str, *, dedup: bool):
+    stmt = (pg_insert if dialect == "postgresql" else sqlite_insert)(Message.__table__)
+    return stmt.on_conflict_do_nothing(index_elements=["source", "dedup_key"]).returning(
+        Message.__table__.c.id) if dedup else stmt
+
+
+@lru_cache(maxsize=64)
+def _insert_deliveries(count: int):
+    """One multi-row INSERT of `count` pending deliveries of one message (parameters `id_<i>`, ...)."""
+    return insert(Delivery.__table__).values([dict(
+        id=bindparam(f"id_{i}"), message_id=bindparam("message_id"), destination=bindparam(f"destination_{i}"),
+        status=PENDING, attempts=0, dispatches=0, due_at=bindparam("now"), created_at=bindparam("now"),
+        updated_at=bindparam("now"), order_key=bindparam(f"order_key_{i}")) for i in range(count)])
+
+
+_NOTIFY = text(f"NOTIFY {NOTIFY_CHANNEL}")
 
 
 def _notify(session: Session) -> None:
     """Wake the relay at commit (PostgreSQL LISTEN/NOTIFY; SQLite relays poll)."""
     if session.get_bind().dialect.name == "postgresql":
-        session.execute(text(f"NOTIFY {NOTIFY_CHANNEL}"))
+        session.execute(_NOTIFY)
 
 
 def _duplicate(session: Session, new: NewMessage) -> Stored:
@@ -135,22 +157,28 @@ def claim_due(session: Session, *, lease: float, limit: int, now: datetime | Non
     """
 
     now = now or utcnow()
+    rows = session.execute(_claim_statement(), {"now": now, "lease_end": now + timedelta(seconds=lease),
+                                                "limit": limit}).all()
+    return [Claimed(*row) for row in rows]
+
+
+@lru_cache(maxsize=None)
+def _claim_statement():
+    """claim_due's statement, built once (the relay runs it every round)."""
+    now = bindparam("now")
     held = select(Circuit.destination).where(or_(
         Circuit.paused_at.is_not(None), and_(Circuit.state == circuits.OPEN, Circuit.open_until > now)))
     due = (select(Delivery.id)
            .where(Delivery.status.in_(OPEN_STATUSES), Delivery.due_at <= now, Delivery.destination.not_in(held),
                   ordering.first_in_line())
-           .order_by(Delivery.due_at).limit(limit)
+           .order_by(Delivery.due_at).limit(bindparam("limit"))
            .with_for_update(skip_locked=True))
-    rows = session.execute(
-        update(Delivery)
-        .where(Delivery.id.in_(due.scalar_subquery()))
-        .values(status=IN_FLIGHT, due_at=now + timedelta(seconds=lease),
-                dispatches=Delivery.dispatches + 1, updated_at=now)
-        .returning(Delivery.id, Delivery.destination, Delivery.dispatches)
-        .execution_options(synchronize_session=False)
-    ).all()
-    return [Claimed(*row) for row in rows]
+    return (update(Delivery)
+            .where(Delivery.id.in_(due.scalar_subquery()))
+            .values(status=IN_FLIGHT, due_at=bindparam("lease_end"), dispatches=Delivery.dispatches + 1,
+                    updated_at=now)
+            .returning(Delivery.id, Delivery.destination, Delivery.dispatches)
+            .execution_options(synchronize_session=False))
 
 
 def release(session: Session, claimed: list[Claimed], now: datetime | None = None) -> None:

@@ -266,6 +266,9 @@ def bench_courier(stack: Stack, args, sink: load.Sink, sink_pid: int, workdir: P
         e2e.store = courier.store_summary()
         res.courier[name], res.cpu[f"Courier e2e {name}"] = e2e, e2e.cpu
         peaks.append(sampler.peak)
+        by_process = res.courier.setdefault("rss_by_process", {})
+        for label, peak in sampler.peak_by_label.items():
+            by_process[label] = max(by_process.get(label, 0), peak)
         courier.reset()
     res.courier["rss"] = max(peaks)
     if args.profile:
@@ -375,9 +378,17 @@ def summary_rows(res: Results, window: int) -> list[list[str]]:
          _ratio(p99(c_sat), p99(n_sat)) + " (p99)", "-", GOALS["p99_sat"]],
         [f"loss at {FIXED_RATE} msg/s", _loss(c_fix), _loss(n_fix), "-", "-", "-", GOALS["loss"]],
         ["loss at saturation", _loss(c_sat), _loss(n_sat), "-", "-", "-", GOALS["loss"]],
-        ["peak RSS, all processes together, MB", _n(mb(c.get("rss"))), _n(mb(n.get("rss"))), "-",
+        ["peak RSS, all processes together, MB", _n(mb(c.get("rss"))) + _by_process(c.get("rss_by_process")),
+         _n(mb(n.get("rss"))), "-",
          _ratio(c.get("rss"), n.get("rss")), "-", GOALS["rss"]],
     ]
+
+
+def _by_process(peaks: dict | None) -> str:
+    """Each process tree's own peak during the end-to-end phases, as " (web 150, relay 80, worker 120)"."""
+    if not peaks:
+        return ""
+    return " (" + ", ".join(f"{label} {_n(v / 2**20)}" for label, v in peaks.items()) + ")"
 
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:

@@ -277,6 +277,19 @@ def test_http_status_classification(sink, status, expected):
     assert len(sink.received) == 1  # one attempt, no retries or redirects inside the adapter
 
 
+def test_http_proxy_from_the_environment_is_honoured(sink, closed_port, monkeypatch):
+    """Read once when the adapter is made: a proxy that refuses makes the send fail; NO_PROXY skips it."""
+    monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{closed_port}")
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    with HttpAdapter(sink.url, timeout=5) as adapter, pytest.raises(TemporaryError):
+        adapter.send(outgoing())
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    with HttpAdapter(sink.url, timeout=5) as adapter:
+        assert adapter.send(outgoing()).status_code == 200
+    assert len(sink.received) == 1
+
+
 def test_http_request_headers_and_body(sink):
     out = outgoing("dlv-hdr", body=b'{"type":"service.completed"}', content_type="application/json",
                    correlation_id="corr-42")
