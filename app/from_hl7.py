@@ -532,8 +532,9 @@ def _orm(msg: _Message, trigger: str) -> list[_Event]:
         elif seg.id == "ORC":
             groups.append(_Group(pid, pv1, orc=seg))
         elif seg.id in _ORDER_DETAIL:
-            if not groups or groups[-1].detail is not None or groups[-1].orc is None:
-                groups.append(_Group(pid, pv1))  # a detail without its ORC: an order of its own
+            if not groups or groups[-1].detail is not None:
+                # ORC is required per order: without it the order control (new? cancel?) is unknown.
+                raise MappingError(f"{seg.id}[{seg.number}] has no ORC of its own: the order control is unknown", "ORC")
             groups[-1].detail = seg
         elif seg.id == "NTE" and groups:
             groups[-1].nte.append(seg)
@@ -542,22 +543,22 @@ def _orm(msg: _Message, trigger: str) -> list[_Event]:
     events = []
     for group in groups:
         orc, detail = group.orc, group.detail
-        control = orc.value(1) if orc else "NW"  # a bare OBR in an ORM is a new order
-        if orc and control.upper() not in _ORDER_CONTROL:
+        control = orc.value(1)
+        if control.upper() not in _ORDER_CONTROL:
             raise MappingError("order control code has no canonical action", orc.where(1))
         obr = detail if detail is not None and detail.id == "OBR" else None
         order = _order_ref(orc, obr)
         if not order.keys() & {"placer_number", "filler_number"}:
-            raise MappingError("no order number (ORC-2/3 or OBR-2/3)", (orc or detail).where(2))
+            raise MappingError("no order number (ORC-2/3 or OBR-2/3)", orc.where(2))
         service = None
         if detail is not None:
             code = next((c for c in (_coding(detail.first(f)) for f in _ORDER_DETAIL[detail.id]) if c), None)
             service = {"code": code} if code else None
-        times = [_timestamp(orc, 9) if orc else None, _when(msg.msh, 7)]
+        times = [_timestamp(orc, 9), _when(msg.msh, 7)]
         data = _compact({
             "action": _ORDER_CONTROL[control.upper()], "control": control, "order": order,
-            "status": orc.value(5) if orc else None, "service": service, "ordered_at": times[0],
-            "ordered_by": (_providers(orc, 12) if orc else []) or (_providers(obr, 16) if obr else []),
+            "status": orc.value(5), "service": service, "ordered_at": times[0],
+            "ordered_by": _providers(orc, 12) or (_providers(obr, 16) if obr else []),
             **_context(group.pid, group.pv1, _first_time(*times)),
             "notes": _notes(group.nte),
         })

@@ -25,7 +25,7 @@ from marshmallow import Schema, ValidationError, fields, validate
 from app import canonical
 from app.canonical import LIMITED, NONE, PHI, compatible, leaves, load_event, walk
 from app.from_hl7 import MAPPINGS, MappingError, to_canonical
-from app.hl7v2 import Hl7Error, decode, parse, parse_all, split
+from app.hl7v2 import Hl7Error, parse, parse_all
 from tests.test_hl7v2 import VALID_BUT_REFUSED
 
 SAMPLES = Path(__file__).resolve().parents[1].parent / "shared" / "hl7"
@@ -203,7 +203,7 @@ def check_events(text: str, kind: str, control_id: str, events: list[dict]) -> N
         for event, obr in zip(events, obrs):
             assert event["data"]["service"]["code"]["code"] == comp(fld(obr, 4), 1, component)
             if comp(fld(obr, 2), 1, component):
-                assert event["data"]["order"]["placer_number"] in (comp(fld(obr, 2), 1, component),)
+                assert event["data"]["order"]["placer_number"] == comp(fld(obr, 2), 1, component)
         observations = sum(len(e["data"].get("observations", [])) for e in events)
         assert observations == ids[ids.index("OBR"):].count("OBX")
     elif kind == "ORM^O01":
@@ -226,7 +226,9 @@ def check_events(text: str, kind: str, control_id: str, events: list[dict]) -> N
 
 
 def test_mapped_envelopes_pass_the_ingest_envelope_schema():
-    from app.ingest import EventSchema  # imported here: only this test depends on the ingest module
+    from app.ingest import _SAFE_ID, EventSchema  # imported here: only this test depends on app.ingest
+
+    assert canonical.EVENT_ID.pattern == _SAFE_ID.pattern  # the event id rule is the ingest one
 
     checked = 0
     for param in VALID:
@@ -237,8 +239,6 @@ def test_mapped_envelopes_pass_the_ingest_envelope_schema():
             EventSchema().load(json.loads(json.dumps(event)))
             checked += 1
     assert checked >= 50
-    # and the event id rule here is the ingest one
-    assert canonical.EVENT_ID.pattern == __import__("app.ingest", fromlist=["_SAFE_ID"])._SAFE_ID.pattern
 
 
 # --- exact values, read from the files by hand ---------------------------------------------
@@ -387,6 +387,29 @@ def test_oru_one_service_completed_per_obr():
     assert glucose["patient"]["id"] == "555-44-4444"
 
 
+def test_oru_results_belong_to_the_patient_before_them():
+    text = "\r".join(["MSH|^~\\&|LAB|F|EHR|F|20240101||ORU^R01|R1|P|2.5",
+                      "PID|1||111^^^H^MR", "ORC|RE|P1|F1", "OBR|1|||GLU^Glucose^L", "OBX|1|NM|GLU||5.5",
+                      "PID|1||222^^^H^MR", "OBR|1|P2|F2|NA^Sodium^L", "NTE|1||hemolysed"])
+    first, second = to_canonical(parse(text))
+    assert (first["data"]["patient"]["id"], second["data"]["patient"]["id"]) == ("111", "222")
+    assert first["data"]["order"] == {"placer_number": "P1", "filler_number": "F1"}  # from ORC: OBR-2/3 empty
+    assert first["data"]["observations"] == [{"code": {"code": "GLU"}, "value_type": "NM", "values": ["5.5"]}]
+    assert second["data"]["notes"] == ["hemolysed"] and "observations" not in second["data"]
+
+
+def test_orm_detail_without_its_orc_is_refused():
+    text = "MSH|^~\\&|A|B|C|D|20240101||ORM^O01|X|P|2.5\rORC|NW|P1\rOBR|1|P1||CT^Head\rOBR|2|P2||MR^Brain"
+    with pytest.raises(MappingError, match=re.escape("OBR[2] has no ORC of its own")):
+        to_canonical(parse(text))
+
+
+def test_siu_timing_from_sch_11_without_tq1():
+    text = "MSH|^~\\&|A|B|C|D|20240101||SIU^S12|X|P|2.3\rSCH|1|2|||||||||^^^202401011000+0100^202401011100+0100"
+    appointment = to_canonical(parse(text))[0]["data"]["appointment"]
+    assert (appointment["start"], appointment["end"]) == ("2024-01-01T10:00+01:00", "2024-01-01T11:00+01:00")
+
+
 def test_unmapped_type_is_refused_clearly():
     [message] = parse_all(read("microsoft-FHIR-Converter/ADT-A02-01.hl7"))
     with pytest.raises(MappingError, match="no canonical mapping for ADT\\^A02") as caught:
@@ -440,6 +463,16 @@ def test_synthesized_adt_maps_every_field_it_reads():
     assert data["visit"]["admitted_at"] == "2024-01-01T10:15:00+01:00"  # PV1-44: the field count is right
     assert data["visit"]["location"] == {"point_of_care": "W1", "room": "101", "bed": "A"}
     assert data["patient"]["age_band"] == "40-49" and data["patient"]["zip3"] == "627"
+
+
+def test_mr_identifier_is_chosen_wherever_it_repeats():
+    patient = to_canonical(parse(adt_text(pid3="999-99^^^SSA^SS~~12345^^^HOSP^MR~777^^^X^PI")))[0]["data"]["patient"]
+    assert (patient["id"], patient["id_type"]) == ("12345", "MR")
+    assert [i["value"] for i in patient["identifiers"]] == ["999-99", "12345", "777"]  # the empty one is none
+    # no MR at all: the first, as sent; PID-2 when PID-3 is empty (before v2.3.1)
+    assert to_canonical(parse(adt_text(pid3="5^^^X^PI~6^^^Y^SS")))[0]["data"]["patient"]["id"] == "5"
+    text = adt_text(pid3="").replace("PID|1||", "PID|1|4711^^^OLD|")
+    assert to_canonical(parse(text))[0]["data"]["patient"]["id"] == "4711"
 
 
 @pytest.mark.parametrize("text, where, reason", [
@@ -727,8 +760,8 @@ def every_schema():
     return [*canonical.EVENTS.items(), *canonical.MODELS.items()]
 
 
-@pytest.mark.parametrize("key, schema", every_schema(), ids=lambda v: str(v) if isinstance(v, tuple) else "")
-def test_every_leaf_field_is_classified(key, schema):
+@pytest.mark.parametrize("schema", [pytest.param(s, id=f"{name}@{version}") for (name, version), s in every_schema()])
+def test_every_leaf_field_is_classified(schema):
     found = list(leaves(schema))
     assert found
     unclassified = [path for path, level in found if level not in (PHI, LIMITED, NONE)]
@@ -804,14 +837,16 @@ def test_walk_yields_every_leaf_with_its_classification(name):
         pattern = dict(leaves(schema))
         for path, level, _ in walked:
             assert pattern[re.sub(r"\[\d+\]", "[]", path)] == level
-    walked = {p: (level, v) for p, level, v in walk(canonical.ChargePostedV1,
-                                                   load_event("charge.posted", 1, mapped(name)[0]["data"]))} \
-        if name.startswith("microsoft-FHIR-Converter/DFT") else {}
-    if walked:  # a loaded document: repetitions, nesting and deserialized values
-        assert walked["patient.names[1].family"] == (PHI, "Josh")
-        assert walked["charge.diagnoses[1].code"] == (NONE, "68235000")
-        assert walked["charge.amount.amount"] == (NONE, Decimal("100"))
-        assert walked["patient.addresses[0].lines[1]"] == (PHI, "Ste. 123")
+
+
+def test_walk_a_loaded_document():
+    data = load_event("charge.posted", 1, mapped("microsoft-FHIR-Converter/DFT-P03-01.hl7")[0]["data"])
+    walked = {path: (level, value) for path, level, value in walk(canonical.ChargePostedV1, data)}
+    assert walked["patient.names[1].family"] == (PHI, "Josh")
+    assert walked["patient.addresses[0].lines[1]"] == (PHI, "Ste. 123")
+    assert walked["charge.diagnoses[1].code"] == (NONE, "68235000")
+    assert walked["charge.amount.amount"] == (NONE, Decimal("100"))
+    assert walked["charge.department.code"] == (LIMITED, "RAD-1")
 
 
 def test_clearances():
@@ -859,10 +894,3 @@ def test_age_band(born, on, band):
 ])
 def test_zip3(postal, country, expected):
     assert canonical.zip3(postal, country) == expected
-
-
-def test_split_batches_are_not_mapped_as_one():
-    # to_canonical takes one message; a batch is split first (as ingest does)
-    parts = split(decode(read("python-hl7/samples.py__sample_file1.hl7")))
-    assert len(parts) == 3
-    assert all(to_canonical(parse(p))[0]["type"] == "patient.admitted" for p in parts)
