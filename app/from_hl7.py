@@ -14,10 +14,17 @@
 
 Field splitting is python-hl7's; unescaping is ours (`_unescape`): python-hl7's turns
 \\H\\ into '_', drops the rest of a value after an unterminated escape and logs values.
-Rules: leading/trailing blanks and the explicit null '""' count as empty; absent optional
-values are left out of the event; a value that is present but malformed (a date that is
-no date, a quantity that is no number) or a required one that is missing raises
-MappingError naming the place, e.g. 'FT1[2]-10': nothing is silently dropped or guessed.
+Rules: leading/trailing blanks and the explicit null '""' count as empty (so an A08
+cannot clear a field in v1); absent optional values are left out of the event; a value
+that is present but malformed (a date that is no date, a quantity that is no number) or
+a required one that is missing raises MappingError naming the place, e.g. 'FT1[2]-10':
+nothing is silently dropped or guessed. HL7 repetitions become lists. Times keep their
+precision and offset; occurred_at is the first full, offset-aware candidate (ADT: EVN-6,
+EVN-2, MSH-7; DFT: FT1-5, EVN-2, MSH-7; SIU: MSH-7; ORM: ORC-9, MSH-7; ORU: OBR-22,
+OBR-7, MSH-7) and is left out when there is none. MSH-7 and EVN-2/6 feed nothing else,
+so an unreadable one only means "unknown" there. Left out on purpose: OBX and NTE
+outside an OBR group (patient-level), and ORC/OBR/NTE inside DFT (their grouping with
+FT1 is ambiguous across versions).
 """
 from __future__ import annotations
 
@@ -70,6 +77,7 @@ class _Delimiters:
 
 
 _FORMATTING = re.compile(r"\.(sp|br|fi|nf|in|ti|sk|ce)([+-]?\d*)\Z")
+_MAX_REPEAT = 100
 
 
 def _unescape(raw: str, d: _Delimiters) -> str:
@@ -98,10 +106,12 @@ def _unescape(raw: str, d: _Delimiters) -> str:
             out.append(simple[body])
         elif formatting:
             command, count = formatting.groups()
+            # Counts are capped: '\.sp999999999\' must not turn a few bytes into a gigabyte.
+            times = min(max(int(count or 1), 1), _MAX_REPEAT)
             if command in ("br", "sp", "ce"):
-                out.append("\n" * max(int(count or 1), 1) if command == "sp" else "\n")
+                out.append("\n" * times if command == "sp" else "\n")
             elif command == "sk":
-                out.append(" " * max(int(count or 1), 1))
+                out.append(" " * times)
         elif body[:1] == "X" and len(body) > 1 and len(body) % 2 == 1 and re.fullmatch(r"[0-9A-Fa-f]+", body[1:]):
             data = bytes.fromhex(body[1:])
             try:
@@ -136,6 +146,14 @@ class _Rep:
     def texts(self) -> list[str]:
         """Every non-empty subcomponent of every component, in order."""
         return [t for c in range(1, len(self._components) + 1) for t in self.subs(c)]
+
+    def whole(self) -> str:
+        """The repetition as one text, delimiters put back: free text from a sender that
+        forgot to escape a '^' or '&' keeps it rather than losing what follows."""
+        if _clean("".join(s for c in self._components for s in c), self._d) == "":
+            return ""
+        d = self._d
+        return d.component.join(d.subcomponent.join(_unescape(s, d) for s in c) for c in self._components).strip()
 
 
 def _clean(raw: str, d: _Delimiters) -> str:
@@ -175,8 +193,8 @@ class _Segment:
         return self.first(field).value(component, sub)
 
     def text(self, field: int) -> str:
-        """A free-text field, repetitions as lines."""
-        return "\n".join(t for t in (r.value() for r in self.reps(field)) if t)
+        """A free-text field, whole (see _Rep.whole), repetitions as lines."""
+        return "\n".join(t for t in (r.whole() for r in self.reps(field)) if t)
 
 
 class _Message:

@@ -515,6 +515,8 @@ def hl7_escape(text: str) -> str:
     ("A\\T\\E", "A&E"), ("x\\H\\bold\\N\\y", "xboldy"), ("a\\.br\\b", "a\nb"), ("a\\X0D0A\\b", "a\nb"),
     ("caf\\XC3A9\\", "caf\u00e9"), ("a\\.sp2\\b", "a\n\nb"), ("left \\", "left \\"),
     ("C:\\temp", "C:\\temp"), ("\\Zlocal\\x", "\\Zlocal\\x"), ("\\E\\S\\E\\", "\\S\\"),
+    ("a\\.sp999999999\\b", "a" + "\n" * 100 + "b"),                 # capped
+    ("5 mg^day & night", "5 mg^day & night"), ("x~y", "x\ny"),           # free text: unescaped delimiters kept
 ])
 def test_escape_sequences(raw, expected):
     charge = to_canonical(parse(dft_text(ft1(description=raw))))[0]["data"]["charge"]
