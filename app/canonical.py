@@ -117,7 +117,7 @@ def text(level: str, **kwargs) -> fields.String:
 
 def coded(**kwargs) -> fields.String:
     """A coded value (table code, status, type): never identifying."""
-    return fields.String(metadata=_meta(NONE), validate=validate.Length(min=1, max=64), **kwargs)
+    return fields.String(metadata=_meta(NONE), validate=validate.Length(min=1), **kwargs)
 
 
 def when(level: str = LIMITED, **kwargs) -> Timestamp:
