@@ -525,15 +525,17 @@ def _order_ref(orc: _Segment | None, obr: _Segment | None) -> dict:
     return _compact({"placer_number": pick(2, 2), "filler_number": pick(3, 3), "placer_group_number": pick(4, None)})
 
 
-# ORC-1 (HL7 table 0119) -> order.changed action.
+# ORC-1 (HL7 table 0119) -> order.changed action; `control` keeps the code itself, so
+# 'UA' (unable to accept) stays distinguishable from a plain status change.
 _ORDER_CONTROL = {
-    "NW": "placed", "SN": "placed", "NA": "placed",
+    "NW": "placed", "SN": "placed",
     "XO": "modified", "XX": "modified", "XR": "modified", "RP": "modified", "RU": "modified",
     "CA": "cancelled", "OC": "cancelled", "CR": "cancelled", "DC": "cancelled", "OD": "cancelled",
     "DR": "cancelled",
     "HD": "held", "OH": "held", "HR": "held",
     "RL": "released", "OE": "released", "OR": "released",
-    "SC": "status_changed", "SR": "status_changed", "OK": "status_changed", "UA": "status_changed",
+    "SC": "status_changed", "SR": "status_changed", "OK": "status_changed", "NA": "status_changed",
+    "UA": "status_changed",
 }
 # ORM order detail segment -> its fields that may hold the ordered service's code, best first.
 _ORDER_DETAIL = {"OBR": (4,), "RXO": (1,), "RQD": (2, 3, 4), "ODS": (3,)}
@@ -541,21 +543,22 @@ _ORDER_DETAIL = {"OBR": (4,), "RXO": (1,), "RQD": (2, 3, 4), "ODS": (3,)}
 
 def _orm(msg: _Message, trigger: str) -> list[_Event]:
     groups: list[_Group] = []
-    pid = pv1 = None
+    pid = pv1 = current = None
     for seg in msg.segments[1:]:
         if seg.id == "PID":
-            pid, pv1 = seg, None
+            pid, pv1, current = seg, None, None
         elif seg.id == "PV1":
-            pv1 = seg
+            pv1, current = seg, None
         elif seg.id == "ORC":
-            groups.append(_Group(pid, pv1, orc=seg))
+            current = _Group(pid, pv1, orc=seg)
+            groups.append(current)
         elif seg.id in _ORDER_DETAIL:
-            if not groups or groups[-1].detail is not None:
+            if current is None or current.detail is not None:
                 # ORC is required per order: without it the order control (new? cancel?) is unknown.
                 raise MappingError(f"{seg.id}[{seg.number}] has no ORC of its own: the order control is unknown", "ORC")
-            groups[-1].detail = seg
-        elif seg.id == "NTE" and groups:
-            groups[-1].nte.append(seg)
+            current.detail = seg
+        elif seg.id == "NTE" and current:
+            current.nte.append(seg)
     if not groups:
         raise MappingError("no ORC segment: no order", "ORC")
     events = []
@@ -586,22 +589,23 @@ def _orm(msg: _Message, trigger: str) -> list[_Event]:
 
 def _oru(msg: _Message, trigger: str) -> list[_Event]:
     groups: list[_Group] = []
-    pid = pv1 = orc = None
+    pid = pv1 = orc = current = None
     for seg in msg.segments[1:]:
         if seg.id == "PID":
-            pid, pv1, orc = seg, None, None
+            pid, pv1, orc, current = seg, None, None, None
         elif seg.id == "PV1":
-            pv1 = seg
+            pv1, current = seg, None
         elif seg.id == "ORC":
-            orc = seg
+            orc, current = seg, None
         elif seg.id == "OBR":
-            groups.append(_Group(pid, pv1, orc=orc, detail=seg))
+            current = _Group(pid, pv1, orc=orc, detail=seg)
+            groups.append(current)
             orc = None
-        # OBX and NTE before the first OBR describe the patient or visit, not a result.
-        elif seg.id == "OBX" and groups:
-            groups[-1].obx.append(seg)
-        elif seg.id == "NTE" and groups:
-            groups[-1].nte.append(seg)
+        # OBX and NTE outside an OBR group describe the patient or visit, not a result.
+        elif seg.id == "OBX" and current:
+            current.obx.append(seg)
+        elif seg.id == "NTE" and current:
+            current.nte.append(seg)
     if not groups:
         raise MappingError("no OBR segment: no result to report", "OBR")
     events = []

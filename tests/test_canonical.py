@@ -390,7 +390,8 @@ def test_oru_one_service_completed_per_obr():
 def test_oru_results_belong_to_the_patient_before_them():
     text = "\r".join(["MSH|^~\\&|LAB|F|EHR|F|20240101||ORU^R01|R1|P|2.5",
                       "PID|1||111^^^H^MR", "ORC|RE|P1|F1", "OBR|1|||GLU^Glucose^L", "OBX|1|NM|GLU||5.5",
-                      "PID|1||222^^^H^MR", "OBR|1|P2|F2|NA^Sodium^L", "NTE|1||hemolysed"])
+                      "PID|1||222^^^H^MR", "NTE|1||about patient 222", "OBX|1|ST|X||patient-level",
+                      "OBR|1|P2|F2|NA^Sodium^L", "NTE|1||hemolysed"])
     first, second = to_canonical(parse(text))
     assert (first["data"]["patient"]["id"], second["data"]["patient"]["id"]) == ("111", "222")
     assert first["data"]["order"] == {"placer_number": "P1", "filler_number": "F1"}  # from ORC: OBR-2/3 empty
