@@ -433,6 +433,7 @@ class Settings:
     relay_batch: int = 200
     relay_task_size: int = 10
     relay_poll: float = 1.0
+    relay_linger: float = 0.02
     log_level: str = "INFO"
 
     def queue_for(self, destination: str) -> str:
@@ -473,6 +474,7 @@ def load_settings(env: Mapping[str, str] | None = None, **overrides: Any) -> Set
         relay_batch=_env_int(env, "COURIER_RELAY_BATCH", 200),
         relay_task_size=_env_int(env, "COURIER_RELAY_TASK_SIZE", 10),
         relay_poll=_env_duration(env, "COURIER_RELAY_POLL", 1.0),
+        relay_linger=_env_duration(env, "COURIER_RELAY_LINGER", 0.02),
         log_level=env.get("COURIER_LOG_LEVEL", "INFO").upper(),
     )
     values.update(overrides)

@@ -218,9 +218,10 @@ def worker_command(app: str, name: str) -> str:
     return f"{command} -n bench-{name}-{os.getpid()}@%h --without-mingle --without-gossip"
 
 
-def ingest(url: str, headers: dict, duration: float, roots: dict) -> tuple[load.WrkResult, dict, int]:
-    """wrk against the web process alone; returns wrk's result, the CPU shares and the peak RSS."""
-    with measure.RssSampler(roots) as rss, measure.CpuAccount(roots) as cpu:
+def ingest(url: str, headers: dict, duration: float, roots: dict, extra: dict) -> tuple[load.WrkResult, dict, int]:
+    """wrk against the web process alone; returns wrk's result, the CPU shares (of `roots` and the
+    harness's `extra`) and the peak RSS (of `roots` only: the load client is not the system under test)."""
+    with measure.RssSampler(roots) as rss, measure.CpuAccount({**roots, **extra}) as cpu:
         result = load.run_wrk(url, headers, duration)
     return result, cpu.result, rss.peak
 
@@ -249,8 +250,8 @@ def bench_courier(stack: Stack, args, sink: load.Sink, sink_pid: int, workdir: P
     courier.start_web()
     extra = {"sink": sink_pid, "client": os.getpid()}
     print(f"courier ingest ({args.duration:.0f} s, wrk)...", flush=True)
-    wrk, res.cpu["Courier ingest"], rss = ingest(courier.url, courier.headers, args.duration,
-                                                 {**courier.roots, **extra})
+    wrk, res.cpu["Courier ingest"], rss = ingest(courier.url, courier.headers, args.duration, courier.roots,
+                                                 extra)
     time.sleep(2)  # requests in hand when wrk stopped still commit: count them, then empty the store
     stored = courier.messages_stored()
     res.courier["ingest"] = stored / args.duration
@@ -309,7 +310,7 @@ def bench_naive(stack: Stack, args, sink: load.Sink, sink_pid: int, res: Results
     wait_http(f"http://127.0.0.1:{port}/", web, stack)
     roots, extra = {"web": web.pid}, {"sink": sink_pid, "client": os.getpid()}
     print(f"naive ingest ({args.duration:.0f} s, wrk)...", flush=True)
-    wrk, res.cpu["naive ingest"], rss = ingest(url, {}, args.duration, {**roots, **extra})
+    wrk, res.cpu["naive ingest"], rss = ingest(url, {}, args.duration, roots, extra)
     res.naive["ingest"] = (wrk.requests - wrk.non_2xx) / args.duration
     res.naive["ingest_wrk"] = wrk
     with Connection(BROKER_URL) as conn:  # what ingest queued must not reach the sink in the next phase
