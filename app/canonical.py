@@ -43,8 +43,8 @@ from typing import Any, Iterator
 from marshmallow import RAISE, Schema, ValidationError, fields, validate
 
 __all__ = [
-    "CLASSIFICATIONS", "CLEARANCES", "ENVELOPE_CLASSIFICATION", "EVENTS", "EVENT_ID", "LIMITED",
-    "MODELS", "NONE", "PHI", "PartialDate", "Timestamp", "age_band", "classification",
+    "CLASSIFICATIONS", "CLEARANCES", "Canonical", "ENVELOPE_CLASSIFICATION", "EVENTS", "EVENT_ID", "LIMITED",
+    "MODELS", "NONE", "PHI", "PartialDate", "Timestamp", "UnknownSchema", "age_band", "classification",
     "compatible", "latest_version", "leaves", "load_event", "model_for", "schema_for",
     "versions", "visible_to", "walk", "zip3",
 ]
@@ -503,8 +503,8 @@ EVENTS: dict[tuple[str, int], type[Schema]] = {
 }
 
 
-class UnknownEvent(LookupError):
-    """No schema for this (type, version)."""
+class UnknownSchema(LookupError):
+    """No canonical schema of that name (event type or model) and version."""
 
 
 def versions(event_type: str) -> list[int]:
@@ -514,7 +514,7 @@ def versions(event_type: str) -> list[int]:
 def latest_version(event_type: str) -> int:
     known = versions(event_type)
     if not known:
-        raise UnknownEvent(f"no canonical event type {event_type!r}")
+        raise UnknownSchema(f"no canonical event type {event_type!r}")
     return known[-1]
 
 
@@ -526,8 +526,8 @@ def schema_for(event_type: str, version: int | None = 1) -> type[Schema]:
     except KeyError:
         known = versions(event_type)
         if not known:
-            raise UnknownEvent(f"no canonical event type {event_type!r}") from None
-        raise UnknownEvent(f"no version {version!r} of {event_type!r} (known: "
+            raise UnknownSchema(f"no canonical event type {event_type!r}") from None
+        raise UnknownSchema(f"no version {version!r} of {event_type!r} (known: "
                            f"{', '.join(map(str, known))})") from None
 
 
@@ -535,7 +535,7 @@ def model_for(name: str, version: int = 1) -> type[Schema]:
     try:
         return MODELS[(name, version)]
     except KeyError:
-        raise UnknownEvent(f"no canonical model {name!r} version {version!r}") from None
+        raise UnknownSchema(f"no canonical model {name!r} version {version!r}") from None
 
 
 @lru_cache(maxsize=None)
@@ -548,7 +548,7 @@ def load_event(event_type: str, version: int | None, data: Any) -> dict:
     dotted field paths ('charge.amount.amount', 'patient.names[1].family') to errors."""
     try:
         schema = _instance(schema_for(event_type, version))
-    except UnknownEvent as exc:
+    except UnknownSchema as exc:
         key = "version" if versions(event_type) else "type"
         raise ValidationError({key: [str(exc)]}) from None
     try:

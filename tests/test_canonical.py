@@ -662,7 +662,7 @@ def test_load_event_unknown_type_or_version():
     with pytest.raises(ValidationError) as caught:
         load_event("charge.posted", 3, {})
     assert caught.value.messages == {"version": ["no version 3 of 'charge.posted' (known: 1, 2)"]}
-    with pytest.raises(canonical.UnknownEvent):
+    with pytest.raises(canonical.UnknownSchema):
         canonical.schema_for("nothing.happened", 1)
 
 
