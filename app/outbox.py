@@ -15,6 +15,7 @@ status and due time, never "id > last seen" (ids commit out of order).
 from __future__ import annotations
 
 import random
+import time
 from dataclasses import dataclass
 from functools import lru_cache
 from datetime import datetime, timedelta
@@ -31,6 +32,7 @@ from app.models import (ACCEPTED, DEAD, DELIVERED, IN_FLIGHT, OPEN_STATUSES, PEN
 from app.settings import Destination, RetryPolicy
 
 NOTIFY_CHANNEL = "courier_outbox"
+NOTIFY_EVERY = 0.05  # seconds: ingest wakes the relay at most this often per process (_notify_new)
 DETAIL_LIMIT = 1000  # characters of an attempt's detail kept in the log
 
 
@@ -99,7 +101,7 @@ def accept(session: Session, new: NewMessage, destinations: list[str],
         for i, (delivery_id, name) in enumerate(zip(ids, destinations)):
             params.update({f"id_{i}": delivery_id, f"destination_{i}": name, f"order_key_{i}": keys.get(name)})
         conn.execute(_insert_deliveries(len(destinations)), {"message_id": message_id, "now": now, **params})
-        _notify(session)
+        _notify_new(session)
     return Stored(message_id, new.message_type, status,
                   [StoredDelivery(i, d, PENDING) for i, d in zip(ids, destinations)]), True
 
@@ -129,6 +131,25 @@ def _notify(session: Session) -> None:
     """Wake the relay at commit (PostgreSQL LISTEN/NOTIFY; SQLite relays poll)."""
     if session.get_bind().dialect.name == "postgresql":
         session.execute(_NOTIFY)
+
+
+_last_notify = 0.0
+
+
+def _notify_new(session: Session) -> None:
+    """`_notify` for a new message, at most once per NOTIFY_EVERY per process.
+
+    PostgreSQL holds one lock per database from a notifying transaction's commit until its WAL
+    flush, so a NOTIFY in every ingest serialised all ingests' commits (measured: a third of
+    the busy database connections waited on it). A message that skips its NOTIFY is claimed on
+    the relay's round after the one the earlier NOTIFY started: the relay polls every
+    BUSY_POLL (twice NOTIFY_EVERY) for as long as its rounds find work.
+    """
+    global _last_notify
+    now = time.monotonic()
+    if now - _last_notify >= NOTIFY_EVERY:  # two threads racing here send two NOTIFYs: harmless
+        _last_notify = now
+        _notify(session)
 
 
 def _duplicate(session: Session, new: NewMessage) -> Stored:

@@ -27,6 +27,7 @@ from tasks.celery_app import declare_dead_letter_queues
 
 log = logging.getLogger("courier.relay")
 SQLITE_POLL = 0.1  # SQLite has no NOTIFY: poll often, it is a cheap indexed query
+BUSY_POLL = 2 * outbox.NOTIFY_EVERY  # after a round that found work, look again this soon
 
 
 def split(claimed: list[outbox.Claimed], size: int) -> list[list[outbox.Claimed]]:
@@ -103,16 +104,21 @@ class Relay:
 
     # -- waiting -----------------------------------------------------------
 
-    def wait(self) -> None:
-        """Sleep until a NOTIFY arrives or the poll interval passes."""
+    def wait(self, busy: bool = False) -> None:
+        """Sleep until a NOTIFY arrives or the poll interval passes.
+
+        `busy` (the last round found work): come back after a short poll instead, for a message
+        whose ingest skipped its NOTIFY because another had just been sent (`outbox.NOTIFY_EVERY`).
+        """
+        poll = min(self.settings.relay_poll, BUSY_POLL) if busy else self.settings.relay_poll
         if not self.store.is_postgres:
-            self.stopping.wait(min(self.settings.relay_poll, SQLITE_POLL))
+            self.stopping.wait(min(poll, SQLITE_POLL))
             return
         if self._listener is None:
-            self.stopping.wait(self.settings.relay_poll)
+            self.stopping.wait(poll)
             return
         try:
-            ready, _, _ = select.select([self._listener.fileno()], [], [], self.settings.relay_poll)
+            ready, _, _ = select.select([self._listener.fileno()], [], [], poll)
             if ready:
                 # Linger a moment so the commits of the next few milliseconds join this round: one
                 # claim, fuller batches, fewer broker messages and worker transactions per delivery.
@@ -152,7 +158,7 @@ class Relay:
                 dispatched = self.pump(limit)
                 backoff = 0.5
                 if dispatched < limit:  # nothing more is due now
-                    self.wait()
+                    self.wait(busy=dispatched > 0)
             except Exception as exc:
                 log.error("relay round failed (%s: %s); retrying in %.1fs", type(exc).__name__, exc, backoff)
                 self.stopping.wait(backoff)
