@@ -8,7 +8,9 @@ machine's PostgreSQL (a scratch database) and RabbitMQ (scratch queues):
    confirmed persistent publishes and acked consumes, PostgreSQL single-row
    commits. They are the ceilings the ratios are taken against.
 2. ingest: durable accepts/s over HTTP, gunicorn alone, driven by wrk with
-   unique Idempotency-Keys (bench/ingest.lua); counted in the store.
+   unique Idempotency-Keys (bench/ingest.lua); then over MLLP, `courier mllp`
+   alone, driven by 16 connections sending unique ADT^A01s and waiting for
+   each ACK (bench/mllp_load.py). Both counted in the store.
 3. end-to-end: each message routed to two destinations (bench/sink.py on
    loopback), first at a fixed 200 msg/s, then at saturation (a closed loop
    keeping `--window` messages undelivered, see bench/load.py). Latency is
@@ -38,17 +40,19 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import yaml  # noqa: E402
 from kombu import Connection  # noqa: E402
 from sqlalchemy import create_engine, text  # noqa: E402
 from sqlalchemy.exc import OperationalError  # noqa: E402
 
-from bench import load, measure, profile, raw  # noqa: E402
+from bench import load, measure, mllp_load, profile, raw  # noqa: E402
 from bench.infra import (BROKER_URL, ROOT, VENV_BIN, Stack, free_port, install_signal_handlers,  # noqa: E402
                          procfile_command, run_cli, stop, wait_http, wait_log)
 from tests.conftest import write_config  # noqa: E402
 
 DESTINATIONS = ("a", "b")
 FIXED_RATE = 200
+MLLP_CONNECTIONS = 16  # as many as wrk's, and twice the listener's 8 ingest threads: it never waits on us
 GOALS = {
     "ingest": ">= 2000/s", "mllp": "-", "e2e": ">= 1000 msg/s", "deliveries": ">= 2000/s",
     "p99_fixed": "p99 < 200 ms", "p99_sat": "-", "loss": "0 lost", "rss": "< 400 MB",
@@ -147,6 +151,7 @@ class Courier:
         config = write_config(workdir / "courier.yml",
                               {d: f"http://127.0.0.1:{sink_port}/{d}" for d in DESTINATIONS},
                               timeout="10s", retry={"max_attempts": 10, "initial": "1s", "max": "10s"})
+        allow_mllp(config, "lab")
         self.port = free_port()
         self.env = {"DATABASE_URL": self.db_url, "BROKER_URL": BROKER_URL, "COURIER_CONFIG": str(config),
                     "COURIER_QUEUE_PREFIX": prefix, "PORT": str(self.port)}
@@ -161,6 +166,21 @@ class Courier:
     def start_web(self) -> None:
         self.procs["web"] = self.stack.start("courier-web", procfile_command("web"), self.env)
         wait_http(f"http://127.0.0.1:{self.port}/healthz", self.procs["web"], self.stack)
+
+    def start_mllp(self) -> int:
+        """Start the Procfile's `mllp` process on a free loopback port; returns the port once it listens."""
+        port = free_port()
+        # Loopback only: the default 0.0.0.0 would open a port to the network of a shared machine.
+        self.procs["mllp"] = self.stack.start("courier-mllp", procfile_command("mllp") + " --host 127.0.0.1",
+                                              {**self.env, "MLLP_PORT": str(port)})
+        mllp_load.wait_listening(port, lambda: self.procs["mllp"].poll() is None)
+        return port
+
+    def stop_mllp(self) -> None:
+        """Stop the MLLP listener and forget it, so later phases neither count nor profile it."""
+        proc = self.procs.pop("mllp", None)
+        if proc is not None:
+            stop(proc)
 
     def start_pipeline(self) -> None:
         self.procs["relay"] = self.stack.start("courier-relay", procfile_command("relay"), self.env)
@@ -206,6 +226,13 @@ class Courier:
                 if attempt == 4:
                     raise
                 time.sleep(1)
+
+
+def allow_mllp(config: Path, source: str) -> None:
+    """Let `source` of the routing file (its types and routes unchanged) send over MLLP from 127.0.0.1."""
+    doc = yaml.safe_load(config.read_text())
+    doc["sources"][source]["mllp_allow"] = ["127.0.0.1/32"]
+    config.write_text(yaml.safe_dump(doc, sort_keys=False))
 
 
 def worker_command(app: str, name: str) -> str:
@@ -257,6 +284,7 @@ def bench_courier(stack: Stack, args, sink: load.Sink, sink_pid: int, workdir: P
     res.courier["ingest"] = stored / args.duration
     res.courier["ingest_wrk"] = wrk
     courier.reset()
+    mllp_ingest(courier, args, extra, res)
     courier.start_pipeline()
     peaks = [rss]
     for name, drive in (("fixed", {"rate": FIXED_RATE}), ("saturation", {"window": args.window})):
@@ -275,6 +303,32 @@ def bench_courier(stack: Stack, args, sink: load.Sink, sink_pid: int, workdir: P
     if args.profile:
         profile_courier(courier, args, sink, workdir, res)
     courier.stop()
+
+
+def mllp_ingest(courier: Courier, args, extra: dict, res: Results) -> None:
+    """Durable MLLP accepts/s of `courier mllp` alone (the idle web process stays up), then an empty store.
+
+    A failure here is noted and the run goes on: the end-to-end phases do not depend on it.
+    """
+    print(f"courier MLLP ingest ({args.duration:.0f} s, {MLLP_CONNECTIONS} connections)...", flush=True)
+    try:
+        port = courier.start_mllp()
+        roots = {"mllp": courier.procs["mllp"].pid}
+        with measure.RssSampler(roots) as rss, measure.CpuAccount({**courier.roots, **extra}) as cpu:
+            client = mllp_load.drive(port, args.duration, MLLP_CONNECTIONS)
+        # Every frame sent has had its answer (AA only after the commit), so the count is final; unless
+        # some were cut off or timed out (their commits may still land): then wait as the HTTP phase does.
+        if client.other_errors or client.ae:
+            time.sleep(2)
+        res.courier["mllp"] = courier.messages_stored() / args.duration
+        res.courier["mllp_client"], res.courier["mllp_rss"] = client, rss.peak
+        res.cpu["Courier MLLP ingest"] = cpu.result
+    except Exception as exc:
+        res.notes.append(f"MLLP ingest failed: {type(exc).__name__}: {str(exc)[:500]} (log: courier-mllp.log)")
+        print(f"MLLP ingest FAILED: {exc}", file=sys.stderr)
+    finally:
+        courier.stop_mllp()
+        courier.reset()
 
 
 def profile_courier(courier: Courier, args, sink: load.Sink, workdir: Path, res: Results) -> None:
@@ -365,7 +419,9 @@ def summary_rows(res: Results, window: int) -> list[list[str]]:
         ["HTTP ingest, accepts/s (Courier: durable, counted in the store)", _n(c.get("ingest")), _n(n.get("ingest")),
          f"{_n(r.get('commit_8'))} PG commits/s (8 clients)", _ratio(c.get("ingest"), n.get("ingest")),
          _ratio(c.get("ingest"), r.get("commit_8")), GOALS["ingest"]],
-        ["MLLP ingest, accepts/s", "not yet (issue 6)", "-", "-", "-", "-", "-"],
+        [f"MLLP ingest, accepts/s (Courier: durable, counted in the store; {MLLP_CONNECTIONS} connections)",
+         _n(c.get("mllp")), "-", f"{_n(r.get('commit_8'))} PG commits/s (8 clients)", "-",
+         _ratio(c.get("mllp"), r.get("commit_8")), GOALS["mllp"]],
         [f"end-to-end msg/s at saturation (window {window})", _n(msgs(c_sat)), _n(msgs(n_sat)), "-",
          _ratio(msgs(c_sat), msgs(n_sat)), "-", GOALS["e2e"]],
         ["deliveries/s at saturation (2 per message)", _n(dels(c_sat)), _n(dels(n_sat)),
@@ -421,19 +477,27 @@ def phase_rows(res: Results) -> list[list[str]]:
 
 
 def cpu_rows(res: Results) -> tuple[list[str], list[list[str]]]:
-    columns = ["web", "relay", "worker", "sink", "client", "postgres", "rabbitmq", "other", "idle"]
+    columns = ["web", "mllp", "relay", "worker", "sink", "client", "postgres", "rabbitmq", "other", "idle"]
     rows = [[phase] + [_n(shares.get(c, 0.0)) for c in columns] for phase, shares in res.cpu.items()]
     return ["phase (% of one core; 200 = both)"] + columns, rows
 
 
-def wrk_lines(res: Results) -> list[str]:
+def ingest_lines(res: Results) -> list[str]:
     lines = []
     for who, data in (("Courier", res.courier), ("naive", res.naive)):
         w = data.get("ingest_wrk")
         if w:
             lat = ", ".join(f"{k} {v}" for k, v in w.latency.items())
-            lines.append(f"- {who}: wrk {w.requests_per_s:,.0f} req/s, {w.requests:,} requests, "
+            lines.append(f"- {who} HTTP: wrk {w.requests_per_s:,.0f} req/s, {w.requests:,} requests, "
                          f"{w.non_2xx} non-2xx, socket errors: {w.socket_errors}; latency {lat}")
+    m = res.courier.get("mllp_client")
+    if m:
+        lat = " / ".join(f"{m.latency_ms[p]:,.1f}" for p in (50, 95, 99))
+        first = f" (first: {m.first_error[:120]})" if m.errors else ""
+        lines.append(f"- Courier MLLP: {m.connections} connections, {m.sent:,} ADT^A01 sent, {m.accepted:,} AA "
+                     f"({m.rate:,.0f}/s), {m.ae} AE, {m.ar} AR, {m.other_errors} other errors{first}; "
+                     f"send to ACK p50 / p95 / p99 {lat} ms; listener peak RSS "
+                     f"{_n(res.courier['mllp_rss'] / 2**20)} MB")
     return lines
 
 
@@ -469,7 +533,7 @@ def write_report(path: Path, res: Results, args, info: dict, loads: tuple, start
         f"Duration {args.duration:.0f} s per phase; two HTTP destinations per message (bench/sink.py on loopback); "
         "goals are goals, not assertions.", "",
         summary, "",
-        "Ingest, as wrk saw it:", "", *wrk_lines(res), "",
+        "Ingest, as wrk and the MLLP client saw it:", "", *ingest_lines(res), "",
         "### End-to-end phases", "",
         markdown_table(["phase", "offered", "accepted", "accepts/s", "delivered msgs", "e2e msg/s",
                         "p50/p95/p99 ms", "lost", "dup", "drain s", "client errors", "store after"],
