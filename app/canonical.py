@@ -32,6 +32,15 @@ Classification
     what it may see (`CLEARANCES`: phi sees all, limited sees limited and none,
     deidentified sees none); `walk()` yields every leaf with its classification, failing
     closed on anything it cannot classify.
+
+Pseudonymisation
+    Identifiers that other systems join on (the patient's MR number, visit, account,
+    transaction, order, appointment, invoice and claim numbers) also carry
+    `metadata={"pseudonymise": namespace}`: where the destination's clearance is too low to
+    see them, app.governance replaces them by a keyed pseudonym (HMAC of namespace and
+    value) instead of removing them, so an ERP can still join two events of one patient.
+    Equal namespaces join (a charge's transaction_id and an invoice line's
+    charge_transaction_id); different ones never produce equal pseudonyms.
 """
 from __future__ import annotations
 
@@ -106,13 +115,14 @@ class PartialDate(Timestamp):
     pattern = _DATE
 
 
-def _meta(level: str) -> dict:
+def _meta(level: str, pseudonymise: str | None = None) -> dict:
     assert level in CLASSIFICATIONS, level
-    return {"classification": level}
+    return {"classification": level, **({"pseudonymise": pseudonymise} if pseudonymise else {})}
 
 
-def text(level: str, **kwargs) -> fields.String:
-    return fields.String(metadata=_meta(level), **kwargs)
+def text(level: str, *, pseudonymise: str | None = None, **kwargs) -> fields.String:
+    """A string leaf; `pseudonymise` names the namespace of a join key (see the module docstring)."""
+    return fields.String(metadata=_meta(level, pseudonymise), **kwargs)
 
 
 def coded(**kwargs) -> fields.String:
@@ -197,7 +207,7 @@ class TelecomV1(Canonical):
 
 class PatientRefV1(Canonical):
     """Who a message is about. `id` is the MR-type identifier when there is one."""
-    id = text(PHI, required=True, validate=validate.Length(min=1))
+    id = text(PHI, pseudonymise="patient", required=True, validate=validate.Length(min=1))
     id_type = text(NONE)
     identifiers = many(IdentifierV1, required=True, validate=validate.Length(min=1))
     names = many(PersonNameV1)
@@ -242,7 +252,7 @@ class LocationV1(Canonical):
 
 class VisitV1(Canonical):
     """An encounter (HL7 PV1)."""
-    number = text(PHI)              # visit/account number: LDS-excluded like an MRN
+    number = text(PHI, pseudonymise="visit")  # visit/account number: LDS-excluded like an MRN
     patient_class = coded()          # HL7 table 0004: I, O, E, P, ...
     admission_type = coded()
     hospital_service = coded()
@@ -257,9 +267,9 @@ class VisitV1(Canonical):
 
 
 class OrderRefV1(Canonical):
-    placer_number = text(LIMITED)
-    filler_number = text(LIMITED)
-    placer_group_number = text(LIMITED)
+    placer_number = text(LIMITED, pseudonymise="order.placer")
+    filler_number = text(LIMITED, pseudonymise="order.filler")
+    placer_group_number = text(LIMITED, pseudonymise="order.group")
 
 
 class ServiceV1(Canonical):
@@ -287,7 +297,7 @@ class ChargeV1(Canonical):
     """One financial transaction on a patient account (HL7 FT1)."""
     line = fields.Integer(required=True, validate=validate.Range(min=1), metadata=_meta(NONE))
     set_id = text(NONE)
-    transaction_id = text(LIMITED)
+    transaction_id = text(LIMITED, pseudonymise="transaction")
     batch_id = text(NONE)
     type = coded(required=True)      # HL7 table 0017: CG charge, CD credit, PY payment, AJ adjustment
     code = one(CodingV1, required=True)
@@ -310,7 +320,7 @@ class ChargeV1(Canonical):
 class InvoiceLineV1(Canonical):
     description = text(PHI)
     item = one(ItemV1)
-    charge_transaction_id = text(LIMITED)
+    charge_transaction_id = text(LIMITED, pseudonymise="transaction")
     quantity = decimal(NONE)
     unit_price = one(MoneyV1)
     amount = one(MoneyV1, required=True)
@@ -318,12 +328,12 @@ class InvoiceLineV1(Canonical):
 
 class InvoiceV1(Canonical):
     """A bill: to a payer or patient (with patient), or from a supplier (with supplier)."""
-    number = text(LIMITED, required=True, validate=validate.Length(min=1))
+    number = text(LIMITED, pseudonymise="invoice", required=True, validate=validate.Length(min=1))
     issued_on = when()
     due_on = when()
     supplier = one(SupplierV1)
     patient = one(PatientRefV1)
-    account_number = text(PHI)
+    account_number = text(PHI, pseudonymise="account")
     total = one(MoneyV1, required=True)
     lines = many(InvoiceLineV1)
 
@@ -345,8 +355,8 @@ class ObservationV1(Canonical):
 
 
 class AppointmentV1(Canonical):
-    placer_id = text(LIMITED)
-    filler_id = text(LIMITED)
+    placer_id = text(LIMITED, pseudonymise="appointment.placer")
+    filler_id = text(LIMITED, pseudonymise="appointment.filler")
     start = when()
     end = when()
     event_reason = one(CodingV1)
@@ -397,7 +407,7 @@ class ChargePostedV1(Canonical):
 
 class ChargePostedV2(ChargePostedV1):
     """v1 plus the invoice the charge was billed on, once billing knows it (compatible)."""
-    invoice_number = text(LIMITED)
+    invoice_number = text(LIMITED, pseudonymise="invoice")
 
 
 class ServiceCompletedV1(Canonical):
@@ -449,12 +459,12 @@ class SupplyConsumedV1(Canonical):
 
 
 class ClaimStatusChangedV1(Canonical):
-    claim_id = text(LIMITED, required=True, validate=validate.Length(min=1))
+    claim_id = text(LIMITED, pseudonymise="claim", required=True, validate=validate.Length(min=1))
     status = coded(required=True)
     previous_status = coded()
     changed_at = when()
     payer = one(PayerV1)
-    invoice_number = text(LIMITED)
+    invoice_number = text(LIMITED, pseudonymise="invoice")
     billed = one(MoneyV1)
     paid = one(MoneyV1)
     reason = one(CodingV1)          # e.g. a claim adjustment reason code

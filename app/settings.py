@@ -3,6 +3,11 @@
 Everything is validated when a process starts, so a typo in `courier.yml`
 stops the process with `file:line: where: what` instead of dead-lettering
 messages at three in the morning. `courier config check` runs the same code.
+
+Data governance is checked here too: a destination below clearance phi must have a
+transform that minimises (app.transforms: canonical ones), and those need
+COURIER_PSEUDONYM_KEY; every route's transforms must be able to format the types routed
+to them (see ConfigSchema._governance).
 """
 from __future__ import annotations
 
@@ -19,7 +24,7 @@ import yaml
 from marshmallow import RAISE, Schema, ValidationError, fields, validate, validates_schema
 
 import adapters
-from app import transforms
+from app import canonical, governance, transforms
 
 
 class ConfigError(Exception):
@@ -70,7 +75,7 @@ class Duration(fields.Field):
 
 # --- the YAML schema ------------------------------------------------------
 
-CLEARANCES = ("phi", "limited", "deidentified")
+CLEARANCES = tuple(canonical.CLEARANCES)  # phi, limited, deidentified
 ORDER_KEY_GRAMMAR = re.compile(r"(?:[A-Z][A-Z0-9]{2}-\d+(?:\.\d+)?|[A-Za-z_]\w*(?:\.\w+)*)\Z")
 
 
@@ -164,10 +169,93 @@ class RouteSchema(StrictSchema):
     to = fields.List(fields.String(), required=True, validate=validate.Length(min=1))
 
 
+_WILDCARD = re.compile(r"[*?\[]")
+
+
+def _routed_types(route: dict, sources: dict) -> list[str]:
+    """The types a route can carry that a check can name: known canonical and mapped HL7 v2
+    types, plus the literal types of its sources and match, each one its sources allow."""
+    pattern = route["match"]["type"]
+    allowed = [s["allowed_types"] for n, s in sources.items() if fnmatch.fnmatchcase(n, route["match"]["source"])]
+    candidates = set(transforms.known_types()) | {p for patterns in allowed for p in patterns if not _WILDCARD.search(p)}
+    if not _WILDCARD.search(pattern):
+        candidates.add(pattern)
+    return sorted(t for t in candidates if fnmatch.fnmatchcase(t, pattern)
+                  and any(fnmatch.fnmatchcase(t, p) for patterns in allowed for p in patterns))
+
+
+def _resolved(name: str | None) -> transforms.Transform | None:
+    try:
+        return transforms.resolve(name)
+    except LookupError:
+        return None  # reported by DestinationSchema
+
+
 class ConfigSchema(StrictSchema):
     sources = fields.Dict(keys=fields.String(), values=fields.Nested(SourceSchema), load_default=dict)
     destinations = fields.Dict(keys=fields.String(), values=fields.Nested(DestinationSchema), load_default=dict)
     routes = fields.List(fields.Nested(RouteSchema), load_default=list)
+
+    def __init__(self, *, pseudonym_key: bytes | None = None, **kwargs):
+        super().__init__(**kwargs)
+        self.pseudonym_key = pseudonym_key  # COURIER_PSEUDONYM_KEY: destinations below phi need it
+
+    @validates_schema(pass_original=True, skip_on_field_errors=False)
+    def _governance(self, data, original_data, **kwargs):
+        """No PHI to a destination not cleared for it, and no route to a transform that cannot
+        format what it carries. A section with errors of its own is checked once they are fixed."""
+        errors: dict = {}
+        destinations = data.get("destinations", {})
+        raw = original_data.get("destinations") if isinstance(original_data, dict) else None
+        for name, dest in destinations.items():
+            # A destination with errors of its own arrives here without its invalid fields.
+            transform, clearance = _resolved(dest.get("transform")), dest.get("clearance")
+            if transform is None or clearance in (None, "phi"):
+                continue
+            given = raw.get(name) if isinstance(raw, dict) and isinstance(raw.get(name), dict) else {}
+            said = f"clearance {clearance}{'' if 'clearance' in given else ' (the default)'}"
+            if not transforms.spec_of(transform).canonical:
+                where = "transform" if "transform" in given else "clearance" if "clearance" in given else None
+                message = (f"{said}, but transform "
+                           f"{dest.get('transform') or 'passthrough (the default)'} sends messages as they came, PHI "
+                           "and all: give it a transform that minimises (canonical_json, erp_csv, hl7_dft_p03, "
+                           "sql_row, or your own made with app.transforms.canonical_transform), or, if "
+                           f"{name} may see PHI, clearance: phi")
+            elif self.pseudonym_key is None:
+                where = "clearance" if "clearance" in given else "transform"
+                message = (f"{said}: patient, visit and other identifiers reach {name} as keyed "
+                           f"pseudonyms, but {governance.KEY_VARIABLE} is not set; set it to a secret of at least "
+                           f"{governance.MIN_KEY_LENGTH} characters (openssl rand -base64 32) and keep it: "
+                           "another key gives other pseudonyms, and joins on the old ones break")
+            else:
+                continue
+            errors.setdefault("destinations", {})[name] = {where: [message]} if where else [message]
+        if "sources" in data:
+            for i, route in enumerate(data.get("routes", [])):
+                for j, name in enumerate(route["to"]):
+                    problem = self._route_problem(route, name, destinations.get(name), data["sources"])
+                    if problem:
+                        errors.setdefault("routes", {}).setdefault(i, {}).setdefault("to", {})[j] = [problem]
+        if errors:
+            raise ValidationError(errors)
+
+    @staticmethod
+    def _route_problem(route: dict, name: str, dest: dict | None, sources: dict) -> str | None:
+        transform = _resolved(dest.get("transform")) if dest else None
+        spec = transforms.spec_of(transform) if transform else None
+        if spec is None or not spec.canonical:
+            return None  # unknown destination or transform (reported elsewhere), or one that takes anything
+        label = f"destination {name} (transform {dest['transform']})"
+        types = _routed_types(route, sources)
+        if not types:
+            return (f"{label} formats canonical events, but match.type {route['match']['type']!r} matches no "
+                    "canonical event type or mapped HL7 v2 type that this route's sources may send")
+        refused = [r for r in (transforms.refusal(transform, t) for t in types) if r]
+        if not refused:
+            return None
+        formats = ", ".join(sorted(spec.accepts)) if spec.accepts else "canonical event types"
+        return (f"{label} cannot format {', '.join(refused)}: it formats {formats}; "
+                "narrow this route's match.type or send those types elsewhere")
 
     # skip_on_field_errors=False: a bad duration must not hide a route to an unknown destination.
     # A section that failed validation is missing from `data`; its names come from the original.
@@ -386,7 +474,7 @@ def load_routing(path: str | os.PathLike, env: Mapping[str, str] | None = None) 
                             f"environment variable {var} is not set (used as ${{{var}}})")
         raise ConfigError(sorted(set(problems), key=_line_key))
     try:
-        data = ConfigSchema().load(raw)
+        data = ConfigSchema(pseudonym_key=_pseudonym_key(env)).load(raw)
     except ValidationError as exc:
         problems = []
         for p, message in _flatten(exc.messages):
@@ -404,6 +492,13 @@ def load_routing(path: str | os.PathLike, env: Mapping[str, str] | None = None) 
         routes=tuple(Route(r["match"]["source"], r["match"]["type"], tuple(r["to"])) for r in data["routes"]),
         path=name,
     )
+
+
+def _pseudonym_key(env: Mapping[str, str]) -> bytes | None:
+    try:
+        return governance.process_key(env)
+    except ValueError as exc:
+        raise ConfigError([f"environment: {exc}"]) from None
 
 
 def _line_key(problem: str) -> tuple:
@@ -427,6 +522,7 @@ class Settings:
     mllp_port: int = 2575
     sentry_dsn: str | None = None
     encryption_key: str | None = field(default=None, repr=False)
+    pseudonym_key: bytes | None = field(default=None, repr=False)  # COURIER_PSEUDONYM_KEY (app.governance)
     max_message_bytes: int = 10 * 1024 * 1024
     queue_prefix: str = "courier"
     relay_lease: float = 120.0
@@ -468,6 +564,7 @@ def load_settings(env: Mapping[str, str] | None = None, **overrides: Any) -> Set
         mllp_port=_env_int(env, "MLLP_PORT", 2575),
         sentry_dsn=env.get("SENTRY_DSN") or None,
         encryption_key=env.get("COURIER_ENCRYPTION_KEY") or None,
+        pseudonym_key=_pseudonym_key(env),
         max_message_bytes=_env_int(env, "COURIER_MAX_MESSAGE_BYTES", 10 * 1024 * 1024),
         queue_prefix=env.get("COURIER_QUEUE_PREFIX", "courier"),
         relay_lease=_env_duration(env, "COURIER_RELAY_LEASE", 120.0),
@@ -494,6 +591,10 @@ def settings_from_config(config: Mapping[str, Any], *, root_path: str = "",
     still reads the process environment, where secrets belong.
     """
     env = {_HOST_KEYS.get(k, k): str(v) for k, v in config.items() if k.startswith("COURIER_") and v is not None}
+    if governance.KEY_VARIABLE in env:
+        raise ConfigError([f"app.config: {governance.KEY_VARIABLE}: set it in the process environment instead: "
+                           "the delivery threads read it there, like every secret"])
+    env[governance.KEY_VARIABLE] = os.environ.get(governance.KEY_VARIABLE, "")
     if not env.get("COURIER_CONFIG"):
         raise ConfigError(["app.config: COURIER_CONFIG: set it to the routing file (sources, destinations, "
                            "routes; see examples/embedded_host)"])

@@ -112,9 +112,14 @@ def sqlite_store(tmp_path):
 
 def write_config(path: Path, destinations: dict[str, str], routes: list[tuple[str, str, list[str]]] | None = None,
                  allowed_types: list[str] | None = None, **destination_options) -> Path:
-    """A routing file with sources `lab` and `other` (no routes); by default every type of `lab` goes everywhere."""
+    """A routing file with sources `lab` and `other` (no routes); by default every type of `lab` goes everywhere.
+
+    Destinations have clearance phi unless told otherwise: they get messages as received
+    (passthrough), which the configuration check allows only to destinations cleared for PHI.
+    """
     routes = routes if routes is not None else [("lab", "*", list(destinations))]
-    options = {"timeout": "2s", "retry": {"max_attempts": 3, "initial": "100ms", "max": "1s"}, **destination_options}
+    options = {"clearance": "phi", "timeout": "2s", "retry": {"max_attempts": 3, "initial": "100ms", "max": "1s"},
+               **destination_options}
     doc = {
         "sources": {"lab": {"allowed_types": allowed_types or ["*"]}, "other": {}},
         "destinations": {name: {"url": url, **options} for name, url in destinations.items()},

@@ -37,6 +37,7 @@ BASE = textwrap.dedent("""\
           open_for: 30s
       erp:
         url: "file:///tmp/courier-test-erp"
+        clearance: phi  # no transform: gets messages as received, so only if cleared for PHI
     routes:
       - match: {source: lab, type: "service.completed"}
         to: [billing, erp]
@@ -70,8 +71,8 @@ def test_base_file_is_valid(tmp_path):
     assert (billing.clearance, billing.transform, billing.timeout) == ("phi", "passthrough", 10.0)
     assert (billing.retry.max_attempts, billing.retry.initial, billing.retry.max) == (3, 1.0, 60.0)
     assert (billing.circuit.failure_threshold, billing.circuit.open_for) == (5, 30.0)
-    erp = r.destinations["erp"]  # everything left out takes the documented defaults
-    assert (erp.clearance, erp.transform, erp.timeout, erp.retry.max_attempts) == ("deidentified", None, 10.0, 8)
+    erp = r.destinations["erp"]  # the rest left out takes the documented defaults (clearance: test_transforms.py)
+    assert (erp.clearance, erp.transform, erp.timeout, erp.retry.max_attempts) == ("phi", None, 10.0, 8)
     assert r.sources["lab"].mllp_allow == ("127.0.0.1/32", "10.0.0.0/8")
     assert r.sources["other"].allowed_types == ("*",)
     assert r.path == str(tmp_path / "courier.yml")
@@ -285,9 +286,9 @@ ROUTED = textwrap.dedent("""\
       lab: {allowed_types: ["HL7v2:ADT^*", "HL7v2:DFT^P03", "service.*"]}
       other: {}
     destinations:
-      billing: {url: "http://127.0.0.1:9/billing"}
-      erp: {url: "file:///tmp/courier-test-erp"}
-      audit: {url: "file:///tmp/courier-test-audit"}
+      billing: {url: "http://127.0.0.1:9/billing", clearance: phi}
+      erp: {url: "file:///tmp/courier-test-erp", clearance: phi}
+      audit: {url: "file:///tmp/courier-test-audit", clearance: phi}
     routes:
       - match: {source: lab, type: "HL7v2:ADT^*"}
         to: [erp]

@@ -60,7 +60,7 @@ def write_mllp_config(path: Path, tmp_path: Path) -> Path:
             "pharmacy": {"mllp_allow": ["127.0.0.1/32", "127.0.0.2/32"], "mllp_senders": ["PHARM^*"],
                          "allowed_types": ["HL7v2:RDE^*"]},
         },
-        "destinations": {"archive": {"url": (tmp_path / "out").as_uri()}},
+        "destinations": {"archive": {"url": (tmp_path / "out").as_uri(), "clearance": "phi"}},
         "routes": [{"match": {"source": "*"}, "to": ["archive"]}],
     }
     path.write_text(yaml.safe_dump(doc, sort_keys=False))

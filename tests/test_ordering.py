@@ -166,7 +166,8 @@ def test_concurrent_ingests_of_one_key_are_claimed_in_commit_order(store, pg_url
     cfg = tmp_path / "c.yml"
     cfg.write_text(yaml.safe_dump({
         "sources": {"lab": {}},
-        "destinations": {"adt": {"url": "http://127.0.0.1:9/adt", "ordered_by": "data.patient_id"}},
+        "destinations": {"adt": {"url": "http://127.0.0.1:9/adt", "ordered_by": "data.patient_id",
+                                 "clearance": "phi"}},
         "routes": [{"match": {"source": "lab"}, "to": ["adt"]}]}))
     routing = load_routing(cfg, {})
     ingest_store = Store(pg_url)
@@ -227,7 +228,7 @@ def test_batches_with_the_same_patients_in_opposite_order_do_not_deadlock(store,
     cfg = tmp_path / "c.yml"
     cfg.write_text(yaml.safe_dump({
         "sources": {"lab": {}},
-        "destinations": {"adt": {"url": "http://127.0.0.1:9/adt", "ordered_by": "PID-3.1"}},
+        "destinations": {"adt": {"url": "http://127.0.0.1:9/adt", "ordered_by": "PID-3.1", "clearance": "phi"}},
         "routes": [{"match": {"source": "lab"}, "to": ["adt"]}]}))
     routing = load_routing(cfg, {})
     ingest_store = Store(pg_url)
@@ -264,9 +265,9 @@ def test_end_to_end_hl7_adt_for_two_patients(tmp_path, store, queue_prefix):
     cfg.write_text(yaml.safe_dump({
         "sources": {"lab": {"allowed_types": ["HL7v2:ADT^*"]}},
         "destinations": {
-            "adt": {"url": f"file://{tmp_path}/adt", "ordered_by": "PID-3.1"},
-            "chart": {"url": f"file://{tmp_path}/chart", "ordered_by": "PID-3"},
-            "archive": {"url": f"file://{tmp_path}/archive"},
+            "adt": {"url": f"file://{tmp_path}/adt", "ordered_by": "PID-3.1", "clearance": "phi"},
+            "chart": {"url": f"file://{tmp_path}/chart", "ordered_by": "PID-3", "clearance": "phi"},
+            "archive": {"url": f"file://{tmp_path}/archive", "clearance": "phi"},
         },
         "routes": [{"match": {"source": "lab"}, "to": ["adt", "chart", "archive"]}]}))
     flask_app = create_app(settings_for(cfg, store.url, queue_prefix), {"TESTING": True})

@@ -32,7 +32,7 @@ def courier(tmp_path, store, queue_prefix, sink):
     """An app + Celery app whose destinations are the sink (billing) and a failing transform (erp)."""
     cfg = write_config(tmp_path / "courier.yml", {"billing": f"http://127.0.0.1:{sink.port}/billing"},
                        retry={"max_attempts": 3, "initial": "1s", "max": "5s"})
-    doc = cfg.read_text().replace("destinations:\n", "destinations:\n  erp:\n    url: file:///tmp\n"
+    doc = cfg.read_text().replace("destinations:\n", "destinations:\n  erp:\n    url: file:///tmp\n    clearance: phi\n"
                                   "    transform: tests.test_worker:failing_transform\n", 1)
     cfg.write_text(doc.replace("to:\n  - billing", "to:\n  - billing\n  - erp"))
     flask_app = create_app(settings_for(cfg, store.url, queue_prefix, relay_poll=30.0))
