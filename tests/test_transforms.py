@@ -17,6 +17,7 @@ import json
 import re
 import secrets
 import textwrap
+from datetime import date
 from decimal import Decimal
 from pathlib import Path
 
@@ -233,8 +234,9 @@ WORD = st.text(st.sampled_from("abcdefghijklmnopqrstuvwxyzÅÉßøŁ"), min_size
 PHI_TEXT = st.builds(lambda w, sep, rest: w + sep + rest, WORD, st.sampled_from(["", " ", "|", "^", "~", "&", "\\",
                                                                                    '"', "\n", ", "]),
                      st.one_of(st.just(""), WORD))
-ISO_DAY = st.dates(min_value=__import__("datetime").date(1920, 1, 1),
-                   max_value=__import__("datetime").date(2030, 12, 31)).map(lambda d: d.isoformat())
+# Dates before today: an HL7 output's MSH-7 is the time it was made, and a random birth date
+# equal to today would look like a leak there.
+ISO_DAY = st.dates(min_value=date(1920, 1, 1), max_value=date(2019, 12, 31)).map(lambda d: d.isoformat())
 CODE = st.from_regex(r"[A-Z0-9]{2,6}", fullmatch=True)
 
 
