@@ -203,7 +203,7 @@ class ConfigSchema(StrictSchema):
     @validates_schema(pass_original=True, skip_on_field_errors=False)
     def _governance(self, data, original_data, **kwargs):
         """No PHI to a destination not cleared for it, and no route to a transform that cannot
-        format what it carries. A section with errors of its own is checked once they are fixed."""
+        format what it carries. A destination with errors of its own is checked on its valid fields."""
         errors: dict = {}
         destinations = data.get("destinations", {})
         raw = original_data.get("destinations") if isinstance(original_data, dict) else None
