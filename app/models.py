@@ -10,7 +10,8 @@ import uuid
 from datetime import datetime, timezone
 
 from sqlalchemy import (BigInteger, DateTime, ForeignKey, Index, Integer, LargeBinary, MetaData, String,
-                        Text, UniqueConstraint, text)
+                        Text, UniqueConstraint, literal_column, text)
+from sqlalchemy.sql.elements import ColumnElement
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 # Stable constraint names, so Alembic migrations can drop and alter them on every backend.
@@ -30,6 +31,18 @@ OPEN_STATUSES = (PENDING, IN_FLIGHT, RETRYING)
 ACCEPTED, UNROUTED = "accepted", "unrouted"
 
 BigId = BigInteger().with_variant(Integer(), "sqlite")  # SQLite only autoincrements INTEGER PRIMARY KEY
+
+
+def is_open(status: ColumnElement) -> ColumnElement[bool]:
+    """`status IN ('pending', 'in_flight', 'retrying')` with the values written into the SQL.
+
+    The partial indexes on open deliveries have this list as their predicate, and PostgreSQL
+    can use them only if it sees the values: bound as parameters, a prepared statement's generic
+    plan (psycopg prepares a statement after five runs) cannot, and the relay's claim turned
+    into a scan of the whole table with an anti-join per row (measured: 20 s per claim at
+    50,000 rows, the relay stalled).
+    """
+    return status.in_([literal_column(f"'{s}'") for s in OPEN_STATUSES])
 
 
 def utcnow() -> datetime:

@@ -20,7 +20,7 @@ from sqlalchemy import exists, func, select, text
 from sqlalchemy.orm import Session, aliased
 from sqlalchemy.sql.elements import ColumnElement
 
-from app.models import OPEN_STATUSES, Delivery, new_id
+from app.models import Delivery, is_open, new_id
 
 if TYPE_CHECKING:  # HL7 v2 support is the optional [mllp] extra; a JSON-only install lacks it
     from app.hl7v2 import Hl7Message
@@ -155,6 +155,6 @@ def first_in_line() -> ColumnElement[bool]:
     return ~exists().where(
         earlier.destination == Delivery.destination,
         earlier.order_key == Delivery.order_key,
-        earlier.status.in_(OPEN_STATUSES),
+        is_open(earlier.status),
         earlier.id < Delivery.id,
     )

@@ -27,7 +27,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
 from app import audit, circuits, ordering
-from app.models import (ACCEPTED, DEAD, DELIVERED, IN_FLIGHT, OPEN_STATUSES, PENDING, RETRYING, UNROUTED,
+from app.models import (ACCEPTED, DEAD, DELIVERED, IN_FLIGHT, OPEN_STATUSES, PENDING, RETRYING, UNROUTED, is_open,
                         Attempt, Circuit, Delivery, Message, new_id, utcnow)
 from app.settings import Destination, RetryPolicy
 
@@ -190,7 +190,7 @@ def _claim_statement():
     held = select(Circuit.destination).where(or_(
         Circuit.paused_at.is_not(None), and_(Circuit.state == circuits.OPEN, Circuit.open_until > now)))
     due = (select(Delivery.id)
-           .where(Delivery.status.in_(OPEN_STATUSES), Delivery.due_at <= now, Delivery.destination.not_in(held),
+           .where(is_open(Delivery.status), Delivery.due_at <= now, Delivery.destination.not_in(held),
                   ordering.first_in_line())
            .order_by(Delivery.due_at).limit(bindparam("limit"))
            .with_for_update(skip_locked=True))

@@ -189,3 +189,29 @@ def test_sqlite_store_runs_the_same_state_machine(sqlite_store):
             _, created = outbox.accept(s, outbox.NewMessage("lab", "t", "application/json", b"{}", "k0"), ["billing"])
         assert created is False
     assert sorted(d.status for d in deliveries(sqlite_store).values()) == ["delivered", "in_flight"]
+
+
+def test_the_claims_generic_plan_uses_the_partial_index_of_open_deliveries(store):
+    """psycopg prepares a statement after five runs, and PostgreSQL may then plan it once for any
+    parameters. The claim must still find due deliveries through the partial index: with the open
+    statuses bound as parameters it could not, and scanned the whole table (the relay stalled)."""
+    import re
+
+    accept(store, 300)
+    with store.session() as s:
+        s.execute(Delivery.__table__.update().where(Delivery.id.in_(
+            select(Delivery.id).limit(500).scalar_subquery())).values(status="delivered", due_at=None))
+    compiled = outbox._claim_statement().compile(dialect=store.engine.dialect)
+    numbers: dict[str, int] = {}
+    sql = re.sub(r"%\((\w+)\)s", lambda m: f"${numbers.setdefault(m.group(1), len(numbers) + 1)}", str(compiled))
+    values = {**compiled.params, "now": T0.isoformat(), "lease_end": T0.isoformat(), "limit": 200}
+    args = ", ".join(str(v) if isinstance(v, int) else f"'{v}'" for v in (values[n] for n in numbers))
+    with store.engine.connect() as conn:
+        conn.exec_driver_sql("ANALYZE courier_deliveries")
+        conn.exec_driver_sql("SET plan_cache_mode = force_generic_plan")
+        conn.exec_driver_sql(f"PREPARE claim_probe AS {sql}")
+        plan = "\n".join(row[0] for row in conn.exec_driver_sql(f"EXPLAIN EXECUTE claim_probe({args})"))
+        conn.exec_driver_sql("DEALLOCATE claim_probe")
+        conn.rollback()
+    assert "ix_courier_deliveries_due" in plan, plan
+    assert "ix_courier_deliveries_order" in plan, plan  # first_in_line's NOT EXISTS, for ordered keys
