@@ -233,9 +233,11 @@ class Chaos:
         doc = {
             "sources": {"lab": {"allowed_types": ["*"], "mllp_allow": ["127.0.0.1/32"]}},
             "destinations": {
-                **{n: {"url": f"http://127.0.0.1:{p}/{n}", "timeout": "5s", "retry": retry, "circuit": circuit}
-                   for n, p in self.sink_ports.items()},
-                "drop": {"url": self.drop_dir.as_uri(), "retry": retry, "circuit": circuit},
+                # clearance phi: the sinks get the messages as sent (passthrough), which only a
+                # destination cleared for PHI may (the config check refuses it otherwise).
+                **{n: {"url": f"http://127.0.0.1:{p}/{n}", "timeout": "5s", "retry": retry, "circuit": circuit,
+                       "clearance": "phi"} for n, p in self.sink_ports.items()},
+                "drop": {"url": self.drop_dir.as_uri(), "retry": retry, "circuit": circuit, "clearance": "phi"},
             },
             "routes": [{"match": {"source": "lab", "type": "service.completed"}, "to": ["alpha", "beta"]},
                        {"match": {"source": "lab", "type": "HL7v2:ADT^*"}, "to": ["alpha", "drop"]}],

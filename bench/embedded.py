@@ -58,7 +58,8 @@ def main() -> None:
     try:
         with tempfile.TemporaryDirectory() as tmp:
             Path(tmp, "courier.yml").write_text(json.dumps({  # JSON is YAML
-                "sources": {"host": {}}, "destinations": {"erp": {"url": f"http://127.0.0.1:{port}/events"}},
+                "sources": {"host": {}},
+                "destinations": {"erp": {"url": f"http://127.0.0.1:{port}/events", "clearance": "phi"}},
                 "routes": [{"match": {"source": "host"}, "to": ["erp"]}]}))
             app = Flask("host", root_path=tmp)
             app.config.update(COURIER_CONFIG="courier.yml", COURIER_SOURCE="host")
