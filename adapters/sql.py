@@ -63,7 +63,7 @@ from __future__ import annotations
 import json
 import re
 from datetime import datetime, timezone
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from adapters.base import Adapter, Outgoing, PermanentError, Sent, TemporaryError
 
@@ -126,7 +126,11 @@ def _parse(url: str) -> tuple[str, str | None, str, str, dict[str, str]]:
     columns[key] = "delivery_id"
     driver = parts.scheme.lower()
     scheme = _DRIVERS.get(driver, driver)
-    database_url = urlunsplit((scheme, parts.netloc, parts.path, urlencode(passed), parts.fragment))
+    # The URL as written up to its query, only the scheme and our options changed: urlunsplit
+    # would drop the empty host of sqlite:////abs.db (-> sqlite://abs.db) and of sqlite:///rel.db.
+    base = inner[len(parts.scheme):].partition("#")[0].partition("?")[0]
+    database_url = scheme + base + (f"?{urlencode(passed)}" if passed else "") \
+        + (f"#{parts.fragment}" if parts.fragment else "")
     try:
         from sqlalchemy.engine import make_url
         make_url(database_url)

@@ -381,6 +381,21 @@ def test_sql_schema_qualified_table(staging_table):
     assert [r["delivery_id"] for r in rows(PG_URL, table)] == ["dlv-s"]
 
 
+def test_sql_sqlite_file_urls_keep_their_path(tmp_path, staging_table, monkeypatch):
+    """sql+sqlite:////abs.db and sql+sqlite:///rel.db reach the file named (urlunsplit once lost the slashes)."""
+    absolute = tmp_path / "inventory.db"
+    table = staging_table(f"sqlite:///{absolute}")
+    with adapters.open_adapter(f"sql+sqlite:///{absolute}?table={table}&timeout=3", timeout=5) as adapter:
+        assert adapter.database_url == f"sqlite:///{absolute}?timeout=3"
+        adapter.send(outgoing("dlv-abs"))
+    assert [r["delivery_id"] for r in rows(f"sqlite:///{absolute}", table)] == ["dlv-abs"]
+    monkeypatch.chdir(tmp_path)
+    with adapters.open_adapter(f"sql+sqlite:///inventory.db?table={table}", timeout=5) as adapter:
+        assert adapter.database_url == "sqlite:///inventory.db"
+        adapter.send(outgoing("dlv-rel"))
+    assert [r["delivery_id"] for r in rows(f"sqlite:///{absolute}", table)] == ["dlv-abs", "dlv-rel"]
+
+
 # --- AMQP ---------------------------------------------------------------------------------
 
 def _amqp_url(exchange: str, **options) -> str:
