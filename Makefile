@@ -9,7 +9,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export PORT ?= 8000
 export COURIER_CONFIG ?= $(if $(wildcard courier.yml),courier.yml,examples/courier.yml)
 
-.PHONY: run test install migrate bench chaos clean
+.PHONY: run hospital test install migrate bench chaos clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,15 @@ migrate: install
 # honcho stops every process when one exits, so the one-shot `release` (migrate) runs first.
 run: migrate
 	honcho start -f Procfile web worker relay beat flower
+
+# The hospital scenario (examples/hospital.yml, README tour): start `python3 examples/hospital_sinks.py`
+# in another terminal first. Its own store (instance/hospital.db), and the MLLP listener for the HL7 feed;
+# erp and inventory get keyed pseudonyms, so COURIER_PSEUDONYM_KEY must be set (and kept): the check says so.
+hospital: export COURIER_CONFIG := examples/hospital.yml
+hospital: export DATABASE_URL ?= sqlite:///instance/hospital.db
+hospital: migrate
+	courier config check
+	honcho start -f Procfile web worker relay mllp
 
 test: install
 	pytest
