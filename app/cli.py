@@ -414,7 +414,8 @@ def _echo_dry_run(name: str, source: str, content_type: str, messages: list[dict
             continue
         click.echo(f"\n{where}{message['type']} -> {', '.join(d['name'] for d in message['destinations'])}")
         for d in message["destinations"]:
-            order = f", ordered by {d['ordered_by']} (key {d['order_key']!r})" if d["ordered_by"] else ""
+            key = f"key {d['order_key']!r}" if d["order_key"] is not None else "no key: unordered"
+            order = f", ordered by {d['ordered_by']} ({key})" if d["ordered_by"] else ""
             click.echo(f"\n=== {d['name']} ({d['scheme']}, clearance {d['clearance']}, "
                        f"transform {d['transform']}{order})")
             if d["error"]:

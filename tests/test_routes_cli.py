@@ -175,7 +175,7 @@ def test_adt_goes_only_to_the_legacy_engine_as_sent_in_patient_order(path):
     assert engine["payload"].rstrip("\r").split("\r") == segments
 
 
-def test_text_output_names_each_destination_and_shows_hl7_segments_one_per_line():
+def test_text_output_names_each_destination_and_shows_hl7_segments_one_per_line(tmp_path):
     result = routes_test("--source", "interface-engine", ADT_A01[0])
     assert result.exit_code == 0, result.stderr
     out = result.stdout
@@ -183,6 +183,10 @@ def test_text_output_names_each_destination_and_shows_hl7_segments_one_per_line(
     assert "HL7v2:ADT^A01 -> legacy-adt\n" in out
     assert "=== legacy-adt (mllp, clearance phi, transform passthrough, ordered by PID-3.1 (key 'PATID1234'))" in out
     assert "\r" not in out and "\nPID|1|" in out and "(segments end in CR; one per line here)" in out
+    no_pid = tmp_path / "a08.hl7"
+    no_pid.write_text("MSH|^~\\&|ADT|HOSP|ENGINE|HOSP|20240101||ADT^A08|X1|P|2.5\rEVN|A08\r")
+    result = routes_test("--source", "interface-engine", no_pid)
+    assert "ordered by PID-3.1 (no key: unordered))" in result.stdout, result.stderr
 
 
 # --- what a dry run does not do ------------------------------------------------------------
@@ -214,6 +218,21 @@ def test_dry_run_stores_nothing_and_sends_nothing(store, tmp_path):
     with pytest.raises(BlockingIOError):  # nobody connected to billing's or the legacy engine's port
         listener.accept()
     listener.close()
+
+
+def test_a_host_apps_cli_dry_runs_with_the_hosts_settings(tmp_path):
+    """`flask --app supplyroom courier routes test`: the host's routing file (COURIER_CONFIG is unset), and
+    the host's database is not even created."""
+    host = REPO / "examples" / "embedded_host"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("COURIER_", "FLASK_", "DATABASE_URL"))}
+    env.update(SUPPLYROOM_DATABASE_URL=f"sqlite:///{tmp_path}/host.db", PYTHONPATH=f"{host}{os.pathsep}{REPO}")
+    result = subprocess.run([str(Path(sys.executable).with_name("flask")), "--app", "supplyroom", "courier", "routes",
+                             "test", str(EVENTS / "supply.consumed-gauze.json")], cwd=host, env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "1 message from source supply-room as application/json" in result.stdout
+    assert "=== erp (http, clearance phi, transform passthrough)" in result.stdout
+    assert not (tmp_path / "host.db").exists()
 
 
 # --- choosing the source and the content type; refusals ------------------------------------
