@@ -698,6 +698,18 @@ def age_band(birth_date: str | None, on: str | None) -> str | None:
 
 # --------------------------------------------------------------------------- compatibility
 
+def registry_problems() -> list[str]:
+    """Each registered event version that is not a compatible change of the version before it,
+    with why; the config check refuses to start on any (senders of either version must keep working)."""
+    problems = []
+    for (event_type, version), schema in sorted(EVENTS.items()):
+        previous = EVENTS.get((event_type, version - 1))
+        if previous is not None:
+            problems += [f"canonical event {event_type} version {version} is not a compatible change of version "
+                         f"{version - 1}: {problem}" for problem in compatible(previous, schema)]
+    return problems
+
+
 def compatible(old: type[Schema] | Schema, new: type[Schema] | Schema) -> list[str]:
     """Why `new` is not a compatible change of `old` ([] if it is): only added optional
     fields are compatible; each problem names the field path."""

@@ -482,6 +482,10 @@ def load_routing(path: str | os.PathLike, env: Mapping[str, str] | None = None) 
             where = f"{name}:{line}" if line else name
             problems.append(f"{where}: {'.'.join(map(str, p)) or '(top)'}: {message}")
         raise ConfigError(sorted(set(problems), key=_line_key)) from None
+    # After the transforms were loaded: a module of the operator's may have registered versions.
+    incompatible = canonical.registry_problems()
+    if incompatible:
+        raise ConfigError([f"{name}: {problem}" for problem in incompatible])
     return RoutingConfig(
         sources={n: Source(n, tuple(s["allowed_types"]), tuple(s["mllp_allow"]), tuple(s["mllp_senders"]))
                  for n, s in data["sources"].items()},

@@ -685,6 +685,25 @@ def test_registered_versions_are_compatible_with_their_predecessors():
                 (event_type, old, new)
 
 
+def test_config_check_refuses_an_incompatible_registered_version(tmp_path, monkeypatch):
+    """A version 2 that drops a field of version 1 (say, registered by an operator's transform
+    module) stops the configuration from loading, naming the event and the field."""
+    from app.settings import ConfigError, load_routing
+    from tests.conftest import write_config
+
+    config = write_config(tmp_path / "courier.yml", {"billing": "http://127.0.0.1:9/x"})
+    assert load_routing(config, env={}).destinations  # loads as long as the registry is sound
+
+    class Narrower(canonical.Canonical):
+        charge = fields.Raw()  # v1's other fields are gone
+
+    monkeypatch.setitem(canonical.EVENTS, ("charge.posted", 3), Narrower)
+    with pytest.raises(ConfigError) as refused:
+        load_routing(config, env={})
+    assert any("charge.posted version 3 is not a compatible change of version 2" in p
+               for p in refused.value.problems), refused.value.problems
+
+
 class Base(canonical.Canonical):
     code = fields.String(required=True, metadata={"classification": NONE})
     amount = fields.Decimal(as_string=True, metadata={"classification": NONE})
