@@ -10,6 +10,7 @@ from flask.cli import FlaskGroup
 from app import create_app
 from app.cli import COMMANDS, with_appcontext
 from app.mllp import mllp_command  # imports python-hl7 only when a listener starts
+from tasks.flower import flower_command
 
 
 def _create_app():
@@ -51,6 +52,7 @@ host_cli = click.Group("courier", help="Courier's commands, configured by this a
 for command in COMMANDS + (relay_command, mllp_command):
     cli.add_command(command)
     host_cli.add_command(command)
+cli.add_command(flower_command)  # Courier's own worker app only (tasks.worker), not a host's
 
 
 def main() -> None:

@@ -1,0 +1,56 @@
+"""`courier flower`: Flower behind basic auth, with RabbitMQ's management API for queue lengths.
+
+Flower without auth shows every task's arguments and lets anyone revoke tasks or
+shut workers down, so this wrapper refuses to start unless FLOWER_BASIC_AUTH is
+set; there is no default password anywhere.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from urllib.parse import quote, unquote, urlsplit
+
+import click
+
+AUTH_HELP = ("FLOWER_BASIC_AUTH is not set: Flower needs basic auth (FLOWER_BASIC_AUTH=user:password, "
+             "several separated by commas); there is no default password")
+
+
+def check_basic_auth(value: str | None) -> None:
+    """Raise click.UsageError unless `value` is one or more non-empty `user:password` pairs."""
+    if not value or not value.strip():
+        raise click.UsageError(AUTH_HELP)
+    for pair in value.split(","):
+        user, sep, password = pair.partition(":")
+        if not (sep and user.strip() and password):
+            raise click.UsageError("FLOWER_BASIC_AUTH must be user:password (several separated by commas)")
+
+
+def broker_api_url(broker_url: str) -> str:
+    """The RabbitMQ management API URL for `broker_url`: same host and credentials, port 15672 (15671 for amqps)."""
+    url = urlsplit(broker_url)
+    secure = url.scheme in ("amqps", "pyamqps")
+    user = quote(unquote(url.username or "guest"), safe="")
+    password = quote(unquote(url.password or "guest"), safe="")
+    host = url.hostname or "localhost"
+    if ":" in host:  # IPv6 literal
+        host = f"[{host}]"
+    return f"{'https' if secure else 'http'}://{user}:{password}@{host}:{15671 if secure else 15672}/api/"
+
+
+@click.command("flower", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.option("--address", default="127.0.0.1", show_default=True, help="Interface to listen on.")
+@click.option("--port", default=lambda: os.environ.get("FLOWER_PORT", "5555"), show_default="FLOWER_PORT or 5555")
+@click.argument("flower_args", nargs=-1, type=click.UNPROCESSED)
+def flower_command(address: str, port: str, flower_args: tuple[str, ...]) -> None:
+    """Run Flower (requires FLOWER_BASIC_AUTH=user:password; FLOWER_BROKER_API overrides the management API)."""
+    check_basic_auth(os.environ.get("FLOWER_BASIC_AUTH"))
+    env = dict(os.environ)
+    if not env.get("FLOWER_BROKER_API"):
+        # The default derives from BROKER_URL. Flower reads both secrets from the environment itself,
+        # so neither the password nor the broker's credentials appear in `ps` output.
+        env["FLOWER_BROKER_API"] = broker_api_url(env.get("BROKER_URL", "amqp://guest:guest@localhost:5672//"))
+    celery = shutil.which("celery", path=os.path.dirname(sys.executable)) or shutil.which("celery") or "celery"
+    argv = [celery, "-A", "tasks.worker", "flower", f"--address={address}", f"--port={port}", *flower_args]
+    os.execve(celery, argv, env)  # Flower becomes this process: signals and exit codes reach it directly
