@@ -1,14 +1,15 @@
 """The outbox relay: moves due deliveries from the store to their RabbitMQ queues.
 
-Loop: claim a batch of due deliveries (marking them in flight with a lease,
-committed first), publish one `deliver` task each with publisher confirms,
-repeat while there is more; then sleep until PostgreSQL NOTIFY says a message
-was committed, or the poll interval passes (retries come due by the clock).
+Loop: claim due deliveries (marking them in flight with a lease, committed
+first), publish one `deliver` task per batch of one destination's deliveries
+(`split`) with publisher confirms, repeat while there is more; then sleep until
+PostgreSQL NOTIFY says a message was committed, or the poll interval passes
+(retries come due by the clock; shorter while rounds find work).
 
 Crash safety comes from the order: the claim commits before the publish. A
 relay killed in between leaves deliveries in flight whose lease runs out, and
 the next claim dispatches them again; a task published twice is a no-op for
-the second worker (see `app.outbox.begin_attempt`).
+the second worker (see `app.outbox.begin_attempts`).
 """
 from __future__ import annotations
 
