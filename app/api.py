@@ -382,6 +382,15 @@ def healthz():
     return jsonify({"status": "ok"})
 
 
+@bp.get("/metrics")
+def metrics_view():
+    """Prometheus text: every process's counters and the store's gauges (app.metrics); no PHI."""
+    from app import metrics
+
+    body, content_type = metrics.exposition(store(), settings())
+    return body, 200, {"Content-Type": content_type}
+
+
 @bp.get("/readyz")
 def readyz():
     """Ready when the store answers and the broker accepts a connection."""

@@ -16,7 +16,7 @@ from marshmallow import ValidationError, fields, validate
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session
 
-from app import ordering, outbox
+from app import metrics, ordering, outbox
 from app.db import Store
 from app.settings import RoutingConfig, StrictSchema
 
@@ -201,4 +201,5 @@ def ingest(store: Store, routing: RoutingConfig, *, source: str, content_type: s
     except (OperationalError, DBAPIError) as exc:
         raise IngestError(503, "store_unavailable", "the message store could not commit; nothing was "
                           "accepted, send again", {"retryable": True}) from exc
+    metrics.accepted(source, results)  # after the commit: only what is durable is counted
     return results, is_batch

@@ -228,6 +228,7 @@ class Ticket:
     body: bytes
     correlation_id: str
     order_key: str | None = None
+    received_at: datetime | None = None  # the message's acceptance: the latency metric's start
 
 
 def begin_attempt(session: Session, delivery_id: str, dispatch: int, destinations: Mapping[str, Destination],
@@ -258,7 +259,7 @@ def begin_attempts(session: Session, items: list[tuple[str, int]], destinations:
     rows = session.execute(
         select(Delivery.id, Delivery.dispatches, Delivery.status, Delivery.attempts, Delivery.destination,
                Delivery.order_key, Message.id.label("message_id"), Message.source, Message.type, Message.content_type,
-               Message.body, Message.correlation_id)
+               Message.body, Message.correlation_id, Message.received_at)
         .join(Message, Delivery.message_id == Message.id)
         .where(Delivery.id.in_(list(dispatch_of)))
         .order_by(Delivery.id)
@@ -297,7 +298,8 @@ def begin_attempts(session: Session, items: list[tuple[str, int]], destinations:
             refused.pop(row.id)
             leases.append({"b_id": row.id, "b_due": now + timedelta(
                 seconds=destination.timeout * (len(leases) + 1) + lease_margin)})
-            tickets.append(Ticket(row.id, row.dispatches, row.attempts + 1, name, *row[6:], order_key=row.order_key))
+            tickets.append(Ticket(row.id, row.dispatches, row.attempts + 1, name, *row[6:12], order_key=row.order_key,
+                                  received_at=row.received_at))
     if leases:
         table = Delivery.__table__
         session.execute(update(table).where(table.c.id == bindparam("b_id")).values(

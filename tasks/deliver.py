@@ -13,7 +13,7 @@ from celery import shared_task
 from flask import current_app
 
 import adapters
-from app import outbox, transforms
+from app import metrics, outbox, transforms
 from app.models import DEAD, Delivery, utcnow
 from app.db import Store
 from app.settings import Destination, Settings
@@ -98,6 +98,7 @@ def run_batch(settings: Settings, store: Store, items: list[tuple[str, int]]) ->
     with store.session() as session:
         tickets, statuses = outbox.begin_attempts(session, items, destinations, lease_margin=LEASE_MARGIN)
     if not tickets:
+        metrics.delivered(store, {}, statuses)
         return statuses
     results: dict[str, list[tuple[outbox.Ticket, outbox.Outcome | None]]] = {}  # per destination
     for ticket in tickets:
@@ -111,6 +112,7 @@ def run_batch(settings: Settings, store: Store, items: list[tuple[str, int]]) ->
         if outcome is not None:
             log.info("delivery %s to %s attempt %d: %s (%s)", ticket.delivery_id, ticket.destination,
                      ticket.number, statuses[ticket.delivery_id], outcome.detail)
+    metrics.delivered(store, results, statuses)  # after the finish transaction committed
     return statuses
 
 
