@@ -15,16 +15,23 @@ from __future__ import annotations
 import glob
 import logging
 import os
+import sys
 from datetime import datetime
 
 # prometheus_client picks its value class (in-process or mmap files) when it is first imported,
 # from the environment: the default must be in place before that import. instance/ under the
 # working directory, like the SQLite store: the Procfile's processes all start there (honcho), so
-# the web, the workers and the MLLP listener share it without any setting.
+# the web, the workers and the MLLP listener share it without any setting. A host application
+# that imported prometheus_client first keeps its in-process mode, and so do we (multiprocess_dir).
 DEFAULT_DIR = os.path.join("instance", "metrics")
-if not (os.environ.get("PROMETHEUS_MULTIPROC_DIR") or os.environ.get("prometheus_multiproc_dir")):
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = os.path.abspath(DEFAULT_DIR)
-os.makedirs(os.environ.get("PROMETHEUS_MULTIPROC_DIR") or os.environ["prometheus_multiproc_dir"], exist_ok=True)
+_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or os.environ.get("prometheus_multiproc_dir")
+if not _dir and "prometheus_client" not in sys.modules:
+    _dir = os.environ["PROMETHEUS_MULTIPROC_DIR"] = os.path.abspath(DEFAULT_DIR)
+if _dir:
+    try:
+        os.makedirs(_dir, exist_ok=True)
+    except OSError as exc:  # metrics must not stop a process from starting: the hooks log their failures
+        logging.getLogger("courier.metrics").error("metrics directory %s unusable: %s", _dir, exc)
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest  # noqa: E402
 from prometheus_client import multiprocess, values  # noqa: E402
@@ -219,8 +226,10 @@ def registry(store, settings) -> CollectorRegistry:
     """A registry for one scrape: every process's counters plus the store's gauges."""
     reg = CollectorRegistry()
     path = multiprocess_dir()
-    if path:
+    if path and os.path.isdir(path):
         multiprocess.MultiProcessCollector(reg, path)
+    elif path:  # made at import, so it was removed or never could be: the store's gauges still answer
+        log.error("metrics directory %s is missing: counters left out of this scrape", path)
     else:
         for metric in OWN:
             reg.register(metric)

@@ -3,7 +3,8 @@
 The main test runs the Procfile's web command (gunicorn, 2 workers), a prefork
 Celery worker (2 child processes) and the relay as real processes sharing one
 PROMETHEUS_MULTIPROC_DIR, posts messages over HTTP on separate connections, and
-checks every scrape against what it sent and what the sinks received.
+checks every scrape against what it sent and what the sinks received. About 8 s
+on a 2-core machine, so not marked slow.
 """
 from __future__ import annotations
 
@@ -12,12 +13,12 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from pathlib import Path
 
-import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import func, select, text
 
@@ -82,7 +83,6 @@ def count(store, destination: str, status: str) -> int:
             Delivery.destination == destination, Delivery.status == status))
 
 
-@pytest.mark.slow
 def test_metrics_count_every_process(tmp_path, store, queue_prefix):
     metrics_dir = tmp_path / "metrics"
     metrics_dir.mkdir()
@@ -221,3 +221,27 @@ def test_scrape_queries_use_indexes(store):
             print(f"\n{compiled}\n{plan}")
             if "destination_status" in index:  # a seek by destination, not a walk of the whole index
                 assert "destination" in plan.split("Index Cond:")[1].splitlines()[0], plan
+
+
+def test_in_process_mode_and_store_down():
+    """A host that imported prometheus_client first: Courier counts in-process; a dead store gives store_up 0."""
+    script = """
+import prometheus_client, types
+from sqlalchemy.exc import OperationalError
+from app import metrics
+assert metrics.multiprocess_dir() is None
+metrics.accepted("lab", [types.SimpleNamespace(created=True, message=types.SimpleNamespace(type="t"))])
+class Down:
+    def session(self):
+        raise OperationalError("SELECT 1", {}, Exception("down"))
+settings = types.SimpleNamespace(routing=types.SimpleNamespace(destinations={"billing": None}))
+print(metrics.exposition(Down(), settings)[0].decode())
+"""
+    env = {k: v for k, v in os.environ.items() if k.lower() != "prometheus_multiproc_dir"}
+    out = subprocess.run([sys.executable, "-c", script], env=env, cwd=ROOT, capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    m = parse(out.stdout)
+    assert value(m, "courier_messages_accepted_total", source="lab", type="t") == 1
+    assert value(m, "courier_store_up") == 0
+    assert total(m, "courier_backlog") == 0
