@@ -11,14 +11,14 @@ from functools import wraps
 
 from flask import Blueprint, Flask, current_app, g, jsonify, request, url_for
 from marshmallow import Schema, ValidationError, fields, validate, validates, validates_schema
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 from werkzeug.exceptions import HTTPException
 
-from app import audit, circuits, outbox, tokens
+from app import audit, circuits, outbox, reports, tokens
 from app.db import Store
 from app.ingest import IngestError, ingest, json_object
-from app.models import Attempt, AuditRecord, Delivery, Message, OPEN_STATUSES, utcnow
+from app.models import Attempt, AuditRecord, Delivery, Message, utcnow
 from app.settings import Settings, StrictSchema
 
 log = logging.getLogger("courier.api")
@@ -128,7 +128,9 @@ def _attempt(a: Attempt) -> dict:
 def _message(m: Message) -> dict:
     return {"id": m.id, "source": m.source, "type": m.type, "status": m.status,
             "content_type": m.content_type, "size": m.size, "idempotency_key": m.dedup_key,
-            "correlation_id": m.correlation_id, "received_at": _iso(m.received_at)}
+            "correlation_id": m.correlation_id, "received_at": _iso(m.received_at),
+            # Retention removed the body (it is no longer stored); the metadata and trace remain.
+            "body_purged": m.purged_at is not None, "purged_at": _iso(m.purged_at)}
 
 
 def _since(name: str = "since") -> datetime | None:
@@ -238,16 +240,8 @@ def _destinations(only: str | None = None) -> list[dict]:
 def reconciliation():
     """Per destination: accepted = delivered + pending + dead, for deliveries of messages since `since`."""
     since = _since()
-    query = (select(Delivery.destination, Delivery.status, func.count())
-             .group_by(Delivery.destination, Delivery.status))
-    if since:
-        query = query.join(Message, Message.id == Delivery.message_id).where(Message.received_at >= since)
-    totals: dict[str, dict[str, int]] = {}
     with store().session() as session:
-        for destination, status, n in session.execute(query):
-            row = totals.setdefault(destination, {"accepted": 0, "delivered": 0, "pending": 0, "dead": 0})
-            row["accepted"] += n
-            row["pending" if status in OPEN_STATUSES else status] += n
+        totals = reports.reconciliation(session, since)
     return jsonify({"since": _iso(since), "destinations": totals})
 
 

@@ -136,6 +136,15 @@ def config_check(path: str | None):
                f"{len(r.routes)} routes)")
 
 
+def cli_actor(name: str | None) -> str:
+    """The audit log's actor for a command: `cli:<--actor>` if given, else `cli:<OS user>`."""
+    return f"cli:{name}" if name else audit.cli_actor()
+
+
+actor_option = click.option("--actor", default=None, metavar="NAME",
+                            help="who is acting, for the audit log (default: the OS user)")
+
+
 @click.group("tokens")
 def tokens_group():
     """Create and revoke API tokens (only their hashes are stored)."""
@@ -145,8 +154,9 @@ def tokens_group():
 @click.option("--source", default=None, help="the source an ingest token posts as")
 @click.option("--scope", type=click.Choice(token_store.SCOPES), default="ingest", show_default=True)
 @click.option("--name", default="", help="a label, e.g. who holds the token")
+@actor_option
 @with_appcontext
-def tokens_create(source: str | None, scope: str, name: str):
+def tokens_create(source: str | None, scope: str, name: str, actor: str | None):
     """Create a token and print it once."""
     settings = current_app.extensions["courier.settings"]
     if source is not None and source not in settings.routing.sources:
@@ -154,6 +164,9 @@ def tokens_create(source: str | None, scope: str, name: str):
     try:
         with current_app.extensions["courier.store"].session() as session:
             row, plaintext = token_store.create(session, scope=scope, source=source, name=name)
+            # The token's id and grant, never its plaintext: the log is readable by every operator.
+            audit.record(session, actor=cli_actor(actor), action="token_create", target=row.id,
+                         details={"scope": scope, "source": source, "name": name})
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
     click.echo(f"id: {row.id}", err=True)
@@ -164,11 +177,19 @@ def tokens_create(source: str | None, scope: str, name: str):
 
 @tokens_group.command("revoke")
 @click.argument("token_id")
+@actor_option
 @with_appcontext
-def tokens_revoke(token_id: str):
+def tokens_revoke(token_id: str, actor: str | None):
     """Revoke a token by its id; it stops working at once."""
+    from app.models import ApiToken
+
     with current_app.extensions["courier.store"].session() as session:
+        before = session.get(ApiToken, token_id)
+        already = before is not None and before.revoked_at is not None
         row = token_store.revoke(session, token_id)
+        if row is not None:  # an unknown id changed nothing: no record
+            audit.record(session, actor=cli_actor(actor), action="token_revoke", target=token_id,
+                         details={"already_revoked": already, "scope": row.scope, "name": row.name})
     if row is None:
         raise click.ClickException(f"no token with id {token_id}")
     click.echo(f"revoked {token_id}")
@@ -249,10 +270,12 @@ def _replay_ids(ids: list[str], actor: str, reason: str) -> None:
     """Replay what can be, report the rest, and exit 1 if anything was not replayed."""
     from sqlalchemy import select
 
-    from app.models import Delivery
+    from app.models import Delivery, Message
 
     with _store().session() as session:
         found = dict(session.execute(select(Delivery.id, Delivery.status).where(Delivery.id.in_(ids))).all())
+        purged = set(session.scalars(select(Delivery.id).join(Message, Message.id == Delivery.message_id)
+                                     .where(Delivery.id.in_(ids), Message.purged_at.is_not(None))))
         replayed: list[str] = []
         # Only when something can be replayed: a mistyped id leaves no audit record behind.
         if any(s in outbox.REPLAYABLE for s in found.values()):
@@ -266,6 +289,7 @@ def _replay_ids(ids: list[str], actor: str, reason: str) -> None:
     left = [i for i in ids if i not in done]
     for i in left:
         why = (f"no delivery {i}" if i not in found else
+               f"delivery {i}: retention purged its message's body, there is nothing to send" if i in purged else
                f"delivery {i} is {found[i]}; only dead or delivered deliveries can be replayed")
         click.echo(f"not replayed: {why}", err=True)
     if left:
@@ -332,7 +356,8 @@ def destinations_resume(name: str, reason: str):
 
 @click.command("audit")
 @click.option("--since", type=ISO_TIME, default=None, help="at or after (UTC unless an offset is given)")
-@click.option("--action", default=None, help="only this action: replay, pause, resume")
+@click.option("--action", default=None,
+              help="only this action: replay, pause, resume, purge, token_create, token_revoke")
 @click.option("--limit", type=click.IntRange(1, 10_000), default=100, show_default=True)
 @with_appcontext
 def audit_command(since, action, limit):
@@ -498,5 +523,175 @@ def routes_test(file, source: str | None, content_type: str | None, config_path:
         raise click.exceptions.Exit(DRY_RUN_DEAD)
 
 
+# --- operator views and retention: messages, deliveries, stats, purge ------------
+
+def _clean(text: str | None, width: int = 0) -> str:
+    """A value fit for a table cell: control characters replaced (they could drive a terminal), cut to width."""
+    text = _CONTROL.sub("?", text or "").replace("\n", " ").replace("\t", " ")
+    return text[:width - 1] + "…" if width and len(text) > width else text
+
+
+def _echo_table(rows: list[tuple]) -> None:
+    """Rows of cells as aligned columns; the first row is the header."""
+    cells = [[str(c) if c is not None else "-" for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(cells[0]))]
+    for r in cells:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+
+
+def _echo_json(doc) -> None:
+    click.echo(json.dumps(doc, indent=2, sort_keys=True))
+
+
+json_option = click.option("--json", "as_json", is_flag=True, help="JSON for machines instead of a table")
+
+
+@click.group("messages")
+def messages_group():
+    """Where a message is: its trace."""
+
+
+@messages_group.command("show")
+@click.argument("message_id")
+@json_option
+@with_appcontext
+def messages_show(message_id: str, as_json: bool):
+    """A message's metadata and each delivery with its attempt log (never the body), as GET /api/v1/messages/ID."""
+    from app.api import _delivery, _message  # the API's documents: the CLI shows exactly what it serves
+
+    with _store().session() as session:
+        message = outbox.trace(session, message_id)
+        if message is None:
+            raise click.ClickException(f"no message {message_id!r}")
+        doc = _message(message)
+        doc["deliveries"] = [_delivery(d, with_log=True) for d in message.deliveries]
+    if as_json:
+        _echo_json(doc)
+        return
+    body = f"{doc['size']} bytes, {doc['content_type']}"
+    if doc["body_purged"]:
+        body += f" (body purged by retention at {doc['purged_at']})"
+    _echo_table([("message", doc["id"]), ("source", doc["source"]), ("type", doc["type"]),
+                 ("status", doc["status"]), ("received", doc["received_at"]), ("body", body),
+                 ("idempotency key", _clean(doc["idempotency_key"]) or None),
+                 ("correlation id", _clean(doc["correlation_id"]))])
+    for d in doc["deliveries"]:
+        click.echo("")
+        _echo_table([("delivery", d["id"]), ("destination", d["destination"]), ("status", d["status"]),
+                     ("attempts", d["attempts"]), ("next attempt", d["next_attempt_at"]),
+                     ("lease expires", d["lease_expires_at"]), ("delivered", d["delivered_at"]),
+                     ("last error", _clean(d["last_error"]) or None)])
+        if d["attempt_log"]:
+            _echo_table([("  #", "STARTED", "MS", "OUTCOME", "STATUS", "DETAIL")] +
+                        [(f"  {a['number']}", a["started_at"], a["duration_ms"], a["outcome"], a["status_code"],
+                          _clean(a["detail"], 80)) for a in d["attempt_log"]])
+    if not doc["deliveries"]:
+        click.echo("\nno deliveries (no route matched)")
+
+
+@click.group("deliveries")
+def deliveries_group():
+    """List deliveries: what is stuck, what is dead."""
+
+
+@deliveries_group.command("list")
+@click.option("--status", type=click.Choice(("pending", "in_flight", "retrying", "delivered", "dead")), default=None)
+@click.option("--destination", default=None)
+@click.option("--limit", type=click.IntRange(1, 1000), default=50, show_default=True)
+@json_option
+@with_appcontext
+def deliveries_list(status: str | None, destination: str | None, limit: int, as_json: bool):
+    """Deliveries newest first, e.g. `--status dead --destination billing`, as GET /api/v1/deliveries."""
+    from sqlalchemy import select
+
+    from app.api import _delivery
+    from app.models import Delivery
+
+    query = select(Delivery)
+    if status:
+        query = query.where(Delivery.status == status)
+    if destination:
+        query = query.where(Delivery.destination == destination)
+    with _store().session() as session:
+        items = [_delivery(d) for d in session.scalars(query.order_by(Delivery.id.desc()).limit(limit))]
+    if as_json:
+        _echo_json({"items": items})
+        return
+    if not items:
+        click.echo("no deliveries", err=True)
+        return
+    _echo_table([("ID", "MESSAGE", "DESTINATION", "STATUS", "ATTEMPTS", "UPDATED", "LAST_ERROR")] +
+                [(d["id"], d["message_id"], d["destination"], d["status"], d["attempts"], d["updated_at"],
+                  _clean(d["last_error"], 60) or None) for d in items])
+    if len(items) == limit:
+        click.echo(f"(showing the newest {limit}; use --limit for more)", err=True)
+
+
+@click.command("stats")
+@click.option("--since", type=ISO_TIME, default=None,
+              help="count deliveries of messages received at or after (UTC unless an offset is given)")
+@json_option
+@with_appcontext
+def stats_command(since, as_json: bool):
+    """Per destination: accepted = delivered + pending + dead (the reconciliation), backlog, circuit, pause."""
+    from app import reports
+
+    settings = current_app.extensions["courier.settings"]
+    with _store().session() as session:
+        totals = reports.reconciliation(session, since)
+        summary = outbox.destination_summary(session)
+        rows = circuits.states(session)
+    doc = {}
+    # Configured destinations, and any that still has deliveries after leaving the config.
+    for name in list(settings.routing.destinations) + sorted(set(totals) - set(settings.routing.destinations)):
+        counts = totals.get(name, {"accepted": 0, "delivered": 0, "pending": 0, "dead": 0})
+        health, row = summary.get(name, {"backlog": 0, "last_success_at": None}), rows.get(name)
+        last = health["last_success_at"]
+        doc[name] = {**counts, "backlog": health["backlog"], "circuit": circuits.shown_state(row),
+                     "paused": bool(row and row.paused_at), "configured": name in settings.routing.destinations,
+                     "last_success_at": last.isoformat() if last else None}
+    if as_json:
+        _echo_json({"since": since.isoformat() if since else None, "destinations": doc})
+        return
+    _echo_table([("DESTINATION", "ACCEPTED", "DELIVERED", "PENDING", "DEAD", "BACKLOG", "CIRCUIT", "PAUSED",
+                  "LAST_SUCCESS")] +
+                [(name + ("" if d["configured"] else " (not configured)"), d["accepted"], d["delivered"],
+                  d["pending"], d["dead"], d["backlog"], d["circuit"], "yes" if d["paused"] else "no",
+                  d["last_success_at"]) for name, d in doc.items()])
+    if since:
+        click.echo(f"(counts for messages received since {since.isoformat()}; BACKLOG is all open deliveries)",
+                   err=True)
+
+
+@click.command("purge")
+@click.option("--older-than", "older_than", required=True, metavar="AGE",
+              help="messages received more than AGE ago, e.g. 30d, 12h")
+@click.option("--batch", type=click.IntRange(1, 10_000), default=500, show_default=True,
+              help="messages per transaction")
+@click.option("--dry-run", is_flag=True, help="count what would be purged; change nothing")
+@actor_option
+@with_appcontext
+def purge_command(older_than: str, batch: int, dry_run: bool, actor: str | None):
+    """Remove the bodies of old messages delivered to every destination; metadata and audit stay."""
+    from app import retention
+    from app.settings import parse_duration
+
+    try:
+        age = parse_duration(older_than)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--older-than") from None
+    if age <= 0:
+        raise click.BadParameter("must be longer than zero", param_hint="--older-than")
+    result = retention.purge(_store(), age, actor=cli_actor(actor), batch=batch, dry_run=dry_run)
+    cutoff = result.cutoff.isoformat(timespec="seconds")
+    if dry_run:
+        click.echo(f"would purge {result.purged} message bodies received before {cutoff} (dry run: nothing changed)")
+        return
+    click.echo(f"purged {result.purged} message bodies received before {cutoff} in {result.batches} batches")
+    if result.skipped:
+        click.echo(f"{len(result.skipped)} messages were locked by other work and are left for the next run",
+                   err=True)
+
+
 COMMANDS = (db_group, config_group, tokens_group, replay_command, destinations_group, audit_command,
-            routes_group)
+            routes_group, messages_group, deliveries_group, stats_command, purge_command)

@@ -84,6 +84,8 @@ class Message(Base):
     correlation_id: Mapped[str] = mapped_column(String(64))
     status: Mapped[str] = mapped_column(String(16))
     received_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # Set when retention removed the body (now b""); the row, its deliveries and attempts stay.
+    purged_at: Mapped[datetime | None] = mapped_column()
 
     deliveries: Mapped[list["Delivery"]] = relationship(back_populates="message", order_by="Delivery.destination")
 

@@ -467,6 +467,9 @@ def replay(session: Session, delivery_ids: list[str] | None = None, *, actor: st
         chosen = chosen.order_by(Delivery.created_at, Delivery.id).limit(limit)
         filter_doc = {"destination": destination, "status": status, "since": since and since.isoformat(),
                       "until": until and until.isoformat(), "limit": limit}
+    # A message whose body retention purged has nothing left to send: its deliveries stay as they are.
+    chosen = chosen.where(~select(Message.id).where(Message.id == Delivery.message_id,
+                                                    Message.purged_at.is_not(None)).exists())
     # One UPDATE, however many rows. The status test is repeated outside the subquery: a row
     # that another transaction changed while we waited for its lock is re-checked, not replayed blind.
     replayed = list(session.execute(

@@ -100,6 +100,8 @@ def celery_init_app(flask_app: Flask) -> Celery:
     celery.set_default()
     flask_app.extensions["celery"] = celery
     import tasks.deliver  # noqa: F401  registers the task on this app
+    import tasks.retention  # registers courier.purge; its beat_schedule entry when COURIER_RETENTION is set
+    tasks.retention.configure(celery, settings)
     return celery
 
 
