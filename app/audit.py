@@ -1,8 +1,9 @@
-"""The audit log of operator actions (replay, pause, resume): who did what, to what, when and why.
+"""The audit log of operator actions (replay, pause, resume, purge, token create/revoke): who did what, to what, when and why.
 
 Append-only: this module is the only writer of `courier_audit`, and it only
-inserts. A record is written in the caller's transaction, so it commits exactly
-when the action it describes does.
+inserts; on PostgreSQL a trigger (migration 0003) refuses UPDATE and DELETE. A record
+is written in the caller's transaction, so it commits exactly when the action it
+describes does (a purge, done in many transactions, records its run once at the end).
 """
 from __future__ import annotations
 
