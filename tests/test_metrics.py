@@ -1,10 +1,10 @@
 """Prometheus metrics (app.metrics): counters summed over real processes, gauges read from the store.
 
-The main test runs the Procfile's web command (gunicorn, 2 workers), a prefork
-Celery worker (2 child processes) and the relay as real processes sharing one
-PROMETHEUS_MULTIPROC_DIR, posts messages over HTTP on separate connections, and
-checks every scrape against what it sent and what the sinks received. About 8 s
-on a 2-core machine, so not marked slow.
+The main test runs the Procfile's web command (gunicorn, 2 workers), its MLLP
+listener, a prefork Celery worker (2 child processes) and the relay as real
+processes sharing one PROMETHEUS_MULTIPROC_DIR, posts messages over HTTP on
+separate connections and one over MLLP, and checks every scrape against what it
+sent and what the sinks received. About 8 s on a 2-core machine, so not marked slow.
 """
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import http.client
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -19,17 +20,20 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from pathlib import Path
 
+import yaml
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import func, select, text
 
 from app import metrics, outbox
 from app.models import Circuit, Delivery, utcnow
 from bench.infra import free_port, procfile_command
+from tests.mllp_peers import Client
 from tests.processes import VENV_BIN, running_courier
 from tests.sinks import HttpSink
 
 ROOT = Path(__file__).resolve().parents[1]
-N = 30  # distinct messages posted; one more post is a duplicate and must not count
+N = 30  # distinct messages posted over HTTP; one more post is a duplicate and must not count
+ADT = b"MSH|^~\\&|LAB|HOSP|COURIER|HOSP|20240101120000||ADT^A01|mllp-1|P|2.5\rPID|1||12345\r"
 
 
 def parse(body: str) -> dict[tuple[str, frozenset], float]:
@@ -93,12 +97,18 @@ def test_metrics_count_every_process(tmp_path, store, queue_prefix):
         billing.respond((400, {}, b"refused"))  # the first billing delivery ends dead at once
         with store.session() as s:
             outbox.pause_destination(s, "erp", actor="test", reason="metrics test")
-        port = free_port()
-        web_log = open(tmp_path / "web.log", "ab")
-        web = subprocess.Popen(["sh", "-c", procfile_command("web")], env={**c.procs.env, "PORT": str(port)},
-                               cwd=ROOT, stdout=web_log, stderr=subprocess.STDOUT, start_new_session=True)
+        doc = yaml.safe_load(c.config.read_text())
+        doc["sources"]["lab"]["mllp_allow"] = ["127.0.0.1/32"]
+        c.config.write_text(yaml.safe_dump(doc, sort_keys=False))
+        port, mllp_port = free_port(), free_port()
+        env = {**c.procs.env, "PORT": str(port), "MLLP_PORT": str(mllp_port)}
+        shells = [_shell(procfile_command(name) + extra, env, tmp_path / f"{name}.log")
+                  for name, extra in (("web", ""), ("mllp", " --host 127.0.0.1"))]
         try:
             wait_for(lambda: _up(port), "gunicorn answers /healthz", c.procs.logs)
+            wait_for(lambda: _listening(mllp_port), "the MLLP listener accepts", c.procs.logs)
+            with Client(mllp_port) as mllp:
+                assert b"MSA|AA|mllp-1" in mllp.exchange(ADT)
             docs = [{"type": ("service.completed", "supply.consumed")[i % 2], "id": f"m-{i}", "data": {"n": i}}
                     for i in range(N)] + [{"type": "service.completed", "id": "m-0", "data": {"n": 0}}]
             with ThreadPoolExecutor(8) as pool:  # concurrent connections: both gunicorn workers take some
@@ -107,7 +117,7 @@ def test_metrics_count_every_process(tmp_path, store, queue_prefix):
 
             c.procs.start("worker", pool="prefork", concurrency=2)
             c.procs.start("relay")
-            wait_for(lambda: count(store, "billing", "delivered") + count(store, "billing", "dead") == N,
+            wait_for(lambda: count(store, "billing", "delivered") + count(store, "billing", "dead") == N + 1,
                      "billing drained", c.procs.logs)
 
             scrapes = [http_get(port, "/metrics") for _ in range(6)]
@@ -115,53 +125,74 @@ def test_metrics_count_every_process(tmp_path, store, queue_prefix):
             assert scrapes[0][1].startswith("text/plain")
             bodies = [parse(body) for _, _, body in scrapes]
             for m in bodies:  # whichever worker answered, the same sums
-                assert total(m, "courier_messages_accepted_total") == N
+                assert total(m, "courier_messages_accepted_total") == N + 1
                 assert total(m, "courier_messages_accepted_total", source="lab", type="service.completed") == N / 2
-                assert value(m, "courier_deliveries_total", destination="billing", status="delivered") == N - 1
+                assert total(m, "courier_messages_accepted_total", source="lab", type="HL7v2:ADT^A01") == 1
+                assert value(m, "courier_deliveries_total", destination="billing", status="delivered") == N
                 assert value(m, "courier_deliveries_total", destination="billing", status="dead") == 1
-                assert value(m, "courier_delivery_attempts_total", destination="billing", outcome="delivered") == N - 1
+                assert value(m, "courier_delivery_attempts_total", destination="billing", outcome="delivered") == N
                 assert value(m, "courier_delivery_attempts_total", destination="billing", outcome="permanent") == 1
-                assert value(m, "courier_delivery_latency_seconds_count", destination="billing") == N - 1
-                assert value(m, "courier_delivery_latency_seconds_bucket", destination="billing", le="+Inf") == N - 1
+                assert value(m, "courier_delivery_latency_seconds_count", destination="billing") == N
+                assert value(m, "courier_delivery_latency_seconds_bucket", destination="billing", le="+Inf") == N
                 assert value(m, "courier_backlog", destination="billing") == 0
                 assert value(m, "courier_dead_deliveries", destination="billing") == 1
-                assert value(m, "courier_backlog", destination="erp") == N  # paused: held in the store
+                assert value(m, "courier_backlog", destination="erp") == N + 1  # paused: held in the store
                 assert value(m, "courier_oldest_pending_age_seconds", destination="erp") > 0
                 assert value(m, "courier_destination_paused", destination="erp") == 1
                 assert value(m, "courier_circuit_state", destination="billing", state="closed") == 1
                 assert value(m, "courier_store_up") == 1
-            assert len(billing.received) == N  # the sink agrees: N requests, one refused
+            assert len(billing.received) == N + 1  # the sink agrees: N + 1 requests, one refused
 
-            # The counts came from several processes: the web worker(s) and the Celery children.
+            # The counts came from several processes: web worker(s), the MLLP listener, Celery children.
             writers = {f.name.rsplit("_", 1)[1] for f in metrics_dir.glob("*.db")}
-            assert len(writers) >= 2, sorted(os.listdir(metrics_dir))
+            assert len(writers) >= 3, sorted(os.listdir(metrics_dir))
 
             with store.session() as s:
                 outbox.resume_destination(s, "erp", actor="test")
-            wait_for(lambda: count(store, "erp", "delivered") == N, "erp drained", c.procs.logs)
+            wait_for(lambda: count(store, "erp", "delivered") == N + 1, "erp drained", c.procs.logs)
             with store.session() as s:  # billing's breaker open (as after failures): shown per destination
                 s.merge(Circuit(destination="billing", state="open", failures=5, trips=1, changed_at=utcnow(),
                                 open_until=utcnow() + timedelta(hours=1)))
             m = parse(http_get(port, "/metrics")[2])
-            assert value(m, "courier_deliveries_total", destination="erp", status="delivered") == N
-            assert value(m, "courier_delivery_latency_seconds_count", destination="erp") == N
+            assert value(m, "courier_deliveries_total", destination="erp", status="delivered") == N + 1
+            assert value(m, "courier_delivery_latency_seconds_count", destination="erp") == N + 1
             assert value(m, "courier_backlog", destination="erp") == 0
             assert value(m, "courier_oldest_pending_age_seconds", destination="erp") == 0
             assert value(m, "courier_destination_paused", destination="erp") == 0
             assert value(m, "courier_circuit_state", destination="billing", state="open") == 1
             assert value(m, "courier_circuit_state", destination="billing", state="closed") == 0
-            assert total(m, "courier_messages_accepted_total") == N
-            assert total(m, "courier_delivery_attempts_total") == 2 * N
+            assert total(m, "courier_messages_accepted_total") == N + 1
+            assert total(m, "courier_delivery_attempts_total") == 2 * (N + 1)
             print(f"\nmetrics files from {len(writers)} processes: {sorted(os.listdir(metrics_dir))}")
         finally:
-            os.killpg(web.pid, signal.SIGTERM)
-            try:
-                web.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(web.pid, signal.SIGKILL)
-            web_log.close()
+            for proc in shells:
+                _stop(proc)
     # No PHI in the exposition: the bodies' contents never appear.
-    assert '"n"' not in scrapes[0][2] and "m-1" not in scrapes[0][2]
+    assert '"n"' not in scrapes[0][2] and "m-1" not in scrapes[0][2] and "12345" not in scrapes[0][2]
+
+
+def _shell(command: str, env: dict, log_path: Path) -> subprocess.Popen:
+    """A Procfile command in its own process group (stopped with its children by _stop)."""
+    with open(log_path, "ab") as log:
+        return subprocess.Popen(["sh", "-c", f"exec {command}"], env=env, cwd=ROOT, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=5)
+
+
+def _listening(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return True
+    except OSError:
+        return False
 
 
 def _up(port: int) -> bool:
