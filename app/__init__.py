@@ -7,8 +7,6 @@ the database, the broker or the routes (the pattern of pypi/warehouse's
 """
 from __future__ import annotations
 
-import logging
-
 from flask import Flask
 
 from app.settings import Settings, load_settings
@@ -18,7 +16,7 @@ __all__ = ["create_app"]
 
 def create_app(settings: Settings | None = None, test_config: dict | None = None) -> Flask:
     """Build the Flask app; `settings` defaults to the environment and COURIER_CONFIG."""
-    from app import api, db
+    from app import api, db, observability
 
     settings = settings or load_settings()
     flask_app = Flask(__name__, instance_relative_config=False)
@@ -28,5 +26,5 @@ def create_app(settings: Settings | None = None, test_config: dict | None = None
     flask_app.extensions["courier.settings"] = settings
     flask_app.extensions["courier.store"] = db.Store(settings.database_url)
     api.init_app(flask_app)
-    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    observability.init_app(flask_app, settings)  # JSON logs, Sentry, a correlation id per request
     return flask_app

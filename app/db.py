@@ -13,6 +13,7 @@ from sqlalchemy.orm import Session, sessionmaker
 def make_engine(url: str, **kwargs) -> Engine:
     """An engine tuned for the outbox: pre-ping (databases restart), WAL and a busy timeout on SQLite."""
     parsed = make_url(url)
+    kwargs.setdefault("hide_parameters", True)  # SQL errors in logs and Sentry must not carry bodies (PHI)
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)

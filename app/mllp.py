@@ -27,6 +27,7 @@ import click
 from flask import current_app
 
 from app.cli import with_appcontext
+from app.observability import current_correlation_id, with_new_correlation
 
 log = logging.getLogger("courier.mllp")
 
@@ -293,6 +294,7 @@ class MllpListener:
 
     # --- one frame (runs in the thread pool) ---------------------------------------------
 
+    @with_new_correlation  # one correlation id per frame: its log lines and its messages share it
     def process(self, payload: bytes, where: str, candidates: list) -> Answer:
         """Parse, pick the source, ingest; the ACK for the whole frame. Never raises."""
         from app.ingest import IngestError, ingest
@@ -314,7 +316,8 @@ class MllpListener:
             return self._answer_messages(payload, messages, "AR", reason, "207", f"AR MSH-10 {ids}: unknown sender")
         try:
             results, _ = ingest(self.store, self.settings.routing, source=source.name,
-                                content_type="application/hl7-v2", body=payload)
+                                content_type="application/hl7-v2", body=payload,
+                                correlation_id=current_correlation_id())
         except IngestError as exc:
             code = "AE" if exc.status >= 500 else "AR"
             return self._answer_messages(payload, messages, code, exc.message, _ERROR_CODES.get(exc.code, "207"),

@@ -15,6 +15,7 @@ from flask import current_app
 import adapters
 from app import metrics, outbox, transforms
 from app.models import DEAD, Delivery, utcnow
+from app.observability import correlation
 from app.db import Store
 from app.settings import Destination, Settings
 from tasks.celery_app import publish_dead_letter
@@ -104,14 +105,17 @@ def run_batch(settings: Settings, store: Store, items: list[tuple[str, int]]) ->
     for ticket in tickets:
         sent = results.setdefault(ticket.destination, [])
         failed = any(o is None or o.result == "temporary" for _, o in sent)
-        sent.append((ticket, None if failed else attempt(ticket, destinations[ticket.destination])))
+        with correlation(ticket.correlation_id):  # the message's id in this attempt's logs and Sentry events
+            sent.append((ticket, None if failed else attempt(ticket, destinations[ticket.destination])))
     with store.session() as session:
         for name, sent in results.items():
             statuses.update(outbox.finish_attempts(session, destinations[name], sent))
     for ticket, outcome in (pair for sent in results.values() for pair in sent):
         if outcome is not None:
             log.info("delivery %s to %s attempt %d: %s (%s)", ticket.delivery_id, ticket.destination,
-                     ticket.number, statuses[ticket.delivery_id], outcome.detail)
+                     ticket.number, statuses[ticket.delivery_id], outcome.detail,
+                     extra={"delivery_id": ticket.delivery_id, "message_id": ticket.message_id,
+                            "destination": ticket.destination, "correlation_id": ticket.correlation_id})
     metrics.delivered(store, results, statuses)  # after the finish transaction committed
     return statuses
 

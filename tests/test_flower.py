@@ -98,16 +98,16 @@ def test_flower_lists_the_worker_and_the_per_destination_queues(tmp_path, store,
                 status, queues = _get(f"{base}/api/queues/length", auth)
                 # The management API reports a new queue's "messages" after its first stats tick (~5 s).
                 counted = {q["name"] for q in (queues or {}).get("active_queues", []) if "messages" in q}
-                if status == 200 and f"{queue_prefix}.deliver.billing" in counted:
+                if status == 200 and {f"{queue_prefix}.deliver.{d}" for d in ("billing", "erp")} <= counted:
                     break
             time.sleep(0.5)
         else:
             pytest.fail(f"Flower did not list the worker and queues: {workers} {queues}\n{c.procs.logs()}")
 
         assert any(name.startswith(f"worker-{os.getpid()}@") for name in workers), workers
-        lengths = {q["name"]: q["messages"] for q in queues["active_queues"]}
-        assert lengths[f"{queue_prefix}.deliver.billing"] == 0, lengths  # a number: read from the management API
-        assert f"{queue_prefix}.deliver.erp" in lengths, lengths
+        lengths = {q["name"]: q.get("messages") for q in queues["active_queues"]}
+        # Numbers, read from the management API (earlier tests of this run may have left tasks there).
+        assert all(isinstance(lengths[f"{queue_prefix}.deliver.{d}"], int) for d in ("billing", "erp")), lengths
         # Without credentials, or with wrong ones, Flower answers 401.
         assert _get(f"{base}/api/workers")[0] == 401
         assert _get(f"{base}/api/queues/length", "ops:wrong")[0] == 401
