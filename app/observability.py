@@ -16,6 +16,7 @@ import re
 import sys
 import traceback
 import uuid
+import warnings
 from contextlib import contextmanager
 from contextvars import ContextVar
 from datetime import datetime, timezone
@@ -277,17 +278,21 @@ def setup_sentry(dsn: str | None) -> bool:
     from sentry_sdk.integrations.flask import FlaskIntegration
     from sentry_sdk.integrations.sqlalchemy import SqlalchemyIntegration
 
-    sentry_sdk.init(
-        dsn=dsn,
-        integrations=[FlaskIntegration(), CeleryIntegration(), SqlalchemyIntegration()],
-        send_default_pii=False,          # no user, IP, cookies or headers with credentials
-        include_local_variables=False,   # a frame's locals hold bodies and segments
-        max_request_body_size="never",   # the request body is the message
-        include_source_context=True,     # our source code lines, not data
-        before_send=scrub_event,
-        before_breadcrumb=scrub_breadcrumb,
-        traces_sample_rate=0,            # errors only; transactions would carry URLs and SQL
-    )
+    with warnings.catch_warnings():
+        # sentry-sdk >= 2.7x deprecates send_default_pii for data_collection, which older 2.x (setup.cfg
+        # allows >=2.0) rejects; send_default_pii=False means the same in both, and before_send is the guard.
+        warnings.filterwarnings("ignore", message=".*send_default_pii.*", category=DeprecationWarning)
+        sentry_sdk.init(
+            dsn=dsn,
+            integrations=[FlaskIntegration(), CeleryIntegration(), SqlalchemyIntegration()],
+            send_default_pii=False,          # no user, IP, cookies or headers with credentials
+            include_local_variables=False,   # a frame's locals hold bodies and segments
+            max_request_body_size="never",   # the request body is the message
+            include_source_context=True,     # our source code lines, not data
+            before_send=scrub_event,
+            before_breadcrumb=scrub_breadcrumb,
+            traces_sample_rate=0,            # errors only; transactions would carry URLs and SQL
+        )
     _sentry_dsn = dsn
     return True
 

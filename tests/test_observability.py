@@ -111,6 +111,33 @@ def test_text_format_for_development_still_carries_the_correlation_id():
         assert formatter.format(record).endswith("[c-1] hello world")
 
 
+def test_each_mllp_frame_gets_its_own_correlation_id_and_the_previous_one_comes_back():
+    seen = []
+    process = observability.with_new_correlation(lambda: seen.append(observability.current_correlation_id()))
+    with observability.correlation("outer"):
+        process()
+        process()
+        assert observability.current_correlation_id() == "outer"
+    assert len(set(seen)) == 2 and "outer" not in seen
+
+
+def test_scrub_keeps_templates_and_ids_and_drops_values():
+    event = {"level": "error", "logentry": {"message": "bad %s", "params": [PATIENT]}, "message": f"bad {PATIENT}",
+             "extra": {"delivery_id": "d1", "body": BODY, "celery-job": {"task_name": "courier.deliver",
+                                                                         "args": [SEGMENT]}},
+             "request": {"method": "POST", "url": f"http://x/api/v1/messages?mrn={MRN}", "data": BODY,
+                         "headers": {"Authorization": "Bearer t"}, "cookies": "c"},
+             "user": {"ip_address": "10.0.0.1"}, "contexts": {"runtime": {"name": "CPython"}, "flask": {"b": BODY}},
+             "breadcrumbs": {"values": [{"category": "query", "message": "SELECT :p", "data": {"params": MRN}},
+                                        {"category": "somelib", "message": f"got {PATIENT}"}]}}
+    out = observability.scrub_event(event)
+    assert out["logentry"] == {"message": "bad %s"} and out["extra"] == {"delivery_id": "d1",
+                                                                         "task_name": "courier.deliver"}
+    assert out["request"] == {"method": "POST", "url": "http://x/api/v1/messages"} and "user" not in out
+    assert out["contexts"] == {"runtime": {"name": "CPython"}}
+    assert not any(secret in json.dumps(out) for secret in SECRETS), out
+
+
 # --- Sentry ---------------------------------------------------------------------------------
 
 class SentryStandIn:
