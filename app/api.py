@@ -5,17 +5,18 @@ thin: parsing and storing live in `app.ingest`, status changes in `app.outbox`.
 """
 from __future__ import annotations
 
+import base64
 import logging
 from datetime import datetime
 from functools import wraps
 
 from flask import Blueprint, Flask, current_app, g, jsonify, request, url_for
 from marshmallow import Schema, ValidationError, fields, validate, validates, validates_schema
-from sqlalchemy import select
+from sqlalchemy import select, tuple_
 from sqlalchemy.exc import SQLAlchemyError
 from werkzeug.exceptions import HTTPException
 
-from app import audit, circuits, outbox, reports, tokens
+from app import audit, circuits, models, outbox, reports, tokens
 from app.db import Store
 from app.ingest import IngestError, ingest, json_object
 from app.models import Attempt, AuditRecord, Delivery, Message, utcnow
@@ -24,6 +25,8 @@ from app.settings import Settings, StrictSchema
 log = logging.getLogger("courier.api")
 bp = Blueprint("courier", __name__)
 PAGE_SIZE = 100
+MESSAGE_STATUSES = (models.ACCEPTED, models.UNROUTED)
+DELIVERY_STATUSES = (models.PENDING, models.IN_FLIGHT, models.RETRYING, models.DELIVERED, models.DEAD)
 
 
 def store() -> Store:
@@ -156,30 +159,95 @@ def _limit() -> int:
                           {"parameter": "limit"}) from None
 
 
-def _page(query, id_column, render):
-    """Keyset paging on time-ordered ids: newest first, `cursor` is the last id of the previous page."""
-    limit = _limit()
-    cursor = request.args.get("cursor")
+def _until() -> datetime | None:
+    """The `until` query parameter: an exclusive upper bound, validated like `since`."""
+    return _since("until")
+
+
+def _choice(name: str, allowed: tuple[str, ...]) -> str | None:
+    """A query parameter that must be one of `allowed`: a typo gets a 400, not an empty list."""
+    value = request.args.get(name)
+    if value and value not in allowed:
+        raise IngestError(400, "malformed", f"query parameter {name}: one of {', '.join(allowed)}, not {value!r}",
+                          {"parameter": name})
+    return value or None
+
+
+def _decode_cursor(raw: str) -> tuple[datetime, str]:
+    """The (received_at, id) of the last row of the previous page, from `next_cursor`."""
+    try:
+        at, _, last_id = base64.urlsafe_b64decode(raw.encode() + b"=" * (-len(raw) % 4)).decode().partition("|")
+        value = datetime.fromisoformat(at)
+        if not last_id or value.tzinfo is None:
+            raise ValueError(raw)
+    except (ValueError, UnicodeError):
+        raise IngestError(400, "malformed", f"query parameter cursor: not a cursor from this list: {raw!r}",
+                          {"parameter": "cursor"}) from None
+    return value, last_id
+
+
+def _encode_cursor(at: datetime, last_id: str) -> str:
+    return base64.urlsafe_b64encode(f"{at.isoformat()}|{last_id}".encode()).decode().rstrip("=")
+
+
+def keyset(query, id_column, time_column=None, cursor: str | None = None):
+    """`query` ordered newest first and started after `cursor` (the last row of the previous page).
+
+    With `time_column` the order is (time, id) descending and the cursor carries both, so a
+    filtered list walks the (filter, time) index backwards and stops after a page of rows; many
+    rows may share a time, the id breaks the tie. Without it the order is the time-ordered id.
+    """
+    if time_column is None:
+        if cursor:
+            query = query.where(id_column < cursor)
+        return query.order_by(id_column.desc())
     if cursor:
-        query = query.where(id_column < cursor)
+        at, last_id = _decode_cursor(cursor)
+        # The plain `<=` is implied by the row comparison; it is there so the planner can use it
+        # as an index bound on indexes that end in the time column (they do not hold the id).
+        query = query.where(time_column <= at, tuple_(time_column, id_column) < tuple_(at, last_id))
+    return query.order_by(time_column.desc(), id_column.desc())
+
+
+def _page(query, id_column, render, time_column=None):
+    """One page of `query` as {"items", "next_cursor"}; see `keyset` for the order and the cursor."""
+    limit = _limit()
+    query = keyset(query, id_column, time_column, request.args.get("cursor"))
     with store().session() as session:
-        rows = session.scalars(query.order_by(id_column.desc()).limit(limit + 1)).all()
+        rows = session.scalars(query.limit(limit + 1)).all()
         items = [render(r) for r in rows[:limit]]
-    next_cursor = rows[limit - 1].id if len(rows) > limit else None
+        last = rows[limit - 1] if len(rows) > limit else None
+        if last is None:
+            next_cursor = None
+        elif time_column is None:
+            next_cursor = last.id
+        else:
+            next_cursor = _encode_cursor(getattr(last, time_column.key), last.id)
     return jsonify({"items": items, "next_cursor": next_cursor})
+
+
+def messages_query():
+    """The search behind GET /api/v1/messages, without paging (bench/paging.py times it too)."""
+    query = select(Message)
+    status = _choice("status", MESSAGE_STATUSES)
+    for value, column in ((status, Message.status), (request.args.get("source"), Message.source),
+                          (request.args.get("type"), Message.type),
+                          (request.args.get("idempotency_key"), Message.dedup_key)):
+        if value:
+            query = query.where(column == value)
+    since, until = _since(), _until()
+    if since:
+        query = query.where(Message.received_at >= since)
+    if until:
+        query = query.where(Message.received_at < until)
+    return query
 
 
 @bp.get("/api/v1/messages")
 @require("read")
 def list_messages():
-    query = select(Message)
-    for arg, column in (("status", Message.status), ("source", Message.source), ("type", Message.type)):
-        if request.args.get(arg):
-            query = query.where(column == request.args[arg])
-    since = _since()
-    if since:
-        query = query.where(Message.received_at >= since)
-    return _page(query, Message.id, _message)
+    """Messages newest first, filtered by status, source, type, idempotency_key and a [since, until) window."""
+    return _page(messages_query(), Message.id, _message, Message.received_at)
 
 
 @bp.get("/api/v1/messages/<message_id>")
@@ -197,11 +265,18 @@ def get_message(message_id: str):
 @bp.get("/api/v1/deliveries")
 @require("read")
 def list_deliveries():
+    """Deliveries newest first (time-ordered ids), filtered by status and destination."""
+    return _page(deliveries_query(), Delivery.id, _delivery)
+
+
+def deliveries_query():
+    """The search behind GET /api/v1/deliveries, without paging (bench/paging.py times it too)."""
     query = select(Delivery)
-    for arg, column in (("status", Delivery.status), ("destination", Delivery.destination)):
-        if request.args.get(arg):
-            query = query.where(column == request.args[arg])
-    return _page(query, Delivery.id, _delivery)
+    status = _choice("status", DELIVERY_STATUSES)
+    for value, column in ((status, Delivery.status), (request.args.get("destination"), Delivery.destination)):
+        if value:
+            query = query.where(column == value)
+    return query
 
 
 @bp.get("/api/v1/destinations")

@@ -71,6 +71,8 @@ class Message(Base):
         Index("ix_courier_messages_source_received_at", "source", "received_at"),
         Index("ix_courier_messages_status_received_at", "status", "received_at"),
         Index("ix_courier_messages_type_received_at", "type", "received_at"),
+        # GET /api/v1/messages?idempotency_key=... without a source: the unique index leads with source.
+        Index("ix_courier_messages_dedup_key", "dedup_key"),
     )
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
