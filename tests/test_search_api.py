@@ -121,3 +121,24 @@ def test_the_status_filter_uses_an_index(client, store, app):
         conn.exec_driver_sql("ANALYZE courier_messages")
         plan = "\n".join(row[0] for row in conn.exec_driver_sql(f"EXPLAIN {sql}"))
     assert "ix_courier_messages_status_received_at" in plan and "Seq Scan" not in plan, plan
+
+
+def test_paging_on_sqlite(sqlite_store, config_file, queue_prefix, make_token):
+    """SQLite gives times back without their zone: the cursor must still page (the hospital scenario's store)."""
+    from app import create_app, tokens
+    from tests.conftest import settings_for
+
+    app = create_app(settings_for(config_file, sqlite_store.url, queue_prefix), {"TESTING": True})
+    app.extensions["courier.store"].dispose()
+    app.extensions["courier.store"] = sqlite_store
+    seed(sqlite_store, [("lab", "a", "accepted", f"k{i}", T0 + timedelta(seconds=i // 2)) for i in range(7)])
+    with sqlite_store.session() as s:
+        _, plaintext = tokens.create(s, scope="operate", source=None)
+    headers, client, seen, cursor = {"Authorization": f"Bearer {plaintext}"}, app.test_client(), [], ""
+    while cursor is not None:
+        r = client.get(f"/api/v1/messages?limit=3&until=2026-11-02T00:00:00Z{cursor and f'&cursor={cursor}'}",
+                       headers=headers)
+        assert r.status_code == 200, r.get_json()
+        seen += [m["idempotency_key"] for m in r.get_json()["items"]]
+        cursor = r.get_json()["next_cursor"]
+    assert sorted(seen) == [f"k{i}" for i in range(7)] and len(seen) == 7
