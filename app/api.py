@@ -324,13 +324,17 @@ def reconciliation():
 
 # --- operator actions: replay, pause, resume, audit ------------------------
 
+# PostgreSQL text cannot hold NUL: refused here (422) rather than by the store (a DataError, 503).
+_NO_NUL = validate.Regexp(r"[^\x00]*\Z", error="must not contain NUL characters")
+
+
 class ReasonSchema(StrictSchema):
-    reason = fields.String(load_default="", validate=validate.Length(max=2000))
+    reason = fields.String(load_default="", validate=[validate.Length(max=2000), _NO_NUL])
 
 
 class PauseSchema(StrictSchema):
     # Pausing stops deliveries to a clinical system: the log must say why.
-    reason = fields.String(required=True, validate=validate.Length(min=1, max=2000))
+    reason = fields.String(required=True, validate=[validate.Length(min=1, max=2000), _NO_NUL])
 
 
 class ReplayFilterSchema(StrictSchema):
@@ -338,7 +342,7 @@ class ReplayFilterSchema(StrictSchema):
     status = fields.String(required=True, validate=validate.OneOf(outbox.REPLAYABLE))
     since = fields.AwareDateTime(load_default=None, allow_none=True)
     until = fields.AwareDateTime(load_default=None, allow_none=True)
-    reason = fields.String(load_default="", validate=validate.Length(max=2000))
+    reason = fields.String(load_default="", validate=[validate.Length(max=2000), _NO_NUL])
     limit = fields.Integer(load_default=outbox.REPLAY_LIMIT, validate=validate.Range(min=1, max=outbox.REPLAY_LIMIT))
 
     @validates("destination")
@@ -435,6 +439,8 @@ def list_audit():
     raw_cursor = request.args.get("cursor")
     try:
         cursor = int(raw_cursor) if raw_cursor else None
+        if cursor is not None and not 0 < cursor < 2**63:  # ids are positive BIGINTs; past it the store errs (503)
+            raise ValueError(raw_cursor)
     except ValueError:
         return error(400, "malformed", f"query parameter cursor: not a cursor from this list: {raw_cursor!r}",
                      {"parameter": "cursor"})
@@ -451,6 +457,15 @@ def list_audit():
 @bp.get("/healthz")
 def healthz():
     return jsonify({"status": "ok"})
+
+
+@bp.get("/api/openapi.json")
+def openapi():
+    """The OpenAPI 3 document (app.openapi), paths as this app mounts them. No token: it holds no data,
+    and clients and scanners need it to talk to the API at all."""
+    from app.openapi import document
+
+    return jsonify(document(bp.name))
 
 
 @bp.get("/metrics")
@@ -489,6 +504,17 @@ def readyz():
 def _limit_body():
     # Per request, not app-wide MAX_CONTENT_LENGTH: inside a host app the limit is Courier's own.
     request.max_content_length = settings().max_message_bytes
+
+
+@bp.before_request
+def _refuse_nul():
+    # PostgreSQL text cannot hold NUL: a NUL in a path or query parameter reached the store as a
+    # DataError, answered 503 "try again" for what is the caller's mistake. One check for every route.
+    params = [*(request.view_args or {}).items(), *request.args.items(multi=True)]
+    for name, value in params:
+        if isinstance(value, str) and "\x00" in value:
+            return error(400, "malformed", f"parameter {name}: contains a NUL character", {"parameter": name})
+    return None
 
 
 @bp.errorhandler(IngestError)
