@@ -178,7 +178,7 @@ def _decode_cursor(raw: str) -> tuple[datetime, str]:
     try:
         at, _, last_id = base64.urlsafe_b64decode(raw.encode() + b"=" * (-len(raw) % 4)).decode().partition("|")
         value = datetime.fromisoformat(at)
-        if not last_id or value.tzinfo is None:
+        if not last_id or "\x00" in last_id or value.tzinfo is None:  # PostgreSQL refuses NUL in text
             raise ValueError(raw)
     except (ValueError, UnicodeError):
         raise IngestError(400, "malformed", f"query parameter cursor: not a cursor from this list: {raw!r}",

@@ -36,7 +36,10 @@ class IngestError(Exception):
 class EventSchema(StrictSchema):
     """The JSON event envelope. `data` is the payload; its own schema belongs to the event type."""
 
-    type = fields.String(required=True, validate=validate.Length(min=1, max=128))
+    type = fields.String(required=True, validate=[
+        validate.Length(min=1, max=128),
+        # PostgreSQL refuses NUL in text: refused here, it is a 422 the sender can fix, not a 503 to retry.
+        validate.Regexp(r"[^\x00]*\Z", error="must not contain NUL characters")])
     id = fields.String(validate=validate.Regexp(_SAFE_ID, error="1-255 characters of A-Z a-z 0-9 . _ : @ / + = -"))
     occurred_at = fields.AwareDateTime(default_timezone=None)
     version = fields.Integer(validate=validate.Range(min=1))

@@ -278,16 +278,12 @@ def test_an_audit_cursor_outside_the_id_range_is_a_400(client, make_token, curso
     assert r.status_code == 400 and r.get_json()["error"]["details"] == {"parameter": "cursor"}
 
 
-@pytest.mark.xfail(strict=True, reason="app/ingest.py EventSchema.type accepts NUL; the store refuses it (503 "
-                                       "'send again'). Fix there: validate=[Length(1, 128), no NUL] -> 422.")
 def test_an_event_type_with_a_nul_is_refused_as_invalid_not_a_store_error(client, make_token):
     r = client.post("/api/v1/messages", data='{"type": "a\\u0000b", "data": {}}', content_type="application/json",
                     headers=make_token())
     assert r.status_code == 422, r.get_json()
 
 
-@pytest.mark.xfail(strict=True, reason="app/api.py _decode_cursor (message paging, being reworked elsewhere) passes a "
-                                       "NUL in the decoded id to the store (503). Fix there: refuse it like a bad cursor.")
 def test_a_message_cursor_hiding_a_nul_is_a_400(client, make_token):
     import base64
 
