@@ -112,8 +112,10 @@ def run_batch(settings: Settings, store: Store, items: list[tuple[str, int]]) ->
             statuses.update(outbox.finish_attempts(session, destinations[name], sent))
     for ticket, outcome in (pair for sent in results.values() for pair in sent):
         if outcome is not None:
-            log.info("delivery %s to %s attempt %d: %s (%s)", ticket.delivery_id, ticket.destination,
-                     ticket.number, statuses[ticket.delivery_id], outcome.detail,
+            # The outcome's detail stays out of the log: it may quote the destination's answer or a
+            # transform's error, which can carry PHI. It is in the attempt log (API, `courier messages show`).
+            log.info("delivery %s to %s attempt %d: %s (%s, status %s)", ticket.delivery_id, ticket.destination,
+                     ticket.number, statuses[ticket.delivery_id], outcome.result, outcome.status_code,
                      extra={"delivery_id": ticket.delivery_id, "message_id": ticket.message_id,
                             "destination": ticket.destination, "correlation_id": ticket.correlation_id})
     metrics.delivered(store, results, statuses)  # after the finish transaction committed
