@@ -115,6 +115,7 @@ def test_a_dead_destination_does_not_stop_a_healthy_one(tmp_path, store, queue_p
 def test_http_400_goes_dead_once_shows_in_the_dlq_and_replays(tmp_path, store, queue_prefix):
     with HttpSink(status=400) as sink, running_courier(tmp_path, store, queue_prefix,
                                                        {"billing": sink.url}) as courier:
+        dlq_messages(courier.app, "billing")  # the queue prefix is the session's: earlier tests' dead letters
         courier.procs.start("worker")
         courier.procs.start("relay")
         post_messages(courier.client, courier.headers, 3)
