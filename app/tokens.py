@@ -78,6 +78,7 @@ def authenticate(session: Session, plaintext: str) -> ApiToken | None:
     now = utcnow()
     if row.last_used_at is None or now - row.last_used_at > LAST_USED_RESOLUTION:
         row.last_used_at = now
+        session.flush()  # now: the caller may expunge the row before its commit, which would drop the change
     return row
 
 
