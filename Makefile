@@ -35,7 +35,9 @@ hospital: migrate
 	courier config check
 	honcho start -f Procfile web worker relay mllp
 
+# bandit first: any finding fails the run unless its line says `# nosec BXXX  # why` ([tool.bandit] in pyproject.toml).
 test: install
+	$(VENV)/bin/bandit -c pyproject.toml -r app tasks adapters courier migrations -q
 	pytest
 
 # Benchmarks print numbers; they assert nothing (see bench/run.py). py-spy is for the profile only,

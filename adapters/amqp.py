@@ -167,7 +167,7 @@ class AmqpAdapter(Adapter):
         if connection is not None:
             try:
                 connection.release()
-            except Exception:  # a dead connection cannot be closed politely; it is gone either way
+            except Exception:  # nosec B110  # a dead connection cannot be closed politely; it is gone either way
                 pass
 
 

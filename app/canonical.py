@@ -116,7 +116,8 @@ class PartialDate(Timestamp):
 
 
 def _meta(level: str, pseudonymise: str | None = None) -> dict:
-    assert level in CLASSIFICATIONS, level
+    if level not in CLASSIFICATIONS:  # a schema definition error; an assert would vanish under python -O
+        raise ValueError(f"unknown classification {level!r}")
     return {"classification": level, **({"pseudonymise": pseudonymise} if pseudonymise else {})}
 
 

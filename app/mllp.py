@@ -116,10 +116,16 @@ class Answer:
     summary: str
 
 
+# The listener's default address. B104 (binding to all interfaces) is intended: the listener exists to take HL7
+# feeds from interface engines on other hosts; who can reach it is the network's and TLS's business (README,
+# MLLP), and `courier mllp --host` narrows it.
+ALL_INTERFACES = "0.0.0.0"  # nosec B104  # see above
+
+
 class MllpListener:
     """Serves MLLP on host:port until stop(); run() is the coroutine that does it."""
 
-    def __init__(self, settings, store, *, host: str = "0.0.0.0", port: int | None = None,
+    def __init__(self, settings, store, *, host: str = ALL_INTERFACES, port: int | None = None,
                  idle_timeout: float = 600.0, frame_timeout: float = 60.0, ingest_timeout: float = 30.0,
                  write_timeout: float = 30.0, max_connections: int = 200, workers: int = 8,
                  stop_grace: float = 20.0):
@@ -382,7 +388,7 @@ def _env_seconds(name: str, default: float) -> float:
 
 
 @click.command("mllp")
-@click.option("--host", default="0.0.0.0", show_default=True, help="address to listen on (port: MLLP_PORT)")
+@click.option("--host", default=ALL_INTERFACES, show_default=True, help="address to listen on (port: MLLP_PORT)")
 @with_appcontext
 def mllp_command(host: str):
     """Receive HL7 v2 over MLLP on MLLP_PORT until SIGTERM; ACK AA only after commit."""
