@@ -921,3 +921,9 @@ def test_age_band(born, on, band):
 ])
 def test_zip3(postal, country, expected):
     assert canonical.zip3(postal, country) == expected
+
+
+def test_an_unknown_classification_level_is_refused_even_under_python_O():
+    """Schema definitions name their level; a typo must fail loudly (an assert would vanish under -O)."""
+    with pytest.raises(ValueError, match="unknown classification"):
+        canonical._meta("secretish")
