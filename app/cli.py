@@ -403,7 +403,7 @@ def _payload(body: bytes) -> dict:
 
 def dry_run(routing: RoutingConfig, plans: list[ingest.Plan], source: str) -> list[dict]:
     """Each planned message's destinations and what each would be sent, or why its transform
-    refuses. The transform is called as tasks.deliver.attempt() calls it, on the body as it
+    refuses. The transform is called as tasks.deliver.attempt() calls it (transforms.apply), on the body as it
     would be stored; only the message id is made up ('dry-run-<n>': nothing is stored)."""
     messages = []
     for number, plan in enumerate(plans, 1):
@@ -418,9 +418,9 @@ def dry_run(routing: RoutingConfig, plans: list[ingest.Plan], source: str) -> li
             envelope = transforms.Envelope(f"dry-run-{number}", source, parsed.message_type, parsed.content_type,
                                            parsed.body, d.name, d.clearance)
             try:
-                body, content_type = transforms.resolve(d.transform)(envelope)
-            except Exception as exc:  # as in the worker: the delivery would be dead at once, with this reason
-                out["error"] = f"transform {d.transform or 'passthrough'} failed: {type(exc).__name__}: {exc}"
+                body, content_type = transforms.apply(d.transform, envelope)
+            except transforms.TransformFailed as exc:  # as in the worker: dead at once, with this reason
+                out["error"] = str(exc)
             else:
                 out.update(content_type=content_type, bytes=len(body), **_payload(body))
             outs.append(out)

@@ -465,3 +465,19 @@ def resolve(name: str | None) -> Transform:
     if not callable(fn):
         raise LookupError(f"transform {name!r} is not callable")
     return fn
+
+
+class TransformFailed(Exception):
+    """A transform could not be loaded or raised: the message's delivery is dead with this reason."""
+
+
+def apply(name: str | None, envelope: Envelope) -> tuple[bytes, str]:
+    """Run the destination's transform on `envelope`, as the worker does and `courier routes test` shows.
+
+    Any failure (a transform is operator code) becomes TransformFailed, worded
+    "transform NAME failed: Type: message", the reason a dead delivery carries.
+    """
+    try:
+        return resolve(name)(envelope)
+    except Exception as exc:
+        raise TransformFailed(f"transform {name or 'passthrough'} failed: {type(exc).__name__}: {exc}") from exc

@@ -45,12 +45,11 @@ def attempt(ticket: outbox.Ticket, destination: Destination) -> outbox.Outcome:
                               retry_after, throttled)
 
     try:
-        body, content_type = transforms.resolve(destination.transform)(transforms.Envelope(
+        body, content_type = transforms.apply(destination.transform, transforms.Envelope(
             ticket.message_id, ticket.source, ticket.message_type, ticket.content_type, ticket.body,
             destination.name, destination.clearance))
-    except Exception as exc:  # a transform is operator code: any failure is this message's, permanently
-        return outcome("permanent", f"transform {destination.transform or 'passthrough'} failed: "
-                                    f"{type(exc).__name__}: {exc}")
+    except transforms.TransformFailed as exc:  # any failure is this message's, permanently
+        return outcome("permanent", str(exc))
     try:
         sent = adapter_for(destination).send(adapters.Outgoing(
             ticket.delivery_id, ticket.message_id, ticket.correlation_id, body, content_type,
