@@ -38,6 +38,16 @@ def dlq_messages(app, destination: str) -> list:
     return found
 
 
+def wait_parked(app, destination: str, delivery_id: str, timeout: float = 90.0) -> bool:
+    """Whether something naming `delivery_id` reaches the destination's DLQ within `timeout` (drained as read)."""
+    deadline = time.monotonic() + timeout
+    parked: list = []
+    while not any(delivery_id in str(m) for m in parked) and time.monotonic() < deadline:
+        time.sleep(1.0)
+        parked += dlq_messages(app, destination)
+    return any(delivery_id in str(m) for m in parked)
+
+
 def statuses(store) -> dict[str, int]:
     with store.session() as s:
         return dict(s.execute(select(Delivery.status, func.count()).group_by(Delivery.status)).all())
@@ -152,13 +162,8 @@ def test_a_poison_task_is_parked_in_the_dlq_after_bounded_redeliveries(tmp_path,
         courier.procs.start("relay")
         post_messages(courier.client, courier.headers, 1)
         (delivery_id,) = _delivery_ids(store)
-        deadline = time.monotonic() + 90
-        parked = []
-        while not any(delivery_id in str(m) for m in parked) and time.monotonic() < deadline:
-            time.sleep(1.0)
-            parked += dlq_messages(courier.app, "billing")
         # The Celery task itself, parked by RabbitMQ after DELIVERY_LIMIT redeliveries.
-        assert any(delivery_id in str(m) for m in parked), courier.procs.logs()
+        assert wait_parked(courier.app, "billing", delivery_id), courier.procs.logs()
         with store.session() as s:
             attempts = s.get(Delivery, delivery_id).attempts
         assert 1 <= attempts <= DELIVERY_LIMIT + 1, attempts
@@ -185,12 +190,7 @@ def test_a_poison_message_in_a_batch_is_parked_alone_and_its_neighbours_go(tmp_p
         with store.session() as s:
             (poison,) = [d.id for d in s.scalars(select(Delivery)) if b"poison" in d.message.body]
         wait_all_delivered(store, 5, courier.procs, timeout=90)
-        deadline = time.monotonic() + 90
-        parked = []
-        while not any(poison in str(m) for m in parked) and time.monotonic() < deadline:
-            time.sleep(1.0)
-            parked += dlq_messages(courier.app, "billing")
-        assert any(poison in str(m) for m in parked), courier.procs.logs()
+        assert wait_parked(courier.app, "billing", poison), courier.procs.logs()
     assert all(b"poison" not in r.body for r in sink.received)
     assert set(sink.count_by_key()) == set(_delivery_ids(store)) - {poison}
 
