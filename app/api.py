@@ -41,8 +41,12 @@ def error(status: int, code: str, message: str, details=None):
     return jsonify({"error": {"code": code, "message": message, "details": details or {}}}), status
 
 
+ANY_SCOPE = "any"  # require(ANY_SCOPE): a valid token of any scope will do
+
+
 def require(action: str):
-    """Bearer-token check: 401 without a valid token, 403 when its scope does not grant `action`."""
+    """Bearer-token check: 401 without a valid token, 403 when its scope does not grant `action`
+    (app.tokens.GRANTS; ANY_SCOPE: any live token)."""
     def decorator(view):
         @wraps(view)
         def wrapper(*args, **kwargs):
@@ -64,7 +68,7 @@ def require(action: str):
                     tokens.remember(credential, token)
             if token is None:
                 return error(401, "unauthorized", "the token is unknown or revoked")
-            if not tokens.allows(token, action):
+            if action != ANY_SCOPE and not tokens.allows(token, action):
                 return error(403, "forbidden", f"a {token.scope} token may not {action}")
             g.token = token
             return view(*args, **kwargs)
@@ -460,9 +464,10 @@ def healthz():
 
 
 @bp.get("/api/openapi.json")
+@require(ANY_SCOPE)
 def openapi():
-    """The OpenAPI 3 document (app.openapi), paths as this app mounts them. No token: it holds no data,
-    and clients and scanners need it to talk to the API at all."""
+    """The OpenAPI 3 document (app.openapi), paths as this app mounts them. Every /api/ route needs a
+    token (issue 9): the document maps the attack surface, so any valid token, of any scope, reads it."""
     from app.openapi import document
 
     return jsonify(document(bp.name))

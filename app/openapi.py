@@ -238,12 +238,15 @@ _ERRORS = {
 }
 _AUTH = (401, 403, 503)
 # Which token scopes may call an operation, by the action `require(action)` checks (app.tokens.GRANTS).
-_SCOPES = {"ingest": ["ingest", "admin"], "read": ["operate", "admin"], "replay": ["operate", "admin"]}
+# "any" is app.api.ANY_SCOPE: any live token (the document itself).
+_SCOPES = {"ingest": ["ingest", "admin"], "read": ["operate", "admin"], "replay": ["operate", "admin"],
+           "any": ["ingest", "operate", "admin"]}
 
 
 def _op(summary: str, ok: dict, errors: tuple[int, ...] = (), *, action: str | None = None, **extra) -> dict:
     responses = dict(ok)
-    for status in sorted(set(errors) | (set(_AUTH) if action else set())):
+    auth = set(_AUTH) - ({403} if action == "any" else set())  # any live token: no scope to refuse
+    for status in sorted(set(errors) | (auth if action else set())):
         responses[status] = _json("Error", _ERRORS[status])
     op = {"summary": summary, "responses": responses, **extra}
     if action:
@@ -320,7 +323,8 @@ OPERATIONS: dict[str, dict[str, dict]] = {
     "metrics_view": {"get": _op("Prometheus metrics of every process (text format)", {200: {
         "description": "Prometheus text exposition", "content": {"text/plain": {"schema": {"type": "string"}}}}})},
     "openapi": {"get": _op("This document", {200: {
-        "description": "OpenAPI 3", "content": {"application/json": {"schema": {"type": "object"}}}}})},
+        "description": "OpenAPI 3", "content": {"application/json": {"schema": {"type": "object"}}}}},
+        action="any")},
 }
 
 _COMPONENTS = {
