@@ -93,7 +93,7 @@ def post_message():
     except IngestError as exc:
         if exc.status >= 500:
             log.error("ingest failed for source %s: %s (%s)", source, exc.message, exc.__cause__)
-        return error(exc.status, exc.code, exc.message, exc.details)
+        return _ingest_error(exc)
     bodies = [_accepted(r.message, r.deliveries, r.created) for r in results]
     status = 202 if any(r.created for r in results) else 200
     if is_batch:
@@ -524,7 +524,10 @@ def _refuse_nul():
 
 @bp.errorhandler(IngestError)
 def _ingest_error(exc: IngestError):
-    return error(exc.status, exc.code, exc.message, exc.details)
+    body, status = error(exc.status, exc.code, exc.message, exc.details)
+    if exc.status == 429:  # rate limited: when to send again, in whole seconds (RFC 9110 10.2.3)
+        body.headers["Retry-After"] = str(exc.details["retry_after"])
+    return body, status
 
 
 @bp.errorhandler(HTTPException)

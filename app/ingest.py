@@ -16,9 +16,9 @@ from marshmallow import ValidationError, fields, validate
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session
 
-from app import metrics, ordering, outbox
+from app import metrics, ordering, outbox, ratelimit
 from app.db import Store
-from app.settings import RoutingConfig, StrictSchema
+from app.settings import RateLimit, RoutingConfig, StrictSchema
 
 JSON_TYPES = {"application/json"}
 HL7_TYPES = {"application/hl7-v2", "x-application/hl7-v2+er7"}
@@ -198,6 +198,9 @@ def ingest(store: Store, routing: RoutingConfig, *, source: str, content_type: s
     """Validate, route and durably store; returns (results, is_batch). Raises IngestError."""
     plans, is_batch = plan(routing, source=source, content_type=content_type, body=body,
                            idempotency_key=idempotency_key)
+    limit = routing.sources[source].rate_limit
+    if limit is not None:  # only limited sources pay this round trip
+        _within_rate(store, source, limit, len(plans))
     try:
         with store.session() as session:
             results = store_plans(session, plans, source=source, correlation_id=correlation_id)
@@ -206,3 +209,25 @@ def ingest(store: Store, routing: RoutingConfig, *, source: str, content_type: s
                           "accepted, send again", {"retryable": True}) from exc
     metrics.accepted(source, results)  # after the commit: only what is durable is counted
     return results, is_batch
+
+
+def _within_rate(store: Store, source: str, limit: RateLimit, n: int) -> None:
+    """Charge `n` messages to the source's rate limit, in a transaction of its own before the
+    ingest's (no lock held while storing); IngestError 429 with `retry_after` when over it.
+
+    Messages are counted, not requests: an HL7 batch of 20 costs 20. A duplicate costs too (it
+    is known only when stored), and so does a message the store then fails to commit.
+    """
+    if n > limit.burst:  # could never pass, however long the sender waits
+        raise IngestError(413, "too_large", f"a batch of {n} messages is more than source {source!r} may send "
+                          f"at once ({limit}): split it", {"messages": n, "burst": limit.burst})
+    try:
+        wait = ratelimit.take(store, source, limit, n)
+    except (OperationalError, DBAPIError) as exc:
+        raise IngestError(503, "store_unavailable", "the message store could not check the rate limit; nothing "
+                          "was accepted, send again", {"retryable": True}) from exc
+    if wait is not None:
+        metrics.rate_limited(source, n)
+        raise IngestError(429, "rate_limited", f"source {source!r} sent more than {limit}; nothing was accepted, "
+                          f"retry after {wait} s", {"retry_after": wait, "count": limit.count,
+                                                    "period": limit.period, "burst": limit.burst})

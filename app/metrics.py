@@ -55,7 +55,9 @@ ATTEMPTS = Counter("courier_delivery_attempts", "Attempts made at deliveries, by
 LATENCY = Histogram("courier_delivery_latency_seconds", "Seconds from a message's acceptance to its "
                     "delivery", ["destination"], registry=None,
                     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600, 14400, 86400))
-OWN = (ACCEPTED, DELIVERIES, ATTEMPTS, LATENCY)
+RATE_LIMITED = Counter("courier_rate_limited", "Messages refused by their source's rate limit (429, AE over "
+                       "MLLP)", ["source"], registry=None)
+OWN = (ACCEPTED, DELIVERIES, ATTEMPTS, LATENCY, RATE_LIMITED)
 
 
 def multiprocess_dir() -> str | None:
@@ -75,6 +77,14 @@ def accepted(source: str, results) -> None:
                 ACCEPTED.labels(source, r.message.type).inc()
     except Exception:  # metrics must never turn an accepted message into an error
         log.exception("could not count accepted messages")
+
+
+def rate_limited(source: str, n: int) -> None:
+    """Count messages refused by the source's rate limit (a refused batch of 20 counts 20)."""
+    try:
+        RATE_LIMITED.labels(source).inc(n)
+    except Exception:  # metrics must never change the answer
+        log.exception("could not count rate-limited messages")
 
 
 def delivered(store, results: dict, statuses: dict[str, str]) -> None:
@@ -242,5 +252,5 @@ def exposition(store, settings) -> tuple[bytes, str]:
     return generate_latest(registry(store, settings)), CONTENT_TYPE_LATEST
 
 
-__all__ = ["accepted", "delivered", "clean_dead", "process_dead", "exposition", "registry", "StoreCollector",
+__all__ = ["accepted", "rate_limited", "delivered", "clean_dead", "process_dead", "exposition", "registry", "StoreCollector",
            "DEFAULT_DIR"]

@@ -325,7 +325,7 @@ class MllpListener:
                                 content_type="application/hl7-v2", body=payload,
                                 correlation_id=current_correlation_id())
         except IngestError as exc:
-            code = "AE" if exc.status >= 500 else "AR"
+            code = "AE" if exc.status >= 500 or exc.status == 429 else "AR"  # 429 rate limited: resend later
             return self._answer_messages(payload, messages, code, exc.message, _ERROR_CODES.get(exc.code, "207"),
                                          f"{code} MSH-10 {ids} from {source.name}: {exc.code}")
         except Exception as exc:  # an ingest bug: nothing committed that we know of, so the sender must resend

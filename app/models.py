@@ -188,3 +188,17 @@ class ApiToken(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     revoked_at: Mapped[datetime | None] = mapped_column()
     last_used_at: Mapped[datetime | None] = mapped_column()
+
+
+class RateLimitState(Base):
+    """One row per rate-limited source: its GCRA theoretical arrival time (app.ratelimit).
+
+    Shared by every web worker and MLLP listener through the store, so a source's limit holds
+    however many processes or hosts take its messages. Created on the source's first message.
+    """
+
+    __tablename__ = "courier_rate_limits"
+
+    source: Mapped[str] = mapped_column(String(64), primary_key=True)
+    # Microseconds since the epoch on the store's clock; integers, so the arithmetic in SQL is exact.
+    tat: Mapped[int] = mapped_column(BigInteger)

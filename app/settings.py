@@ -79,6 +79,39 @@ CLEARANCES = tuple(canonical.CLEARANCES)  # phi, limited, deidentified
 ORDER_KEY_GRAMMAR = re.compile(r"(?:[A-Z][A-Z0-9]{2}-\d+(?:\.\d+)?|[A-Za-z_]\w*(?:\.\w+)*)\Z")
 
 
+_RATE = re.compile(r"(\d+)/(.+)")
+_PERIODS = {"s": 1.0, "sec": 1.0, "second": 1.0, "m": 60.0, "min": 60.0, "minute": 60.0,
+            "h": 3600.0, "hour": 3600.0, "d": 86400.0, "day": 86400.0}
+
+
+def parse_rate(value: Any) -> tuple[int, float]:
+    """`"100/s"`, `"600/min"`, `"5000/h"` or `"30/10s"` -> (count, period in seconds)."""
+    m = _RATE.fullmatch(str(value).replace(" ", "")) if isinstance(value, str) else None
+    if m is None:
+        raise ValueError(f"not a rate: {value!r} (use COUNT/PERIOD, e.g. 100/s, 600/min, 5000/h)")
+    count, per = int(m.group(1)), m.group(2)
+    period = _PERIODS.get(per)
+    if period is None:
+        try:
+            period = parse_duration(per)
+        except ValueError:
+            raise ValueError(f"not a rate: {value!r}: period {per!r} is not s, min, h, day or a duration "
+                             "like 10s") from None
+    if count < 1 or period <= 0:
+        raise ValueError(f"not a rate: {value!r}: count and period must be above zero")
+    return count, period
+
+
+class Rate(fields.Field):
+    """A marshmallow field for rate limits, loaded as (count, period seconds)."""
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        try:
+            return parse_rate(value)
+        except ValueError as exc:
+            raise ValidationError(str(exc)) from exc
+
+
 class StrictSchema(Schema):
     """Unknown keys are errors, so a typo is reported instead of silently ignored."""
 
@@ -105,6 +138,14 @@ class SourceSchema(StrictSchema):
     # MSH-3/MSH-4 of the messages this source sends over MLLP, as "APP" or "APP^FACILITY"
     # shell patterns; needed when several sources share a peer address (one interface engine).
     mllp_senders = fields.List(fields.String(validate=validate.Length(min=1, max=200)), load_default=list)
+    # Messages (not requests) this source may send, over HTTP and MLLP together: "600/min". Off when left out.
+    rate_limit = Rate(load_default=None, allow_none=True)
+    burst = fields.Integer(load_default=None, allow_none=True, validate=validate.Range(min=1, max=1_000_000))
+
+    @validates_schema
+    def _burst(self, data, **kwargs):
+        if data.get("burst") is not None and data.get("rate_limit") is None:
+            raise ValidationError({"burst": ["burst needs rate_limit (e.g. rate_limit: 600/min)"]})
 
     @validates_schema
     def _networks(self, data, **kwargs):
@@ -304,11 +345,30 @@ class CircuitPolicy:
 
 
 @dataclass(frozen=True)
+class RateLimit:
+    """`count` messages per `period` seconds, sustained, with up to `burst` at once (app.ratelimit)."""
+
+    count: int
+    period: float
+    burst: int
+
+    @property
+    def interval(self) -> float:
+        """Seconds of allowance one message uses up."""
+        return self.period / self.count
+
+    def __str__(self) -> str:
+        unit = {1.0: "second", 60.0: "minute", 3600.0: "hour", 86400.0: "day"}.get(self.period)
+        return f"{self.count} per {unit or f'{self.period:g} s'} (burst {self.burst})"
+
+
+@dataclass(frozen=True)
 class Source:
     name: str
     allowed_types: tuple[str, ...] = ("*",)
     mllp_allow: tuple[str, ...] = ()
     mllp_senders: tuple[str, ...] = ()  # "APP" or "APP^FACILITY" patterns for MSH-3.1/MSH-4.1
+    rate_limit: RateLimit | None = None  # off unless configured
 
     def allows(self, message_type: str) -> bool:
         return any(fnmatch.fnmatchcase(message_type, p) for p in self.allowed_types)
@@ -487,8 +547,8 @@ def load_routing(path: str | os.PathLike, env: Mapping[str, str] | None = None) 
     if incompatible:
         raise ConfigError([f"{name}: {problem}" for problem in incompatible])
     return RoutingConfig(
-        sources={n: Source(n, tuple(s["allowed_types"]), tuple(s["mllp_allow"]), tuple(s["mllp_senders"]))
-                 for n, s in data["sources"].items()},
+        sources={n: Source(n, tuple(s["allowed_types"]), tuple(s["mllp_allow"]), tuple(s["mllp_senders"]),
+                           _rate_limit(s)) for n, s in data["sources"].items()},
         destinations={n: Destination(
             name=n, url=d["url"], owner=d["owner"], clearance=d["clearance"], transform=d["transform"],
             timeout=d["timeout"], retry=RetryPolicy(**d["retry"]), circuit=CircuitPolicy(**d["circuit"]),
@@ -496,6 +556,14 @@ def load_routing(path: str | os.PathLike, env: Mapping[str, str] | None = None) 
         routes=tuple(Route(r["match"]["source"], r["match"]["type"], tuple(r["to"])) for r in data["routes"]),
         path=name,
     )
+
+
+def _rate_limit(source: dict) -> RateLimit | None:
+    """A source's limit; burst defaults to the count: "600/min" may come all at once, then 10 a second."""
+    if source.get("rate_limit") is None:
+        return None
+    count, period = source["rate_limit"]
+    return RateLimit(count, period, source.get("burst") or count)
 
 
 def _pseudonym_key(env: Mapping[str, str]) -> bytes | None:
