@@ -8,8 +8,11 @@ whole (all or nothing) and answered with a BHS ... BTS batch of one ACK per mess
 
 asyncio serves the sockets; the blocking parse + ingest runs in a thread pool so a
 slow database never stalls other connections. Peers are admitted by address
-(`mllp_allow`); among the sources a peer may speak for, MSH-3/MSH-4 (`mllp_senders`)
-pick one. Garbage, oversized frames, frames without an end block, slow or idle peers
+(`mllp_allow`) and within two connection limits (in all, and per peer address);
+among the sources a peer may speak for, MSH-3/MSH-4 (`mllp_senders`) pick one.
+With TLS (COURIER_MLLP_TLS_*, app.tls) the handshake follows admission, so a refused
+or surplus peer costs no cryptography, and must finish within a timeout. Garbage,
+oversized frames, frames without an end block, failed handshakes, slow or idle peers
 cost a log line and the connection, never the listener.
 """
 from __future__ import annotations
@@ -18,16 +21,21 @@ import asyncio
 import logging
 import os
 import signal
+import ssl
 import threading
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Mapping
 
 import click
 from flask import current_app
 
+from app import tls
 from app.cli import with_appcontext
 from app.observability import current_correlation_id, with_new_correlation
+from app.settings import ConfigError, _env_duration, _env_int
 
 log = logging.getLogger("courier.mllp")
 
@@ -127,8 +135,10 @@ class MllpListener:
 
     def __init__(self, settings, store, *, host: str = ALL_INTERFACES, port: int | None = None,
                  idle_timeout: float = 600.0, frame_timeout: float = 60.0, ingest_timeout: float = 30.0,
-                 write_timeout: float = 30.0, max_connections: int = 200, workers: int = 8,
-                 stop_grace: float = 20.0):
+                 write_timeout: float = 30.0, max_connections: int = 200, max_per_peer: int = 20,
+                 workers: int = 8, stop_grace: float = 20.0, tls=None, handshake_timeout: float = 10.0):
+        """`tls`: an app.tls.ServerTls, or None for plain TCP. `max_per_peer` counts connections per
+        peer IP address, so one engine's connection leak cannot take every slot of `max_connections`."""
         from app import hl7v2  # python-hl7 (the [mllp] extra) is needed only when a listener runs
 
         self.hl7v2 = hl7v2
@@ -136,13 +146,15 @@ class MllpListener:
         self.host, self.port = host, settings.mllp_port if port is None else port
         self.idle_timeout, self.frame_timeout = idle_timeout, frame_timeout
         self.ingest_timeout, self.write_timeout = ingest_timeout, write_timeout
-        self.max_connections, self.stop_grace = max_connections, stop_grace
+        self.max_connections, self.max_per_peer, self.stop_grace = max_connections, max_per_peer, stop_grace
+        self.tls, self.handshake_timeout = tls, handshake_timeout
         self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mllp-ingest")
         self.started = threading.Event()  # set once the socket listens (self.port is then the real port)
         self.stopping = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop_event: asyncio.Event | None = None
         self._connections: dict[asyncio.Task, bool] = {}  # task -> busy with a frame
+        self._per_peer: Counter[str] = Counter()  # peer IP address -> open connections (handshakes included)
 
     # --- lifecycle ---------------------------------------------------------------
 
@@ -155,7 +167,9 @@ class MllpListener:
                 self._loop.add_signal_handler(sig, self.stop)
         server = await asyncio.start_server(self._accept, self.host, self.port, limit=READ_CHUNK)
         self.port = server.sockets[0].getsockname()[1]
-        log.info("MLLP listener on %s:%d", self.host, self.port)
+        log.info("MLLP listener on %s:%d (%s)", self.host, self.port,
+                 "plain TCP" if self.tls is None else
+                 "TLS, client certificates required" if self.tls.client_ca else "TLS")
         self.started.set()
         try:
             await self._stop_event.wait()
@@ -198,18 +212,24 @@ class MllpListener:
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         peer = writer.get_extra_info("peername") or ("?", 0)
-        where = f"{peer[0]}:{peer[1]}"
-        candidates = [s for s in self.settings.routing.sources.values() if s.allows_peer(str(peer[0]))]
-        if self.stopping or not candidates or len(self._connections) >= self.max_connections:
-            why = ("listener is stopping" if self.stopping else
-                   "address is in no source's mllp_allow" if not candidates else
-                   f"already {len(self._connections)} connections (the maximum)")
+        address, where = str(peer[0]), f"{peer[0]}:{peer[1]}"
+        candidates = [s for s in self.settings.routing.sources.values() if s.allows_peer(address)]
+        why = ("listener is stopping" if self.stopping else
+               "address is in no source's mllp_allow" if not candidates else
+               f"already {len(self._connections)} connections (COURIER_MLLP_MAX_CONNECTIONS)"
+               if len(self._connections) >= self.max_connections else
+               f"already {self._per_peer[address]} connections from this address (COURIER_MLLP_MAX_PER_PEER)"
+               if self._per_peer[address] >= self.max_per_peer else None)
+        if why is not None:
             log.warning("MLLP connection from %s refused: %s", where, why)
             writer.close()
             return
         self._connections[task] = False
-        log.info("MLLP connection from %s (may send as %s)", where, ", ".join(s.name for s in candidates))
+        self._per_peer[address] += 1
         try:
+            if self.tls is not None and not await self._handshake(writer, where):
+                return
+            log.info("MLLP connection from %s (may send as %s)", where, ", ".join(s.name for s in candidates))
             await self._converse(reader, writer, where, candidates, task)
         except asyncio.CancelledError:
             pass  # stop() or the stop grace period ran out
@@ -219,11 +239,38 @@ class MllpListener:
             log.exception("MLLP connection from %s failed", where)
         finally:
             self._connections.pop(task, None)
+            self._per_peer[address] -= 1
+            if not self._per_peer[address]:
+                del self._per_peer[address]
             writer.close()
             try:
                 await asyncio.wait_for(writer.wait_closed(), 2)
             except (Exception, asyncio.CancelledError):
                 pass
+
+    async def _handshake(self, writer: asyncio.StreamWriter, where: str) -> bool:
+        """TLS on an admitted connection, within handshake_timeout; False (logged, no PHI) if it failed.
+
+        No byte is read before this: the task runs _accept up to here on the loop turn after the
+        connection was made, and start_tls pauses reading before it yields, so the ClientHello
+        reaches the TLS layer and not the stream's buffer.
+        """
+        try:
+            await writer.start_tls(self.tls.context(), ssl_handshake_timeout=self.handshake_timeout)
+            return True
+        except ssl.SSLError as exc:
+            # e.g. PEER_DID_NOT_RETURN_A_CERTIFICATE, TLSV1_ALERT_UNKNOWN_CA, WRONG_VERSION_NUMBER (plain text)
+            log.warning("MLLP connection from %s: TLS handshake failed (%s); closed", where,
+                        exc.reason or type(exc).__name__)
+        except (ConnectionError, TimeoutError) as exc:
+            if isinstance(exc, ConnectionAbortedError):  # asyncio's handshake timeout
+                log.warning("MLLP connection from %s: no TLS handshake within %gs; closed", where,
+                            self.handshake_timeout)
+            else:
+                log.info("MLLP connection from %s lost during the TLS handshake: %s", where, exc)
+        except ConfigError as exc:  # the files changed since start (renewal gone wrong): every peer is refused
+            log.error("MLLP connection from %s: cannot load TLS files: %s; closed", where, "; ".join(exc.problems))
+        return False
 
     async def _converse(self, reader, writer, where: str, candidates: list, task: asyncio.Task) -> None:
         deframer = Deframer(self.settings.max_message_bytes)
@@ -378,13 +425,36 @@ def pick_source(candidates: list, application: str, facility: str):
     return next((s for s in candidates if s.sent_by(application, facility) is None), None)
 
 
-def _env_seconds(name: str, default: float) -> float:
-    from app.settings import ConfigError, parse_duration
+def listener_options(env: Mapping[str, str] | None = None) -> dict:
+    """MllpListener's operator settings from the environment (COURIER_MLLP_*, app.tls for TLS).
 
+    Raises ConfigError listing every unusable variable, so `courier mllp` refuses to start with all of them named.
+    """
+    env = os.environ if env is None else env
+    options: dict = {}
+    problems: list[str] = []
+    # (keyword, variable, default, parser, must be above zero): a zero handshake timeout or limit would refuse all.
+    variables = (("idle_timeout", "COURIER_MLLP_IDLE_TIMEOUT", 600.0, _env_duration, False),
+                 ("frame_timeout", "COURIER_MLLP_FRAME_TIMEOUT", 60.0, _env_duration, False),
+                 ("ingest_timeout", "COURIER_MLLP_INGEST_TIMEOUT", 30.0, _env_duration, False),
+                 ("handshake_timeout", "COURIER_MLLP_TLS_HANDSHAKE_TIMEOUT", 10.0, _env_duration, True),
+                 ("max_connections", "COURIER_MLLP_MAX_CONNECTIONS", 200, _env_int, True),
+                 ("max_per_peer", "COURIER_MLLP_MAX_PER_PEER", 20, _env_int, True))
+    for key, name, default, read, positive in variables:
+        try:
+            options[key] = read(env, name, default)
+        except ConfigError as exc:
+            problems += exc.problems
+            continue
+        if positive and options[key] <= 0:
+            problems.append(f"environment: {name}={env[name]!r} must be above zero")
     try:
-        return parse_duration(os.environ.get(name, default))
-    except ValueError as exc:
-        raise ConfigError([f"environment: {name}: {exc}"]) from None
+        options["tls"] = tls.from_env("COURIER_MLLP_TLS", env)
+    except ConfigError as exc:
+        problems += exc.problems
+    if problems:
+        raise ConfigError(problems)
+    return options
 
 
 @click.command("mllp")
@@ -392,17 +462,13 @@ def _env_seconds(name: str, default: float) -> float:
 @with_appcontext
 def mllp_command(host: str):
     """Receive HL7 v2 over MLLP on MLLP_PORT until SIGTERM; ACK AA only after commit."""
-    from app.settings import ConfigError
-
     try:
-        timeouts = dict(idle_timeout=_env_seconds("COURIER_MLLP_IDLE_TIMEOUT", 600.0),
-                        frame_timeout=_env_seconds("COURIER_MLLP_FRAME_TIMEOUT", 60.0),
-                        ingest_timeout=_env_seconds("COURIER_MLLP_INGEST_TIMEOUT", 30.0))
+        options = listener_options()
     except ConfigError as exc:
-        raise click.ClickException("; ".join(exc.problems)) from None
+        raise click.ClickException("cannot start: " + "; ".join(exc.problems)) from None
     try:
         listener = MllpListener(current_app.extensions["courier.settings"], current_app.extensions["courier.store"],
-                                host=host, **timeouts)
+                                host=host, **options)
     except ImportError as exc:
         raise click.ClickException(f"HL7 v2 support is not installed ({exc}); pip install 'courier[mllp]'") from None
     asyncio.run(listener.run(handle_signals=True))

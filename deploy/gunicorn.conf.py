@@ -1,10 +1,33 @@
 """gunicorn settings for Courier's web process (Procfile `web`: `gunicorn -c deploy/gunicorn.conf.py ...`).
 
-The metrics bookkeeping and gunicorn's own log lines as JSON (app.observability's format);
-bind, workers and threads stay on the command line. No access log: the app logs one JSON line
-per request itself (logger courier.web), with its correlation id.
+The metrics bookkeeping, gunicorn's own log lines as JSON (app.observability's format), and
+HTTPS from the environment (app.tls: COURIER_TLS_CERT + COURIER_TLS_KEY, optional
+COURIER_TLS_CLIENT_CA for client certificates). Bind, workers and threads stay on the command
+line. No access log: the app logs one JSON line per request itself (logger courier.web).
 """
-from app import metrics
+import ssl
+import sys
+
+from app import metrics, tls
+from app.settings import ConfigError
+
+try:
+    _tls = tls.from_env("COURIER_TLS")
+except ConfigError as exc:
+    # SystemExit, not an exception: gunicorn would print a traceback around it. The message names the variable.
+    sys.exit("courier web: cannot start: " + "; ".join(exc.problems))
+
+if _tls is not None:
+    # certfile/keyfile make gunicorn wrap each connection (and set wsgi.url_scheme to https);
+    # ca_certs/cert_reqs say the same as our context below, for anyone reading `gunicorn --print-config`.
+    certfile, keyfile = _tls.cert, _tls.key
+    if _tls.client_ca:
+        ca_certs, cert_reqs = _tls.client_ca, ssl.CERT_REQUIRED
+
+    def ssl_context(config, default_ssl_context_factory):
+        """app.tls's server context, as the MLLP listener's (TLS 1.2 at least, client certificates when asked
+        for), in place of gunicorn's default; made per connection like that one, so renewed files need no restart."""
+        return _tls.context()
 
 
 def on_starting(server):

@@ -1,9 +1,11 @@
 """MLLP on loopback for tests: Courier's listener in a thread, a raw socket client, and
-python-hl7's own asyncio MLLP server as a destination that answers as told."""
+python-hl7's own asyncio MLLP server as a destination that answers as told; each over TLS
+when given an ssl.SSLContext (tests/tls_ca.py makes the certificates)."""
 from __future__ import annotations
 
 import asyncio
 import socket
+import ssl
 import threading
 import time
 from contextlib import contextmanager
@@ -28,10 +30,13 @@ def listener_thread(settings, store, **options):
 
 
 class Client:
-    """A blocking MLLP client over a raw socket: send any bytes, read whole answer frames."""
+    """A blocking MLLP client over a raw socket (TLS with `tls`): send any bytes, read whole answer frames."""
 
-    def __init__(self, port: int, timeout: float = 10.0):
+    def __init__(self, port: int, timeout: float = 10.0, tls: ssl.SSLContext | None = None,
+                 server_hostname: str = "127.0.0.1"):
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        if tls is not None:
+            self.sock = tls.wrap_socket(self.sock, server_hostname=server_hostname)
         self.buffer = b""
 
     def send_raw(self, data: bytes) -> None:
@@ -102,6 +107,7 @@ class Hl7Server:
     connections: int = 0
     port: int = 0
     close_after_ack: bool = False  # hang up after each answer, as some engines do
+    ssl_context: ssl.SSLContext | None = None  # a server context: MLLP inside TLS (mllps://)
 
     def __post_init__(self):
         self.behaviour = self.behaviour or (lambda message: ack_for(message, "AA"))
@@ -129,7 +135,7 @@ class Hl7Server:
 
         self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
-        server = await hl7.mllp.start_hl7_server(on_connect, "127.0.0.1", 0)
+        server = await hl7.mllp.start_hl7_server(on_connect, "127.0.0.1", 0, ssl=self.ssl_context)
         self.port = server.sockets[0].getsockname()[1]
         self._ready.set()
         async with server:
@@ -147,4 +153,4 @@ class Hl7Server:
 
     @property
     def url(self) -> str:
-        return f"mllp://127.0.0.1:{self.port}"
+        return f"{'mllp' if self.ssl_context is None else 'mllps'}://127.0.0.1:{self.port}"

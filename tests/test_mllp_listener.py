@@ -270,6 +270,50 @@ def test_peer_outside_mllp_allow_is_disconnected_with_a_log_line(listener, store
     assert any("127.0.0.3" in r.getMessage() and "mllp_allow" in r.getMessage() for r in caplog.records)
 
 
+def test_connections_over_the_per_peer_limit_are_closed_and_the_earlier_ones_still_work(mllp_settings, store,
+                                                                                         caplog):
+    caplog.set_level(logging.INFO, "courier.mllp")
+    with listener_thread(mllp_settings, store, max_per_peer=2) as running:
+        with Client(running.port) as first, Client(running.port) as second:
+            assert acks(first.exchange(adt("PEER-1")))[0][0] == "AA"
+            assert acks(second.exchange(adt("PEER-2")))[0][0] == "AA"  # both are counted now
+            with Client(running.port) as extra:
+                assert extra.closed_by_server()
+            # Another address has its own count.
+            with connect_from("127.0.0.2", running.port) as pharmacy:
+                assert acks(pharmacy.exchange(RDE.replace(b"{id}", b"RX-PEER")))[0][0] == "AA"
+            assert acks(first.exchange(adt("PEER-3")))[0][0] == "AA"
+            assert acks(second.exchange(adt("PEER-4")))[0][0] == "AA"
+        # Both closed: their slots come back (once the listener has seen them go).
+        answered = None
+        for _ in range(100):
+            with Client(running.port) as again:
+                try:
+                    answered = acks(again.exchange(adt("PEER-5")))[0][0]
+                    break
+                except (EOFError, ConnectionResetError, BrokenPipeError):
+                    threading.Event().wait(0.1)
+        assert answered == "AA"
+    assert sorted(m.dedup_key for m in stored(store)) == ["PEER-1", "PEER-2", "PEER-3", "PEER-4", "PEER-5",
+                                                          "RX-PEER"]
+    refused = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+    assert refused and all("127.0.0.1" in m and "COURIER_MLLP_MAX_PER_PEER" in m for m in refused)
+
+
+def test_connections_over_the_listener_limit_are_closed_whatever_their_address(mllp_settings, store, caplog):
+    caplog.set_level(logging.INFO, "courier.mllp")
+    with listener_thread(mllp_settings, store, max_connections=2, max_per_peer=2) as running:
+        with Client(running.port) as first, connect_from("127.0.0.2", running.port) as second:
+            assert acks(first.exchange(adt("ALL-1")))[0][0] == "AA"
+            assert acks(second.exchange(RDE.replace(b"{id}", b"ALL-2")))[0][0] == "AA"
+            with connect_from("127.0.0.2", running.port) as extra:
+                assert extra.closed_by_server()
+            assert acks(first.exchange(adt("ALL-3")))[0][0] == "AA"
+    assert sorted(m.dedup_key for m in stored(store)) == ["ALL-1", "ALL-2", "ALL-3"]
+    assert any("127.0.0.2" in r.getMessage() and "COURIER_MLLP_MAX_CONNECTIONS" in r.getMessage()
+               for r in caplog.records)
+
+
 # --- framing and misbehaving peers ----------------------------------------------------------
 
 def test_frame_split_into_single_bytes_and_several_frames_in_one_write(listener, store):
