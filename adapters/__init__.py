@@ -31,6 +31,7 @@ SCHEMES: dict[str, str] = {
     "https": "adapters.http:HttpAdapter",
     "file": "adapters.file:FileAdapter",
     "mllp": "adapters.mllp:MllpAdapter",
+    "mllps": "adapters.mllp:MllpAdapter",
     "sql": "adapters.sql:SqlAdapter",
     "amqp": "adapters.amqp:AmqpAdapter",
     "amqps": "adapters.amqp:AmqpAdapter",

@@ -1,4 +1,4 @@
-"""MLLP adapter: one HL7 v2 message per delivery over a kept-open TCP connection, answered by an ACK.
+"""MLLP adapter: one HL7 v2 message per delivery over a kept-open TCP (or TLS) connection, answered by an ACK.
 
 URL
 ===
@@ -6,23 +6,44 @@ URL
 .. code-block::
 
     mllp://HOST:PORT
+    mllps://HOST:PORT[?OPTION=VALUE[&OPTION=VALUE]...]     OPTION: ca, cert, key, server_name
 
     mllp://10.0.0.5:2575
     mllp://interface-engine.hospital.local:6661
+    mllps://engine.hospital.local:6662?ca=/etc/courier/engine-ca.pem
+    mllps://10.0.0.5:6662?ca=/tls/ca.pem&cert=/tls/client.pem&key=/tls/client.key&server_name=engine.hospital.local
 
 The port is required (MLLP has no standard port; 2575 is common). No path,
-query, user info or fragment: there are no URL options.
+user info or fragment. ``mllp://`` takes no query options; ``mllps://`` is
+MLLP inside TLS (1.2 at least) and takes these, each at most once:
+
+* ``ca``: PEM file of the CA(s) that sign the receiver's certificate; without
+  it, the system's trust store.
+* ``cert``: PEM file of our client certificate, for a receiver that asks for
+  one; ``key``: its private key (leave ``key`` out if the ``cert`` file holds
+  both). ``key`` without ``cert`` is an error.
+* ``server_name``: the name the receiver's certificate must carry (and the SNI
+  sent), when it differs from HOST, e.g. when HOST is an IP address.
+
+Values are percent-decoded like any query string: write ``+``, ``&`` or ``%``
+in a path as ``%2B``, ``%26``, ``%25``.
+
+The receiver's certificate is always verified, hostname included; there is
+deliberately no option to turn that off (a certificate nobody checks protects
+no PHI): give ``ca`` for a private CA, ``server_name`` for a name mismatch. The
+files are read at each new connection, so renewed files need no restart, and
+only by the processes that send (workers): checking the URL does not open them.
 
 Options
 =======
 
 The destination's config gives:
 
-* ``timeout``: seconds for connecting and, separately, for the whole ACK to
-  arrive after the message was sent.
+* ``timeout``: seconds for connecting (TLS handshake included) and, separately,
+  for the whole ACK to arrive after the message was sent.
 
-``secret`` is accepted and ignored (MLLP has no authentication; use a VPN or
-a TLS tunnel).
+``secret`` is accepted and ignored (MLLP has no authentication of its own: use
+``mllps://`` with a client certificate, or a VPN).
 
 Sending
 =======
@@ -43,6 +64,17 @@ Outcome
 * MSA-2 not equal to MSH-10, an answer that is not an ACK, no answer within
   ``timeout``, refused or reset connections: TemporaryError; the receiver may
   or may not hold the message, and a resend with the same MSH-10 is the safe move.
+* TLS failures (the receiver's certificate not trusted or not for this name,
+  our client certificate refused, a ``ca``/``cert``/``key`` file missing or
+  unusable): TemporaryError whose detail starts ``TLS:`` and says which, as the
+  HTTPS adapter does (a receiver that refuses our client certificate may just
+  hang up instead: that detail then names this as a possible cause). The
+  message is fine; the operator fixes a certificate or a file, and the
+  deliveries held meanwhile go out unchanged. Retries stay bounded by the
+  destination's ``retry.max_attempts`` (then dead, with that detail in the
+  attempt log) and the circuit breaker stops the hammering, so a mismatch is
+  never retried silently forever; PermanentError would instead kill every
+  message queued during a certificate renewal gone wrong.
 * A body that is not an HL7 v2 message, has no MSH-10, or contains the framing
   bytes VT or FS: PermanentError.
 
@@ -57,8 +89,10 @@ import errno
 import re
 import select
 import socket
+import ssl
 import time
-from urllib.parse import urlsplit
+from dataclasses import dataclass
+from urllib.parse import parse_qs, urlsplit
 
 from adapters.base import Adapter, Outgoing, PermanentError, Sent, TemporaryError
 
@@ -69,21 +103,59 @@ _SEGMENT_END = re.compile(rb"\r\n|\r|\n")
 _UNPRINTABLE = re.compile(r"[^\x20-\x7e\u00a0-\uffff]")
 
 
-def _parse(url: str) -> tuple[str, int]:
+TLS_OPTIONS = ("ca", "cert", "key", "server_name")
+MINIMUM_TLS = ssl.TLSVersion.TLSv1_2
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where to send: host and port, and for mllps:// the TLS options (tls is False for mllp://)."""
+
+    host: str
+    port: int
+    tls: bool = False
+    ca: str | None = None
+    cert: str | None = None
+    key: str | None = None
+    server_name: str | None = None
+
+
+def _parse(url: str) -> Target:
     parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    example = "mllps://10.0.0.5:6662?ca=/path/ca.pem" if scheme == "mllps" else "mllp://10.0.0.5:2575"
     if not parts.hostname:
-        raise ValueError("mllp URL needs a host and port, e.g. mllp://10.0.0.5:2575")
+        raise ValueError(f"{scheme} URL needs a host and port, e.g. {example}")
     try:
         port = parts.port
     except ValueError:
-        raise ValueError("mllp URL has an invalid port (expected 1-65535)") from None
+        raise ValueError(f"{scheme} URL has an invalid port (expected 1-65535)") from None
     if not port:
-        raise ValueError("mllp URL needs a port (MLLP has no default), e.g. mllp://10.0.0.5:2575")
+        raise ValueError(f"{scheme} URL needs a port (MLLP has no default), e.g. {example}")
     if parts.username or parts.password:
-        raise ValueError("mllp URL must not carry user info: MLLP has no authentication")
-    if parts.path not in ("", "/") or parts.query or parts.fragment:
-        raise ValueError("mllp URL takes no path, query options or fragment: mllp://HOST:PORT")
-    return parts.hostname, port
+        raise ValueError(f"{scheme} URL must not carry user info: MLLP has no authentication "
+                         f"(mllps:// takes a client certificate: ?cert=PATH&key=PATH)")
+    if scheme == "mllp":
+        if parts.path not in ("", "/") or parts.query or parts.fragment:
+            raise ValueError("mllp URL takes no path, query options or fragment: mllp://HOST:PORT "
+                             "(TLS options such as ?ca= need mllps://)")
+        return Target(parts.hostname, port)
+    if parts.path not in ("", "/") or parts.fragment:
+        raise ValueError("mllps URL takes no path or fragment: mllps://HOST:PORT?OPTIONS")
+    try:
+        query = parse_qs(parts.query, keep_blank_values=True, strict_parsing=bool(parts.query))
+    except ValueError:
+        raise ValueError("mllps URL query is not NAME=VALUE&...") from None
+    options = {}
+    for name, values in query.items():
+        if name not in TLS_OPTIONS:
+            raise ValueError(f"unknown mllps URL option {name!r}; known: {', '.join(TLS_OPTIONS)}")
+        if len(values) > 1 or not values[0].strip():
+            raise ValueError(f"mllps URL option {name} must be given once, with a value")
+        options[name] = values[0].strip()
+    if "key" in options and "cert" not in options:
+        raise ValueError("mllps URL option key needs cert (the client certificate it belongs to)")
+    return Target(parts.hostname, port, tls=True, **options)
 
 
 def control_id(body: bytes) -> str:
@@ -135,11 +207,12 @@ def _clean(text: str) -> str:
 class MllpAdapter(Adapter):
     """Sends each delivery as one MLLP frame and classifies the ACK."""
 
-    scheme = ("mllp",)
+    scheme = ("mllp", "mllps")
 
     def __init__(self, url: str, *, timeout: float = 10.0, secret: str | None = None):
         super().__init__(url, timeout=timeout, secret=secret)
-        self.host, self.port = _parse(url)
+        self.target = _parse(url)
+        self.host, self.port = self.target.host, self.target.port
         self._sock: socket.socket | None = None
 
     @classmethod
@@ -173,7 +246,16 @@ class MllpAdapter(Adapter):
             raise TemporaryError(f"no ACK within {self.timeout:g}s", throttled=True) from None
         except EOFError:
             self.close()
-            raise TemporaryError("connection closed by the receiver before its ACK") from None
+            # TLS 1.3 lets our side of the handshake end before the receiver has judged our certificate;
+            # one that refuses it may just hang up, so this is the only sign: say so.
+            hint = ("; over TLS, also how a receiver refuses a missing or untrusted client certificate "
+                    "(the URL's cert= and key=)") if self.target.tls else ""
+            raise TemporaryError(f"connection closed by the receiver before its ACK{hint}") from None
+        except ssl.SSLError as exc:
+            # TLS 1.3: a receiver that refuses our client certificate (or wants one) says so after the
+            # handshake, with an alert that arrives here, at the first read.
+            self.close()
+            raise TemporaryError(f"TLS: the receiver ended the connection: {_tls_reason(exc)}") from None
         except OSError as exc:
             self.close()
             raise TemporaryError(f"connection failed: {_describe(exc)}") from None
@@ -192,18 +274,53 @@ class MllpAdapter(Adapter):
         """Make sure self._sock is open; True if it is a kept-open one (which may have been dropped)."""
         if self._sock is not None:
             readable, _, _ = select.select([self._sock], [], [], 0)
-            if not readable:
+            # TLS may hold decrypted bytes that select() cannot see: unasked ones too.
+            if not readable and not (isinstance(self._sock, ssl.SSLSocket) and self._sock.pending()):
                 return True
             # Readable while idle: the peer closed it (EOF) or sent something unasked; either way, start over.
             self.close()
+        context = self._tls_context() if self.target.tls else None  # before connecting: a file problem is ours
         try:
-            self._sock = socket.create_connection((self.host, self.port), timeout=self.timeout)
+            sock = socket.create_connection((self.host, self.port), timeout=self.timeout)
         except socket.timeout:
             raise TemporaryError(f"connect timeout after {self.timeout:g}s") from None
         except OSError as exc:
             raise TemporaryError(f"connection failed: {_describe(exc)}") from None
-        self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if context is not None:
+            name = self.target.server_name or self.host
+            try:  # on failure wrap_socket closes the socket it took over
+                sock = context.wrap_socket(sock, server_hostname=name)
+            except ssl.SSLCertVerificationError as exc:
+                raise TemporaryError(f"TLS: the receiver's certificate is not accepted for {name!r}: "
+                                     f"{exc.verify_message} (check the destination's certificate and the URL's "
+                                     f"ca= or server_name=)") from None
+            except ssl.SSLError as exc:
+                raise TemporaryError(f"TLS: handshake with the receiver failed: {_tls_reason(exc)}") from None
+            except socket.timeout:
+                raise TemporaryError(f"TLS: no handshake within {self.timeout:g}s") from None
+            except OSError as exc:
+                raise TemporaryError(f"connection failed during the TLS handshake: {_describe(exc)}") from None
+        self._sock = sock
         return False
+
+    def _tls_context(self) -> ssl.SSLContext:
+        """A client context from the URL's options, made per connection (renewed files are picked up)."""
+        target = self.target
+        try:
+            # Purpose SERVER_AUTH: certificate required and hostname checked; the system's CAs unless ca= is given.
+            context = ssl.create_default_context(cafile=target.ca)
+        except (OSError, ValueError) as exc:
+            raise TemporaryError(f"TLS: ca={target.ca}: not a usable PEM CA file ({_tls_reason(exc)})") from None
+        context.minimum_version = MINIMUM_TLS
+        if target.cert:
+            try:
+                context.load_cert_chain(target.cert, target.key)
+            except (OSError, ValueError) as exc:
+                files = f"cert={target.cert}" + (f", key={target.key}" if target.key else "")
+                raise TemporaryError(f"TLS: {files}: not a usable client certificate and key "
+                                     f"({_tls_reason(exc)})") from None
+        return context
 
     def _read_frame(self) -> bytes:
         """One answer frame's payload, within self.timeout overall (raises socket.timeout, EOFError)."""
@@ -231,6 +348,11 @@ class MllpAdapter(Adapter):
                 self._sock.close()
             finally:
                 self._sock = None
+
+
+def _tls_reason(exc: BaseException) -> str:
+    """OpenSSL's short reason (e.g. TLSV13_ALERT_CERTIFICATE_REQUIRED), or the OS error's text."""
+    return getattr(exc, "reason", None) or getattr(exc, "strerror", None) or type(exc).__name__
 
 
 def _describe(exc: OSError) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 import secrets
+import ssl
 from dataclasses import replace
 from datetime import datetime
 
@@ -23,6 +24,7 @@ from adapters.mllp import MllpAdapter
 from adapters.sql import SqlAdapter
 from tests.conftest import BROKER_URL
 from tests.mllp_peers import Hl7Server, ack_for
+from tests.tls_ca import ThrowawayCA
 from tests import test_adapters as contract
 from tests.test_adapters import HL7, Peer, outgoing
 
@@ -186,7 +188,8 @@ test_contract_redelivery_keeps_the_idempotency_key = contract.test_contract_rede
 
 
 @pytest.mark.parametrize("url, cls", [
-    ("mllp://10.0.0.5:2575", MllpAdapter), ("sql+postgresql://u@h/db?table=t", SqlAdapter),
+    ("mllp://10.0.0.5:2575", MllpAdapter), ("mllps://h:2575?ca=/ca.pem", MllpAdapter),
+    ("sql+postgresql://u@h/db?table=t", SqlAdapter),
     ("amqp://h//?exchange=x", AmqpAdapter), ("amqps://h//?exchange=x", AmqpAdapter),
 ])
 def test_schemes_resolve(url, cls):
@@ -200,6 +203,14 @@ def test_schemes_resolve(url, cls):
     ("mllp://h:2575?x=1", "no path, query"),
     ("mllp://u:p@h:2575", "user info"),
     ("mllp://h:99999", "invalid port"),
+    ("mllp://h:2575?ca=/ca.pem", "TLS options such as ?ca= need mllps://"),
+    ("mllps://h", "mllps URL needs a port"),
+    ("mllps://h:2575/path", "mllps URL takes no path"),
+    ("mllps://h:2575?verify=0", "unknown mllps URL option 'verify'"),
+    ("mllps://h:2575?ca=/a.pem&ca=/b.pem", "option ca must be given once"),
+    ("mllps://h:2575?ca=", "option ca must be given once, with a value"),
+    ("mllps://h:2575?key=/k.pem", "option key needs cert"),
+    ("mllps://h:2575?ca", "query is not NAME=VALUE"),
     ("sql+postgresql://u@h/db", "needs ?table=NAME"),
     ("sql+postgresql://u@h/db?table=a;drop", "must be NAME or SCHEMA.NAME"),
     ("sql+postgresql://u@h/db?table=t&key=a-b", "must be a column name"),
@@ -301,6 +312,82 @@ def test_mllp_non_default_delimiters_and_lf_segments(hl7_server):
     with MllpAdapter(hl7_server.url, timeout=5) as adapter:
         assert adapter.send(outgoing(body=body)).detail == "ACK AA"
     assert hl7_server.received == [body]
+
+
+# --- MLLP over TLS (mllps://) ----------------------------------------------------------------
+
+@pytest.fixture
+def ca(tmp_path):
+    return ThrowawayCA(tmp_path / "ca")
+
+
+def tls_server(ca: ThrowawayCA, *, hosts=("127.0.0.1", "localhost"), client_ca: bool = False) -> Hl7Server:
+    """python-hl7's MLLP server inside TLS, with a certificate from `ca` for `hosts`."""
+    issued = ca.server(hosts=hosts)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(ca.cert) if client_ca else None)
+    context.load_cert_chain(str(issued.cert), str(issued.key))
+    if client_ca:
+        context.verify_mode = ssl.CERT_REQUIRED
+    return Hl7Server(ssl_context=context)
+
+
+def test_mllps_delivers_and_keeps_its_connection(ca):
+    with tls_server(ca) as server, MllpAdapter(f"{server.url}?ca={ca.cert}", timeout=5) as adapter:
+        for i in range(2):
+            assert adapter.send(outgoing(body=HL7.replace(b"MSG0001", f"MSG{i}".encode()))).detail == "ACK AA"
+        assert isinstance(adapter._sock, ssl.SSLSocket)  # noqa: SLF001
+    assert [_msh10(b) for b in server.received] == ["MSG0", "MSG1"] and server.connections == 1
+
+
+def test_mllps_receiver_signed_by_another_ca_is_a_temporary_tls_error(ca, tmp_path):
+    other = ThrowawayCA(tmp_path / "other", name="Other CA")
+    with tls_server(other) as server:
+        for url in (f"{server.url}?ca={ca.cert}", server.url):  # our CA; the system's trust store
+            with MllpAdapter(url, timeout=5) as adapter:
+                with pytest.raises(TemporaryError, match="^TLS: the receiver's certificate is not accepted for "
+                                                         "'127.0.0.1': .*(certificate|issuer)") as err:
+                    adapter.send(outgoing())
+            assert not err.value.throttled
+    assert server.received == []  # nothing went out before the certificate was checked
+
+
+def test_mllps_checks_the_name_and_server_name_overrides_it(ca):
+    with tls_server(ca, hosts=("engine.hospital.test",)) as server:
+        with MllpAdapter(f"{server.url}?ca={ca.cert}", timeout=5) as adapter:
+            with pytest.raises(TemporaryError, match="not accepted for '127.0.0.1'.*(mismatch|not valid)"):
+                adapter.send(outgoing())
+        with MllpAdapter(f"{server.url}?ca={ca.cert}&server_name=engine.hospital.test", timeout=5) as adapter:
+            assert adapter.send(outgoing()).detail == "ACK AA"
+    assert [_msh10(b) for b in server.received] == ["MSG0001"]
+
+
+def test_mllps_client_certificate(ca, tmp_path):
+    client = ca.client()
+    combined = tmp_path / "client-and-key.pem"  # cert= alone: one file holding both
+    combined.write_bytes(client.cert.read_bytes() + client.key.read_bytes())
+    with tls_server(ca, client_ca=True) as server:
+        with MllpAdapter(f"{server.url}?ca={ca.cert}", timeout=5) as adapter:
+            # The refusal comes as an alert after the handshake, or (asyncio's server) as a hang-up.
+            with pytest.raises(TemporaryError, match="CERTIFICATE_REQUIRED|refuses a missing or untrusted client "
+                                                     "certificate"):
+                adapter.send(outgoing())
+        for query in (f"cert={client.cert}&key={client.key}", f"cert={combined}"):
+            with MllpAdapter(f"{server.url}?ca={ca.cert}&{query}", timeout=5) as adapter:
+                assert adapter.send(outgoing()).detail == "ACK AA"
+    assert len(server.received) == 2
+
+
+def test_mllps_unusable_files_are_named_before_connecting(ca, tmp_path):
+    with tls_server(ca) as server:
+        with MllpAdapter(f"{server.url}?ca={tmp_path}/missing.pem", timeout=5) as adapter:
+            with pytest.raises(TemporaryError, match=f"^TLS: ca={tmp_path}/missing.pem: not a usable PEM CA file"):
+                adapter.send(outgoing())
+        stranger = ThrowawayCA(tmp_path / "other", name="Other CA").client()
+        url = f"{server.url}?ca={ca.cert}&cert={ca.client().cert}&key={stranger.key}"  # key of another cert
+        with MllpAdapter(url, timeout=5) as adapter:
+            with pytest.raises(TemporaryError, match="not a usable client certificate and key"):
+                adapter.send(outgoing())
+    assert server.connections == 0
 
 
 # --- SQL ----------------------------------------------------------------------------------
