@@ -22,14 +22,13 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
-from app.models import Circuit, utcnow
+from app.models import WAITING, Circuit, utcnow
 from app.settings import Destination
 
 log = logging.getLogger("courier.circuit")
 CLOSED, OPEN, HALF_OPEN = "closed", "open", "half_open"
 PROBE_MARGIN = 30.0  # seconds beyond the destination timeout before a lost probe is replaced
 PAUSE_RECHECK = timedelta(hours=1)  # a paused destination's deliveries look again this often (resume wakes them)
-WAITING = "waiting: "  # prefix of last_error for deliveries held back by the breaker or a pause
 
 
 @dataclass(frozen=True)

@@ -9,10 +9,12 @@ import time
 import uuid
 from datetime import datetime, timezone
 
-from sqlalchemy import (BigInteger, DateTime, ForeignKey, Index, Integer, LargeBinary, MetaData, String,
+from sqlalchemy import (BigInteger, DateTime, ForeignKey, Index, Integer, MetaData, String,
                         Text, UniqueConstraint, literal_column, text)
 from sqlalchemy.sql.elements import ColumnElement
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+from app.crypto import EncryptedBytes, EncryptedText
 
 # Stable constraint names, so Alembic migrations can drop and alter them on every backend.
 NAMING = {
@@ -29,6 +31,10 @@ OPEN_STATUSES = (PENDING, IN_FLIGHT, RETRYING)
 
 # Message statuses: accepted with deliveries, or stored with none because no route matched.
 ACCEPTED, UNROUTED = "accepted", "unrouted"
+
+# Prefix of a delivery's last_error while a circuit breaker or a pause holds it back (app.circuits):
+# kept readable when last_error is encrypted, as outbox.wake selects by it.
+WAITING = "waiting: "
 
 BigId = BigInteger().with_variant(Integer(), "sqlite")  # SQLite only autoincrements INTEGER PRIMARY KEY
 
@@ -79,7 +85,7 @@ class Message(Base):
     source: Mapped[str] = mapped_column(String(64))
     type: Mapped[str] = mapped_column(String(128))
     content_type: Mapped[str] = mapped_column(String(64))
-    body: Mapped[bytes] = mapped_column(LargeBinary)
+    body: Mapped[bytes] = mapped_column(EncryptedBytes)  # encrypted when COURIER_ENCRYPTION_KEY is set
     size: Mapped[int] = mapped_column(Integer)
     # Idempotency-Key header, event id or MSH-10; NULL means "no duplicate detection".
     dedup_key: Mapped[str | None] = mapped_column(String(255))
@@ -118,7 +124,7 @@ class Delivery(Base):
     dispatches: Mapped[int] = mapped_column(Integer, default=0)
     # pending/retrying: when the next attempt is due; in_flight: when the lease expires; else NULL.
     due_at: Mapped[datetime | None] = mapped_column()
-    last_error: Mapped[str | None] = mapped_column(Text)
+    last_error: Mapped[str | None] = mapped_column(EncryptedText(clear_prefix=WAITING))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
     delivered_at: Mapped[datetime | None] = mapped_column()
@@ -140,7 +146,7 @@ class Attempt(Base):
     duration_ms: Mapped[int] = mapped_column(Integer)
     outcome: Mapped[str] = mapped_column(String(16))  # delivered | temporary | permanent
     status_code: Mapped[int | None] = mapped_column(Integer)
-    detail: Mapped[str] = mapped_column(Text, default="")
+    detail: Mapped[str] = mapped_column(EncryptedText, default="")
 
 
 class Circuit(Base):
@@ -156,7 +162,7 @@ class Circuit(Base):
     probe_delivery_id: Mapped[str | None] = mapped_column(String(36))
     probe_until: Mapped[datetime | None] = mapped_column()
     changed_at: Mapped[datetime] = mapped_column(default=utcnow)
-    last_error: Mapped[str | None] = mapped_column(Text)
+    last_error: Mapped[str | None] = mapped_column(EncryptedText)
     paused_at: Mapped[datetime | None] = mapped_column()
     paused_by: Mapped[str | None] = mapped_column(String(128))
     pause_reason: Mapped[str | None] = mapped_column(Text)

@@ -14,6 +14,7 @@ status and due time, never "id > last seen" (ids commit out of order).
 """
 from __future__ import annotations
 
+import logging
 import random
 import time
 from dataclasses import dataclass
@@ -21,19 +22,21 @@ from functools import lru_cache
 from datetime import datetime, timedelta
 from typing import Mapping
 
-from sqlalchemy import and_, bindparam, func, insert, or_, select, text, update
+from sqlalchemy import LargeBinary, and_, bindparam, func, insert, or_, select, text, type_coerce, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, defer
 
-from app import audit, circuits, ordering
+from app import audit, circuits, crypto, ordering
 from app.models import (ACCEPTED, DEAD, DELIVERED, IN_FLIGHT, OPEN_STATUSES, PENDING, RETRYING, UNROUTED, is_open,
                         Attempt, Circuit, Delivery, Message, new_id, utcnow)
 from app.settings import Destination, RetryPolicy
 
+log = logging.getLogger("courier.outbox")
 NOTIFY_CHANNEL = "courier_outbox"
 NOTIFY_EVERY = 0.05  # seconds: ingest wakes the relay at most this often per process (_notify_new)
 DETAIL_LIMIT = 1000  # characters of an attempt's detail kept in the log
+KEY_RECHECK = timedelta(minutes=5)  # a body this worker cannot decrypt: when to look again
 
 
 @dataclass(frozen=True)
@@ -156,7 +159,8 @@ def _notify_new(session: Session) -> None:
 
 def _duplicate(session: Session, new: NewMessage) -> Stored:
     """The stored message that `new` duplicates (its insert just found the conflict)."""
-    message = session.scalars(select(Message).where(
+    # Not the body: the answer does not need it, and decrypting it would cost (or fail) for nothing.
+    message = session.scalars(select(Message).options(defer(Message.body)).where(
         Message.source == new.source, Message.dedup_key == new.dedup_key)).one()
     return Stored(message.id, message.type, message.status,
                   [StoredDelivery(d.id, d.destination, d.status) for d in message.deliveries])
@@ -245,7 +249,8 @@ def begin_attempts(session: Session, items: list[tuple[str, int]], destinations:
 
     Returns the Tickets to send, in id order, and for the others why not: "skipped" (not ours),
     "waiting" (circuit open or destination paused: back to retrying until then, no attempt
-    spent) or "dead" (budget spent). One locking read and one update for the whole batch.
+    spent; also a body this worker cannot decrypt, see below) or "dead" (budget spent). One
+    locking read and one update for the whole batch.
 
     A task whose delivery is finished, or that a newer dispatch superseded, is a no-op: that
     is what makes a redelivered or duplicated task harmless. The attempt is counted before
@@ -253,13 +258,19 @@ def begin_attempts(session: Session, items: list[tuple[str, int]], destinations:
     the budget is spent by attempts that never finished, the delivery goes dead here.
     The i-th ticket's lease is i+1 destination timeouts (plus the margin): the batch is sent
     one after the other, and a send that takes longer than the timeout is cut off by it.
+
+    A body encrypted under a key this worker lacks (COURIER_ENCRYPTION_KEY differs between
+    processes, e.g. mid-rotation) is the worker's fault, not the message's or the destination's:
+    the delivery waits KEY_RECHECK with the key id in last_error, spends no attempt and feeds no
+    breaker, so a configuration slip never turns deliveries dead; a worker with the key takes it.
     """
     now = now or utcnow()
     dispatch_of = dict(items)
     rows = session.execute(
         select(Delivery.id, Delivery.dispatches, Delivery.status, Delivery.attempts, Delivery.destination,
                Delivery.order_key, Message.id.label("message_id"), Message.source, Message.type, Message.content_type,
-               Message.body, Message.correlation_id, Message.received_at)
+               # Raw: decrypted row by row below, so one unreadable body does not fail the batch.
+               type_coerce(Message.body, LargeBinary).label("body"), Message.correlation_id, Message.received_at)
         .join(Message, Delivery.message_id == Message.id)
         .where(Delivery.id.in_(list(dispatch_of)))
         .order_by(Delivery.id)
@@ -279,13 +290,21 @@ def begin_attempts(session: Session, items: list[tuple[str, int]], destinations:
         if reason:
             _set(session, row.id, status=DEAD, due_at=None, updated_at=now, last_error=reason)
             refused[row.id] = DEAD
-        else:
-            candidates.setdefault(row.destination, []).append(row)
+            continue
+        try:
+            body = crypto.ring().unseal(row.body)
+        except crypto.Unreadable as exc:
+            log.error("delivery %s: cannot decrypt its message's body: %s", row.id, exc)
+            _set(session, row.id, status=RETRYING, due_at=now + KEY_RECHECK, updated_at=now,
+                 last_error=f"{circuits.WAITING}this worker cannot decrypt the message body: {exc}"[:DETAIL_LIMIT])
+            refused[row.id] = "waiting"
+            continue
+        candidates.setdefault(row.destination, []).append((row, body))
     tickets, leases = [], []
     for name, group in candidates.items():
         destination = destinations[name]
         admission = None
-        for row in group:
+        for row, body in group:
             # A "go" covers the rest of the batch (the circuit is closed); a half-open circuit
             # admits a single probe, and asking again for the others tells them to wait for it.
             if admission is not circuits.GO:
@@ -298,7 +317,8 @@ def begin_attempts(session: Session, items: list[tuple[str, int]], destinations:
             refused.pop(row.id)
             leases.append({"b_id": row.id, "b_due": now + timedelta(
                 seconds=destination.timeout * (len(leases) + 1) + lease_margin)})
-            tickets.append(Ticket(row.id, row.dispatches, row.attempts + 1, name, *row[6:12], order_key=row.order_key,
+            tickets.append(Ticket(row.id, row.dispatches, row.attempts + 1, name, row.message_id, row.source,
+                                  row.type, row.content_type, body, row.correlation_id, order_key=row.order_key,
                                   received_at=row.received_at))
     if leases:
         table = Delivery.__table__
@@ -415,8 +435,8 @@ def wake(session: Session, destination: str, now: datetime | None = None) -> int
 
 
 def trace(session: Session, message_id: str) -> Message | None:
-    """A message with its deliveries and their attempt logs."""
-    return session.get(Message, message_id)
+    """A message with its deliveries and their attempt logs (not its body, which no trace shows)."""
+    return session.get(Message, message_id, options=[defer(Message.body)])
 
 
 # --- operator actions: replay, pause, resume ----------------------------------

@@ -24,7 +24,7 @@ import yaml
 from marshmallow import RAISE, Schema, ValidationError, fields, validate, validates_schema
 
 import adapters
-from app import canonical, governance, transforms
+from app import canonical, crypto, governance, transforms
 
 
 class ConfigError(Exception):
@@ -635,7 +635,7 @@ def load_settings(env: Mapping[str, str] | None = None, **overrides: Any) -> Set
         port=_env_int(env, "PORT", 8000),
         mllp_port=_env_int(env, "MLLP_PORT", 2575),
         sentry_dsn=env.get("SENTRY_DSN") or None,
-        encryption_key=env.get("COURIER_ENCRYPTION_KEY") or None,
+        encryption_key=env.get(crypto.KEY_VARIABLE) or None,
         pseudonym_key=_pseudonym_key(env),
         max_message_bytes=_env_int(env, "COURIER_MAX_MESSAGE_BYTES", 10 * 1024 * 1024),
         queue_prefix=env.get("COURIER_QUEUE_PREFIX", "courier"),
@@ -647,7 +647,20 @@ def load_settings(env: Mapping[str, str] | None = None, **overrides: Any) -> Set
         log_level=env.get("COURIER_LOG_LEVEL", "INFO").upper(),
     )
     values.update(overrides)
+    _install_keys(values["encryption_key"])
     return Settings(**values)
+
+
+def _install_keys(text: str | None) -> None:
+    """Check COURIER_ENCRYPTION_KEY and give its key ring to this process's store (app.crypto).
+
+    Here because every process (web, worker, relay, MLLP, CLI, an embedding host) loads its
+    settings once at start, before it touches the store.
+    """
+    try:
+        crypto.install(crypto.parse_keys(text))
+    except ValueError as exc:
+        raise ConfigError([f"environment: {exc}"]) from None
 
 
 

@@ -1,0 +1,186 @@
+"""Encryption at rest of message bodies and attempt details (COURIER_ENCRYPTION_KEY).
+
+COURIER_ENCRYPTION_KEY is a comma-separated list of Fernet keys (AES-128-CBC + HMAC-SHA256,
+from `cryptography`): the first encrypts, every one decrypts, so a key is rotated by putting
+a new one first, running `courier keys rotate`, then dropping the old one.
+
+A stored value says how it was stored, so rows written before a key was set still read and
+rotation finds what is not under the current key:
+
+    fernet:<key id>:<Fernet token>     key id = first 8 hex digits of SHA-256(key): names the
+                                       key without revealing it (never the key in an error)
+    anything else                      plaintext, as written without a key
+
+The empty value stays empty (retention's purged bodies). A value under a key that is not
+configured, or whose token fails its integrity check, raises Unreadable naming the key id:
+never ciphertext or garbage in place of a body.
+
+The column types EncryptedBytes and EncryptedText apply this to every statement, ORM and
+Core alike, with the key ring that `install` set for the process (app.settings.load_settings
+does, so the web, worker, relay, MLLP and CLI processes all have it).
+"""
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass, field
+
+from cryptography.fernet import Fernet, InvalidToken
+from sqlalchemy import LargeBinary, Text
+from sqlalchemy.types import TypeDecorator
+
+__all__ = ["KEY_VARIABLE", "PREFIX", "KeyRing", "Unreadable", "EncryptedBytes", "EncryptedText", "parse_keys",
+           "install", "ring", "key_id", "stored_key_id"]
+
+KEY_VARIABLE = "COURIER_ENCRYPTION_KEY"
+PREFIX = "fernet:"
+_STORED = re.compile(rb"fernet:([0-9a-f]{8}):")
+
+
+class Unreadable(Exception):
+    """A stored value this process cannot decrypt; `key_id` names the key it needs (None: corrupted)."""
+
+    def __init__(self, message: str, key_id: str | None):
+        super().__init__(message)
+        self.key_id = key_id
+
+
+def key_id(key: bytes | str) -> str:
+    """The public name of a key: 8 hex digits of its SHA-256, stored with each value it encrypted."""
+    raw = key.encode("ascii") if isinstance(key, str) else key
+    return hashlib.sha256(raw).hexdigest()[:8]
+
+
+def stored_key_id(stored: bytes | str) -> str | None:
+    """The key id a stored value is encrypted under, None for plaintext (or empty)."""
+    m = _STORED.match(stored.encode("ascii", "replace") if isinstance(stored, str) else stored)
+    return m.group(1).decode("ascii") if m else None
+
+
+@dataclass(frozen=True)
+class KeyRing:
+    """The configured keys by id, in configured order: the first encrypts, all decrypt."""
+
+    keys: dict[str, Fernet] = field(default_factory=dict)
+
+    @property
+    def current_id(self) -> str | None:
+        return next(iter(self.keys), None)
+
+    def seal(self, data: bytes) -> bytes:
+        """`data` as stored: encrypted under the first key, or as it is when no key is configured."""
+        current = self.current_id
+        if current is None or not data:
+            return data
+        return f"{PREFIX}{current}:".encode("ascii") + self.keys[current].encrypt(data)
+
+    def unseal(self, stored: bytes) -> bytes:
+        """The plaintext of a stored value; Unreadable if its key is missing or it was altered."""
+        m = _STORED.match(stored)
+        if m is None:
+            return stored  # written before a key was set
+        kid = m.group(1).decode("ascii")
+        fernet = self.keys.get(kid)
+        if fernet is None:
+            have = ", ".join(self.keys) or "none"
+            raise Unreadable(f"stored value is encrypted under key id {kid}, which is not in {KEY_VARIABLE} "
+                             f"(configured key ids: {have})", kid)
+        try:
+            return fernet.decrypt(stored[m.end():])
+        except InvalidToken:
+            raise Unreadable(f"stored value under key id {kid} fails its integrity check "
+                             "(altered or corrupted in the database)", None) from None
+
+    def seal_text(self, text: str) -> str:
+        return self.seal(text.encode("utf-8")).decode("ascii") if self.current_id else text
+
+    def unseal_text(self, stored: str) -> str:
+        if stored_key_id(stored) is None:
+            return stored
+        return self.unseal(stored.encode("utf-8")).decode("utf-8")
+
+
+def parse_keys(text: str | None) -> KeyRing:
+    """The key ring of a COURIER_ENCRYPTION_KEY value; ValueError naming the bad position (never a key)."""
+    if not text or not text.strip():
+        return KeyRing()
+    parts = [p.strip() for p in text.split(",")]
+    keys: dict[str, Fernet] = {}
+    for position, part in enumerate(parts, 1):
+        where = f"{KEY_VARIABLE}: key {position} of {len(parts)}"
+        if not part:
+            raise ValueError(f"{where} is empty (keys are separated by single commas)")
+        try:
+            fernet = Fernet(part)
+        except (ValueError, TypeError):  # wrong length or not url-safe base64; the message would not help
+            raise ValueError(f"{where} is not a Fernet key (32 random bytes in url-safe base64, 44 characters); "
+                             "make one with: courier keys generate") from None
+        kid = key_id(part)
+        if kid in keys:
+            raise ValueError(f"{where} repeats an earlier key (key id {kid})")
+        keys[kid] = fernet
+    return KeyRing(keys)
+
+
+_ring = KeyRing()  # no key until settings install one: values are stored as they are
+
+
+def install(new: KeyRing) -> None:
+    """Make `new` the key ring of every store access in this process."""
+    global _ring
+    _ring = new
+
+
+def ring() -> KeyRing:
+    return _ring
+
+
+class EncryptedBytes(TypeDecorator):
+    """A LargeBinary column stored encrypted under the process's key ring (message bodies)."""
+
+    impl = LargeBinary
+    cache_ok = True
+
+    def process_bind_param(self, value, dialect):
+        return None if value is None else _ring.seal(bytes(value))
+
+    def process_result_value(self, value, dialect):
+        return None if value is None else _ring.unseal(bytes(value))
+
+    def coerce_compared_value(self, op, value):
+        return self.impl_instance  # a comparison's literal is not encrypted (it would never match)
+
+
+class EncryptedText(TypeDecorator):
+    """A Text column stored encrypted under the process's key ring (attempt details, last errors).
+
+    `clear_prefix`: a value starting with it keeps it readable, so SQL can still select by it
+    (a fixed word such as "waiting: ", never data); the rest is encrypted.
+    """
+
+    impl = Text
+    cache_ok = True
+
+    def __init__(self, clear_prefix: str = ""):
+        super().__init__()
+        self.clear_prefix = clear_prefix
+
+    def _split(self, value: str) -> tuple[str, str]:
+        if self.clear_prefix and value.startswith(self.clear_prefix):
+            return self.clear_prefix, value[len(self.clear_prefix):]
+        return "", value
+
+    def process_bind_param(self, value, dialect):
+        if value is None:
+            return None
+        head, rest = self._split(value)
+        return head + _ring.seal_text(rest)
+
+    def process_result_value(self, value, dialect):
+        if value is None:
+            return None
+        head, rest = self._split(value)
+        return head + _ring.unseal_text(rest)
+
+    def coerce_compared_value(self, op, value):
+        return self.impl_instance  # startswith("waiting: ") compares the clear prefix as it is

@@ -1,0 +1,153 @@
+"""`courier keys rotate`: re-encrypt stored values under the first key of COURIER_ENCRYPTION_KEY.
+
+Every column of an encrypted type (app.crypto, used in app.models) whose stored value is
+plaintext or under another key is read raw, decrypted with the process's key ring and written
+back through its column type, so it is sealed under the current key. Work goes in keyset
+batches on the primary key, each its own short transaction that locks its rows with
+`FOR UPDATE SKIP LOCKED` on PostgreSQL (on SQLite, BEGIN IMMEDIATE already serialises
+writers): ingest and the workers go on meanwhile, and a row they hold is picked up by the
+next pass. Passes repeat until one changes nothing (at most MAX_PASSES).
+
+Rotating a key: put the new key first and keep the old ones in every process's
+COURIER_ENCRYPTION_KEY, restart them, run `courier keys rotate` until it leaves nothing,
+then drop the old keys.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+from sqlalchemy import Column, bindparam, func, literal, select, type_coerce, update
+from sqlalchemy.orm import Session
+
+from app import audit, crypto
+from app.db import Store
+from app.models import Base
+
+DEFAULT_BATCH = 500
+MAX_PASSES = 3
+
+
+@dataclass
+class ColumnResult:
+    rotated: int = 0  # values re-encrypted (or, in a dry run, that would be)
+    unreadable: dict[str, int] = field(default_factory=dict)  # key id (or "corrupted") -> values left as they are
+    left: int = 0  # values still not under the current key after the run (unreadable, locked, or written meanwhile)
+
+
+@dataclass
+class RotationResult:
+    key_id: str
+    batch: int
+    dry_run: bool = False
+    columns: dict[str, ColumnResult] = field(default_factory=dict)  # "table.column"
+
+    @property
+    def left(self) -> int:
+        return sum(c.left for c in self.columns.values())
+
+    def details(self) -> dict:
+        """The audit record's details: counts and key ids, never a key or a value."""
+        return {"key_id": self.key_id, "batch": self.batch,
+                "columns": {name: {"rotated": c.rotated, "unreadable": c.unreadable, "left": c.left}
+                            for name, c in self.columns.items()}}
+
+
+def encrypted_columns() -> list[Column]:
+    """The columns stored encrypted, found by type, so a new one is rotated without being listed here."""
+    return [c for t in Base.metadata.sorted_tables for c in t.columns
+            if isinstance(c.type, (crypto.EncryptedBytes, crypto.EncryptedText))]
+
+
+def _raw(column: Column):
+    """The column as stored, bypassing its encryption."""
+    return type_coerce(column, column.type.impl_instance)
+
+
+def _not_current(column: Column, current_id: str) -> list:
+    """SQL conditions: a non-empty value not sealed under `current_id` (clear prefix allowed)."""
+    raw, marker = _raw(column), f"{crypto.PREFIX}{current_id}:"
+    markers = [marker] + ([column.type.clear_prefix + marker] if getattr(column.type, "clear_prefix", "") else [])
+    as_stored = (lambda m: literal(m.encode("ascii"), column.type.impl_instance)) if isinstance(
+        column.type, crypto.EncryptedBytes) else (lambda m: literal(m, column.type.impl_instance))
+    return [column.is_not(None), func.length(raw) > 0] + [
+        func.substr(raw, 1, len(m)) != as_stored(m) for m in markers]
+
+
+def _pending(session: Session, column: Column, current_id: str) -> int:
+    return session.scalar(select(func.count()).select_from(column.table).where(*_not_current(column, current_id)))
+
+
+def _batch(session: Session, column: Column, current_id: str, after, batch: int,
+           unreadable: dict) -> tuple[list, int]:
+    """One transaction's work: (primary keys selected, values re-encrypted); notes unreadable ones."""
+    (pk,) = column.table.primary_key.columns
+    query = select(pk, _raw(column)).where(*_not_current(column, current_id))
+    if after is not None:
+        query = query.where(pk > after)
+    query = query.order_by(pk).limit(batch)
+    dialect = session.get_bind().dialect
+    if dialect.name == "postgresql":
+        query = query.with_for_update(skip_locked=True)
+    rows = session.execute(query).all()
+    updates = []
+    for key, stored in rows:
+        try:
+            plain = column.type.process_result_value(stored, dialect)
+        except crypto.Unreadable as exc:
+            unreadable[key] = exc.key_id or "corrupted"
+            continue
+        updates.append({"b_key": key, "b_value": plain})  # sealed under the current key by the column's type
+    if updates:
+        session.execute(update(column.table).where(pk == bindparam("b_key"))
+                        .values({column.name: bindparam("b_value")}), updates)
+    return [key for key, _ in rows], len(updates)
+
+
+def rotate(store: Store, *, actor: str, batch: int = DEFAULT_BATCH, dry_run: bool = False,
+           on_batch: Callable[[str, int], None] | None = None) -> RotationResult:
+    """Re-encrypt every stored value not under the current key; one audit record per run (none for a dry run).
+
+    A dry run counts what would be re-encrypted and changes nothing. Values under a key that
+    is not configured are left as they are and counted by key id.
+    """
+    current = crypto.ring().current_id
+    if current is None:
+        raise ValueError(f"{crypto.KEY_VARIABLE} is not set: there is no key to re-encrypt under")
+    if batch < 1:
+        raise ValueError("batch must be at least 1")
+    result = RotationResult(key_id=current, batch=batch, dry_run=dry_run)
+    for column in encrypted_columns():
+        name = f"{column.table.name}.{column.name}"
+        done = result.columns[name] = ColumnResult()
+        if dry_run:
+            with store.session() as session:
+                done.rotated = _pending(session, column, current)
+            continue
+        unreadable: dict = {}  # primary key -> key id, counted once however many passes see it
+        for _ in range(MAX_PASSES):
+            changed, after = 0, None
+            while True:
+                with store.session() as session:
+                    keys, rotated = _batch(session, column, current, after, batch, unreadable)
+                changed += rotated
+                if on_batch and rotated:
+                    on_batch(name, rotated)
+                if len(keys) < batch:
+                    break
+                after = keys[-1]
+            done.rotated += changed
+            if not changed:
+                break
+        for kid in unreadable.values():
+            done.unreadable[kid] = done.unreadable.get(kid, 0) + 1
+        with store.session() as session:
+            done.left = _pending(session, column, current)
+    if not dry_run:
+        with store.session() as session:
+            audit.record(session, actor=actor, action="key_rotate", target=f"stored values, to key id {current}",
+                         details=result.details())
+    return result
+
+
+__all__ = ["rotate", "encrypted_columns", "RotationResult", "ColumnResult", "DEFAULT_BATCH"]
