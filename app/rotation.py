@@ -55,8 +55,9 @@ class RotationResult:
 
 def encrypted_columns() -> list[Column]:
     """The columns stored encrypted, found by type, so a new one is rotated without being listed here."""
-    return [c for t in Base.metadata.sorted_tables for c in t.columns
-            if isinstance(c.type, (crypto.EncryptedBytes, crypto.EncryptedText))]
+    return sorted((c for t in Base.metadata.tables.values() for c in t.columns
+                   if isinstance(c.type, (crypto.EncryptedBytes, crypto.EncryptedText))),
+                  key=lambda c: (c.table.name, c.name))  # a stable order for the report
 
 
 def _raw(column: Column):
