@@ -268,7 +268,7 @@ class MllpListener:
                             self.handshake_timeout)
             else:
                 log.info("MLLP connection from %s lost during the TLS handshake: %s", where, exc)
-        except ConfigError as exc:  # the files changed since start (renewal gone wrong): every peer is refused
+        except ConfigError as exc:  # files that never loaded (app.tls keeps the last good context after a start)
             log.error("MLLP connection from %s: cannot load TLS files: %s; closed", where, "; ".join(exc.problems))
         return False
 

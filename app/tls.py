@@ -8,6 +8,7 @@ plain-text listener.
 """
 from __future__ import annotations
 
+import logging
 import os
 import ssl
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ from typing import Mapping
 from app.settings import ConfigError
 
 MINIMUM_VERSION = ssl.TLSVersion.TLSv1_2
+log = logging.getLogger("courier.tls")
 
 
 @dataclass(frozen=True)
@@ -28,10 +30,38 @@ class ServerTls:
     client_ca: str | None = None
 
     def context(self) -> ssl.SSLContext:
-        """A fresh server context from the files (so renewed files are used without a restart).
+        """The server context; made again only when a file changed, so renewed files need no restart.
 
-        Raises ConfigError naming the variable whose file cannot be used.
+        A change that does not load (a renewal half-written, a key not yet matching its certificate)
+        keeps the last good context, with a warning once; without one, ConfigError naming the variable.
         """
+        stamp = self._stamp()
+        last = _CONTEXTS.get(self)
+        if last is not None and last[0] == stamp:
+            return last[1]
+        try:
+            context = self._build()
+        except ConfigError as exc:
+            if last is None:
+                raise
+            log.warning("TLS files changed but cannot be used (%s); still serving the previous ones",
+                        "; ".join(exc.problems))
+            context = last[1]
+        _CONTEXTS[self] = (stamp, context)
+        return context
+
+    def _stamp(self) -> tuple:
+        """What tells a changed file: (mtime, ctime, size, inode) of each, None for one that cannot be read."""
+        stamp = []
+        for path in (self.cert, self.key, self.client_ca):
+            try:
+                st = os.stat(path) if path else None
+            except OSError:
+                st = None
+            stamp.append(st and (st.st_mtime_ns, st.st_ctime_ns, st.st_size, st.st_ino))
+        return tuple(stamp)
+
+    def _build(self) -> ssl.SSLContext:
         # CLIENT_AUTH: a server's context; no system CAs are loaded, so only client_ca can vouch for a client.
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         context.minimum_version = MINIMUM_VERSION
@@ -48,6 +78,11 @@ class ServerTls:
                                    f"CA bundle ({_reason(exc)})"]) from None
             context.verify_mode = ssl.CERT_REQUIRED
         return context
+
+
+# ServerTls -> (file stamp, context): making a context costs about 2 ms, and both servers ask for one per
+# connection. Shared by threads (gunicorn's); a race only builds the same context twice.
+_CONTEXTS: dict[ServerTls, tuple[tuple, ssl.SSLContext]] = {}
 
 
 def from_env(prefix: str, env: Mapping[str, str] | None = None) -> ServerTls | None:
@@ -72,6 +107,7 @@ def from_env(prefix: str, env: Mapping[str, str] | None = None) -> ServerTls | N
             why = "does not exist" if not os.path.exists(path) else "is not readable by this process"
             raise ConfigError([f"environment: {prefix}_{name}={path}: the file {why}"])
     tls = ServerTls(prefix, cert, key, client_ca)
+    _CONTEXTS.pop(tls, None)  # checked now, from the files as they are: not a context cached before
     tls.context()
     return tls
 

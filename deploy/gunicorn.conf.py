@@ -26,7 +26,7 @@ if _tls is not None:
 
     def ssl_context(config, default_ssl_context_factory):
         """app.tls's server context, as the MLLP listener's (TLS 1.2 at least, client certificates when asked
-        for), in place of gunicorn's default; made per connection like that one, so renewed files need no restart."""
+        for), in place of gunicorn's default; remade when the files change, so renewed ones need no restart."""
         return _tls.context()
 
 

@@ -271,6 +271,27 @@ def test_a_silent_client_cannot_hold_a_slot_past_the_handshake_timeout(mllp_sett
     assert any("no TLS handshake within 0.5s" in r.getMessage() for r in caplog.records)
 
 
+def test_renewed_files_are_used_without_a_restart_and_a_half_written_renewal_is_not(mllp_settings, store, ca,
+                                                                                     other_ca, caplog):
+    options = mllp_tls(ca)
+    files = options["tls"]
+    with listener_thread(mllp_settings, store, **options) as listener:
+        with Client(listener.port, tls=client_context(ca.cert)) as client:
+            assert acks(client.exchange(adt("OLD-CERT")))[0][0] == "AA"
+        renewed = other_ca.server("renewed")
+        Path(files.cert).write_bytes(renewed.cert.read_bytes())  # the key not yet: they do not match
+        with Client(listener.port, tls=client_context(ca.cert)) as client:  # still the old certificate
+            assert acks(client.exchange(adt("HALF-RENEWED")))[0][0] == "AA"
+        assert any("cannot be used" in r.getMessage() and "KEY_VALUES_MISMATCH" in r.getMessage()
+                   for r in caplog.records)
+        Path(files.key).write_bytes(renewed.key.read_bytes())
+        with Client(listener.port, tls=client_context(other_ca.cert)) as client:  # the new one, no restart
+            assert acks(client.exchange(adt("NEW-CERT")))[0][0] == "AA"
+        with pytest.raises(ssl.SSLCertVerificationError):
+            Client(listener.port, tls=client_context(ca.cert))
+    assert messages(store) == 3
+
+
 def test_courier_mllp_refuses_to_start_with_half_a_tls_setting(tmp_path, ca, store):
     server = ca.server()
     env = {**os.environ, "COURIER_MLLP_TLS_CERT": str(server.cert), "MLLP_PORT": str(free_port()),
