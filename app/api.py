@@ -545,6 +545,17 @@ def _store_error(exc: SQLAlchemyError):
     return error(503, "store_unavailable", "the store is unreachable; try again")
 
 
+@bp.errorhandler(Exception)
+def _unexpected_error(exc: Exception):
+    # A bug, not the caller's mistake. Flask's own answer was an HTML page; this one has the usual
+    # shape and nothing of the exception (its text may quote the body); the log has the traceback.
+    log.error("unexpected %s in %s %s", type(exc).__name__, request.method, request.path, exc_info=exc)
+    from app.observability import current_correlation_id
+
+    return error(500, "internal_error", "an internal error, logged under this request's correlation id",
+                 {"correlation_id": current_correlation_id()})
+
+
 def init_app(app: Flask, url_prefix: str | None = None, *, own_app: bool = True) -> None:
     """Mount the API on `app` under `url_prefix`.
 

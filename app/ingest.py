@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -84,16 +85,52 @@ def parse_body(content_type: str, body: bytes) -> tuple[list[Parsed], bool]:
                       {"accepted": sorted(JSON_TYPES | HL7_TYPES)})
 
 
+class _Refused(ValueError):
+    """Raised by json_object's decoder hooks: JSON that Python would take but Courier does not."""
+
+
+def _unique_keys(pairs: list) -> dict:
+    # Duplicate keys are legal JSON, but parsers disagree on which value wins: the type Courier
+    # routes by could differ from the one a destination reads. Refused at every level.
+    doc = dict(pairs)
+    if len(doc) != len(pairs):
+        seen: set = set()
+        duplicate = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise _Refused(f"duplicate key {duplicate[:40]!r}")
+    return doc
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if value in (float("inf"), float("-inf")):  # 1e999: no destination could read it back as a number
+        raise _Refused(f"number {text[:20]}{'...' if len(text) > 20 else ''} is out of range")
+    return value
+
+
+def _no_constant(name: str):
+    raise _Refused(f"{name} is not JSON")  # Python's json takes NaN and Infinity; RFC 8259 does not
+
+
 def json_object(body: bytes, what: str = "a JSON event") -> dict:
     """Decode a body that must be one JSON object; IngestError says where it is not."""
     try:
-        doc = json.loads(body.decode("utf-8-sig"))
+        doc = json.loads(body.decode("utf-8-sig"), object_pairs_hook=_unique_keys, parse_float=_finite,
+                         parse_constant=_no_constant)
     except UnicodeDecodeError as exc:
         raise IngestError(400, "malformed", f"body is not UTF-8: byte {exc.start}",
                           {"position": exc.start}) from None
     except json.JSONDecodeError as exc:
-        raise IngestError(400, "malformed", f"body is not valid JSON: {exc.msg} at line {exc.lineno} "
-                          f"column {exc.colno}", {"line": exc.lineno, "column": exc.colno}) from None
+        # removesuffix: some of json's messages end in " at" ("Invalid control character at").
+        raise IngestError(400, "malformed", f"body is not valid JSON: {exc.msg.removesuffix(' at')} at line "
+                          f"{exc.lineno} column {exc.colno}", {"line": exc.lineno, "column": exc.colno}) from None
+    except RecursionError:  # the decoder recurses per level: 100,000 '[' was a 500
+        raise IngestError(400, "malformed", "body is not acceptable JSON: arrays and objects are nested "
+                          "too deeply", {"reason": "nested too deeply"}) from None
+    except _Refused as exc:
+        raise IngestError(400, "malformed", f"body is not acceptable JSON: {exc}", {"reason": str(exc)}) from None
+    except ValueError:  # int() of more digits than sys.get_int_max_str_digits(); it was a 500
+        raise IngestError(400, "malformed", "body is not acceptable JSON: an integer has more than "
+                          f"{sys.get_int_max_str_digits()} digits", {"reason": "integer too long"}) from None
     if not isinstance(doc, dict):
         raise IngestError(422, "invalid", f"{what} must be an object",
                           {"fields": {"_schema": ["expected an object"]}})
