@@ -508,7 +508,35 @@ def readyz():
 @bp.before_request
 def _limit_body():
     # Per request, not app-wide MAX_CONTENT_LENGTH: inside a host app the limit is Courier's own.
-    request.max_content_length = settings().max_message_bytes
+    limit = settings().max_message_bytes
+    request.max_content_length = limit
+    if request.content_length is None and "wsgi.input_terminated" in request.environ:
+        # A chunked body (no Content-Length): Werkzeug stops reading at max_content_length without
+        # an error, so a longer body arrived cut short and an HL7 message cut in a later segment
+        # was accepted truncated. Werkzeug may read one byte more; _Capped raises (413) on it.
+        request.max_content_length = limit + 1
+        request.environ["wsgi.input"] = _Capped(request.environ["wsgi.input"], limit)
+
+
+class _Capped:
+    """A WSGI input stream that raises 413 once more than `limit` bytes have been read from it."""
+
+    def __init__(self, stream, limit: int):
+        self.stream, self.limit, self.seen = stream, limit, 0
+
+    def read(self, size: int = -1) -> bytes:
+        return self._count(self.stream.read(size))
+
+    def readline(self, size: int = -1) -> bytes:
+        return self._count(self.stream.readline(size))
+
+    def _count(self, data: bytes) -> bytes:
+        from werkzeug.exceptions import RequestEntityTooLarge
+
+        self.seen += len(data)
+        if self.seen > self.limit:
+            raise RequestEntityTooLarge()
+        return data
 
 
 @bp.before_request

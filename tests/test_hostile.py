@@ -179,6 +179,33 @@ def test_a_hostile_body_or_header_is_a_clear_4xx_and_nothing_stored_changes(
     assert snapshot(store) == before
 
 
+@pytest.mark.parametrize(("url", "body", "status", "says"), [
+    ("/api/v1/destinations/billing/pause", b'{"reason": "a", "reason": "b"}', 400, "duplicate key 'reason'"),
+    ("/api/v1/destinations/billing/pause", b'{"reason": ' + b"[" * 100_000, 400, "nested too deeply"),
+    ("/api/v1/destinations/billing/pause", b'{"reason": "\xff"}', 400, "not UTF-8: byte 12"),
+    ("/api/v1/destinations/billing/pause", b'{"reason": "x' + b"x" * LIMIT + b'"}', 413, "larger than the limit"),
+    ("/api/v1/deliveries/replay", b'{"destination": "erp", "status": "dead", "limit": 1' + b"0" * 5000 + b"}", 400,
+     "an integer has more than"),
+    ("/api/v1/deliveries/replay", json.dumps({"destination": SQL, "status": "dead"}).encode(), 422, "field errors"),
+])
+def test_hostile_operator_bodies_are_refused_and_change_nothing(api, client, store, url, body, status, says):
+    """The operator actions read their JSON with the same decoder: no pause, no replay, no audit row."""
+    before = snapshot(store)
+    r = client.post(url, data=body, content_type="application/json", headers=api["operate"])
+    assert_refused(r, status, {400: "malformed", 413: "too_large", 422: "invalid"}[status], says)
+    assert snapshot(store) == before
+
+
+@pytest.mark.parametrize("source", [SQL, "../../etc/passwd", "lab%", "lab\t"])
+def test_an_admin_naming_a_hostile_source_is_refused(api, client, store, make_token, source):
+    admin = make_token(scope="admin")
+    client.get("/api/v1/destinations", headers=admin)  # the token's first use (last_used_at) before the snapshot
+    before = snapshot(store)
+    r = client.post("/api/v1/messages", json=event(), headers={**admin, "X-Courier-Source": source})
+    assert_refused(r, 403, "unknown_source", "is not configured")
+    assert snapshot(store) == before
+
+
 def test_sql_metacharacters_in_an_event_type_are_stored_as_text(api, client, store):
     """The type has no character set of its own (routes match it by pattern): SQL in it is data,
     bound as a parameter; the tables are intact and the type reads back byte for byte."""
@@ -265,7 +292,7 @@ def gunicorn(tmp_path, store, queue_prefix, make_token):
     cfg = write_config(tmp_path / "courier.yml", {"erp": (tmp_path / "erp").as_uri()})
     port = _free_port()
     env = {**os.environ, "DATABASE_URL": store.url, "BROKER_URL": BROKER_URL, "COURIER_CONFIG": str(cfg),
-           "COURIER_QUEUE_PREFIX": queue_prefix}
+           "COURIER_QUEUE_PREFIX": queue_prefix, "COURIER_MAX_MESSAGE_BYTES": str(LIMIT)}
     log = tmp_path / "gunicorn.log"
     with log.open("wb") as out:
         proc = subprocess.Popen(  # nosec B603  # fixed argv, no shell
@@ -281,23 +308,41 @@ def gunicorn(tmp_path, store, queue_prefix, make_token):
             except OSError:
                 assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
                 time.sleep(0.1)
-        yield port, make_token()
+        token = make_token()
+        # Its first use sets last_used_at: done here, so the tests' snapshots see only what they send.
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            s.sendall(b"GET /api/openapi.json HTTP/1.1\r\nHost: courier\r\nConnection: close\r\nAuthorization: "
+                      + token["Authorization"].encode() + b"\r\n\r\n")
+            assert s.recv(12) == b"HTTP/1.1 200"
+        yield port, token
     finally:
         proc.terminate()
         proc.wait(timeout=15)
 
 
-def raw_post(port: int, token: dict, header_lines: bytes, body: bytes = b"") -> tuple[int, dict, bytes]:
+def raw_post(port: int, token: dict, header_lines: bytes, body: bytes = b"", *, chunked: bool = False,
+             content_type: bytes = b"application/json") -> tuple[int, dict, bytes]:
     """POST /api/v1/messages as raw bytes; (status, headers, body) of the answer."""
     body = body or json.dumps(event()).encode()
+    framing = b"Transfer-Encoding: chunked" if chunked else b"Content-Length: " + str(len(body)).encode()
+    if chunked:  # 64 KiB chunks, then the last (empty) one
+        body = b"".join(b"%x\r\n%s\r\n" % (len(body[i:i + 65536]), body[i:i + 65536])
+                        for i in range(0, len(body), 65536)) + b"0\r\n\r\n"
     request = (b"POST /api/v1/messages HTTP/1.1\r\nHost: courier\r\nConnection: close\r\n"
-               b"Authorization: " + token["Authorization"].encode() + b"\r\nContent-Type: application/json\r\n"
-               b"Content-Length: " + str(len(body)).encode() + b"\r\n" + header_lines + b"\r\n\r\n" + body)
+               b"Authorization: " + token["Authorization"].encode() + b"\r\nContent-Type: " + content_type + b"\r\n"
+               + framing + b"\r\n" + header_lines + b"\r\n\r\n")
     with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
         s.sendall(request)
+        try:
+            s.sendall(body)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the server answered and closed before reading it all: the answer is still there
         answer = b""
-        while chunk := s.recv(65536):
-            answer += chunk
+        try:
+            while chunk := s.recv(65536):
+                answer += chunk
+        except ConnectionResetError:
+            pass
     head, _, content = answer.partition(b"\r\n\r\n")
     status_line, *lines = head.decode("latin-1").split("\r\n")
     headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines)}
@@ -348,6 +393,38 @@ def test_crlf_in_header_values_only_ends_the_header_and_injects_nothing(gunicorn
     body = json.loads(content)
     assert status == 400 and "Idempotency-Key header" in body["error"]["message"], body
     assert snapshot(store) == before
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+@pytest.mark.parametrize("kind", ["json", "hl7"])
+def test_an_oversized_body_is_a_413_with_or_without_a_content_length(gunicorn, store, chunked, kind):
+    """Through the real server: a declared length over the limit, and a chunked body (no length
+    given) that grows past it. Chunked, Werkzeug used to stop at the limit without a word: the JSON
+    was a 400 for a cut string, the HL7 message, cut inside its NTE, was accepted truncated."""
+    port, token = gunicorn
+    before = snapshot(store)
+    if kind == "json":
+        body, content_type = json.dumps(event(data={"x": "y" * LIMIT})).encode(), b"application/json"
+    else:
+        body, content_type = (hl7("BIG-1") + "NTE|1||" + "x" * LIMIT + "\r").encode(), b"application/hl7-v2"
+    status, _, content = raw_post(port, token, b"X-Test: big", body, chunked=chunked, content_type=content_type)
+    body = json.loads(content)
+    assert status == 413 and body["error"]["code"] == "too_large", body
+    assert f"limit of {LIMIT} bytes" in body["error"]["message"]
+    assert_no_leak(content.decode())
+    assert snapshot(store) == before
+
+
+def test_a_chunked_body_of_exactly_the_limit_is_accepted_whole(gunicorn, store):
+    port, token = gunicorn
+    head = hl7("EXACT-1") + "NTE|1||"
+    body = (head + "x" * (LIMIT - len(head) - 1) + "\r").encode()
+    assert len(body) == LIMIT
+    status, _, content = raw_post(port, token, b"X-Test: exact", body, chunked=True, content_type=b"application/hl7-v2")
+    assert status == 202, content
+    with store.session() as s:
+        stored = s.get(Message, json.loads(content)["id"]).body
+    assert stored.count(b"x") == body.count(b"x")
 
 
 # --- MLLP: the same refusals as ACKs -------------------------------------------------------------
