@@ -80,6 +80,33 @@ def test_gcra_counts_a_batch_as_its_messages_and_refills_to_the_burst_only(any_s
         ratelimit.take(any_store, "lab", limit, 6, now=T0)
 
 
+def test_charge_skips_the_flush_wait_only_for_itself(pg_url):
+    """synchronous_commit off is the charge's alone: the next transaction on the same pooled
+    connection (an ingest's) must still wait for its commit to be durable."""
+    from app.db import Store
+
+    one = Store(pg_url, pool_size=1, max_overflow=0)  # one connection: the ingest gets the charge's
+    try:
+        assert ratelimit.take(one, "lab", RateLimit(10, 60.0, 10)) is None
+        with one.session() as session:
+            assert session.execute(text("SHOW synchronous_commit")).scalar_one() == "on"
+    finally:
+        one.dispose()
+
+
+def test_store_down_during_the_check_is_503(tmp_path):
+    from app.db import Store
+    from app.ingest import IngestError, ingest
+
+    _, routing = routing_with(tmp_path, {"rate_limit": "10/min"})
+    down = Store("postgresql+psycopg://postgres@127.0.0.1:1/none")
+    with pytest.raises(IngestError) as err:
+        ingest(down, routing, source="lab", content_type="application/json",
+               body=b'{"type": "lab.result", "data": {}}')
+    assert err.value.status == 503 and "rate limit" in err.value.message
+    down.dispose()
+
+
 def test_gcra_on_the_stores_clock(any_store):
     limit = RateLimit(count=1, period=3600.0, burst=1)
     assert ratelimit.take(any_store, "lab", limit) is None
