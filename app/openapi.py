@@ -234,9 +234,12 @@ _ERRORS = {
     413: "the body is larger than COURIER_MAX_MESSAGE_BYTES",
     415: "a Content-Type that is not accepted",
     422: "field errors in `details.fields`",
+    429: "the source's rate limit (its `rate_limit` in COURIER_CONFIG): nothing stored; retry after `Retry-After` s",
     503: "the store is unreachable; nothing changed, try again",
 }
 _AUTH = (401, 403, 503)
+_RETRY_AFTER = {"headers": {"Retry-After": {"schema": {"type": "integer", "minimum": 1},
+                                            "description": "seconds until the source may send again"}}}
 # Which token scopes may call an operation, by the action `require(action)` checks (app.tokens.GRANTS).
 # "any" is app.api.ANY_SCOPE: any live token (the document itself).
 _SCOPES = {"ingest": ["ingest", "admin"], "read": ["operate", "admin"], "replay": ["operate", "admin"],
@@ -247,7 +250,7 @@ def _op(summary: str, ok: dict, errors: tuple[int, ...] = (), *, action: str | N
     responses = dict(ok)
     auth = set(_AUTH) - ({403} if action == "any" else set())  # any live token: no scope to refuse
     for status in sorted(set(errors) | (auth if action else set())):
-        responses[status] = _json("Error", _ERRORS[status])
+        responses[status] = _json("Error", _ERRORS[status], **(_RETRY_AFTER if status == 429 else {}))
     op = {"summary": summary, "responses": responses, **extra}
     if action:
         scopes = _SCOPES[action]
@@ -271,7 +274,7 @@ OPERATIONS: dict[str, dict[str, dict]] = {
         {202: _json(_ACCEPTED, "stored with its deliveries (committed); an HL7 batch answers {messages: [...]}",
                     headers={"Location": {"schema": {"type": "string"}, "description": "the message's trace"}}),
          200: _json(_ACCEPTED, "a duplicate (same source and Idempotency-Key, event id or MSH-10): nothing queued")},
-        (400, 413, 415, 422), action="ingest",
+        (400, 413, 415, 422, 429), action="ingest",
         description="An admin token names the source in X-Courier-Source; an ingest token posts as its own source.",
         parameters=[
             {"in": "header", "name": "Idempotency-Key", "required": False,

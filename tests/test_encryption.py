@@ -212,6 +212,18 @@ def test_a_value_under_a_missing_key_is_a_clear_error_and_the_worker_waits(store
         assert s.get(Message, message_id).body == b'{"secret": 1}'
 
 
+def test_the_message_list_and_trace_work_without_the_bodys_key(store, client, make_token):
+    """They never show a body, so they must not need its key: one unreadable body must not break a page."""
+    use(OTHER)
+    message_id = accept(store, b'{"secret": 1}')
+    use(NEW)
+    admin = make_token("admin")
+    page = client.get("/api/v1/messages", headers=admin)
+    assert page.status_code == 200, page.get_json()
+    assert [m["id"] for m in page.get_json()["items"]] == [message_id]
+    assert client.get(f"/api/v1/messages/{message_id}", headers=admin).status_code == 200
+
+
 def test_an_altered_value_is_an_error_not_garbage(store):
     use(NEW)
     message_id = accept(store, b'{"x": 1}')
