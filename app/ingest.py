@@ -85,6 +85,9 @@ def parse_body(content_type: str, body: bytes) -> tuple[list[Parsed], bool]:
                       {"accepted": sorted(JSON_TYPES | HL7_TYPES)})
 
 
+MAX_JSON_DEPTH = 64  # arrays and objects inside each other; no event needs more, and later recursion is bounded
+
+
 class _Refused(ValueError):
     """Raised by json_object's decoder hooks: JSON that Python would take but Courier does not."""
 
@@ -107,6 +110,19 @@ def _finite(text: str) -> float:
     return value
 
 
+def _depth_within(doc, limit: int) -> None:
+    """Refuse nesting deeper than `limit` (iteratively: the check itself must not recurse)."""
+    stack = [(doc, 1)]
+    while stack:
+        node, depth = stack.pop()
+        children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else ()
+        for child in children:
+            if isinstance(child, (dict, list)):
+                if depth + 1 > limit:
+                    raise _Refused(f"arrays and objects are nested more than {limit} levels deep")
+                stack.append((child, depth + 1))
+
+
 def _no_constant(name: str):
     raise _Refused(f"{name} is not JSON")  # Python's json takes NaN and Infinity; RFC 8259 does not
 
@@ -116,6 +132,7 @@ def json_object(body: bytes, what: str = "a JSON event") -> dict:
     try:
         doc = json.loads(body.decode("utf-8-sig"), object_pairs_hook=_unique_keys, parse_float=_finite,
                          parse_constant=_no_constant)
+        _depth_within(doc, MAX_JSON_DEPTH)
     except UnicodeDecodeError as exc:
         raise IngestError(400, "malformed", f"body is not UTF-8: byte {exc.start}",
                           {"position": exc.start}) from None
@@ -125,7 +142,7 @@ def json_object(body: bytes, what: str = "a JSON event") -> dict:
                           f"{exc.lineno} column {exc.colno}", {"line": exc.lineno, "column": exc.colno}) from None
     except RecursionError:  # the decoder recurses per level: 100,000 '[' was a 500
         raise IngestError(400, "malformed", "body is not acceptable JSON: arrays and objects are nested "
-                          "too deeply", {"reason": "nested too deeply"}) from None
+                          f"more than {MAX_JSON_DEPTH} levels deep", {"reason": "nested too deeply"}) from None
     except _Refused as exc:
         raise IngestError(400, "malformed", f"body is not acceptable JSON: {exc}", {"reason": str(exc)}) from None
     except ValueError:  # int() of more digits than sys.get_int_max_str_digits(); it was a 500

@@ -27,7 +27,7 @@ from sqlalchemy import func, select, text
 from adapters.base import Outgoing, PermanentError
 from adapters.file import FileAdapter
 from app import create_app, outbox
-from app.ingest import IngestError, json_object, parse_body
+from app.ingest import MAX_JSON_DEPTH, IngestError, json_object, parse_body
 from app.mllp import START_BLOCK, frame
 from app.models import Message
 from tasks.deliver import run_batch
@@ -124,9 +124,9 @@ BODIES = [
      "malformed", "Invalid control character at line 1 column"),
     ("json-escaped-nul-in-id", json.dumps(event(id="a\u0000b")).encode(), J, {}, 422, "invalid",
      "envelope schema"),
-    ("json-100000-brackets", b"[" * 100_000, J, {}, 400, "malformed", "nested too deeply"),
+    ("json-100000-brackets", b"[" * 100_000, J, {}, 400, "malformed", "nested more than"),
     ("json-deep-data", b'{"type": "lab.result", "data": ' + b'{"a":' * 20_000 + b"1" + b"}" * 20_001, J, {},
-     400, "malformed", "nested too deeply"),
+     400, "malformed", "nested more than"),
     ("json-huge-integer", b'{"type": "lab.result", "data": {"n": 1' + b"0" * 10_000 + b"}}", J, {}, 400,
      "malformed", "an integer has more than"),
     ("json-huge-float", b'{"type": "lab.result", "data": {"n": 1e999}}', J, {}, 400, "malformed",
@@ -181,7 +181,7 @@ def test_a_hostile_body_or_header_is_a_clear_4xx_and_nothing_stored_changes(
 
 @pytest.mark.parametrize(("url", "body", "status", "says"), [
     ("/api/v1/destinations/billing/pause", b'{"reason": "a", "reason": "b"}', 400, "duplicate key 'reason'"),
-    ("/api/v1/destinations/billing/pause", b'{"reason": ' + b"[" * 100_000, 400, "nested too deeply"),
+    ("/api/v1/destinations/billing/pause", b'{"reason": ' + b"[" * 100_000, 400, "nested more than"),
     ("/api/v1/destinations/billing/pause", b'{"reason": "\xff"}', 400, "not UTF-8: byte 12"),
     ("/api/v1/destinations/billing/pause", b'{"reason": "x' + b"x" * LIMIT + b'"}', 413, "larger than the limit"),
     ("/api/v1/deliveries/replay", b'{"destination": "erp", "status": "dead", "limit": 1' + b"0" * 5000 + b"}", 400,
@@ -571,14 +571,16 @@ def test_fuzz_any_json_value_in_the_envelope_raises_only_ingest_error(value, key
         assert exc.status in (400, 422)
 
 
-@pytest.mark.parametrize("depth", [10, 500, 5000, 200_000])
-def test_nesting_at_any_depth_is_parsed_or_refused_as_400(depth):
+@pytest.mark.parametrize("depth", [1, 61, 62, 63, 500, 5000, 200_000])
+def test_nesting_up_to_the_limit_is_parsed_and_deeper_is_400(depth):
+    """The envelope and data take 2 levels, so 62 arrays reach MAX_JSON_DEPTH (64) exactly."""
     body = b'{"type": "t", "data": {"a": ' + b"[" * depth + b"]" * depth + b"}}"
-    try:
-        parsed, _ = parse_body("application/json", body)
-        assert depth < 5000 and parsed[0].message_type == "t"
-    except IngestError as exc:
-        assert exc.status == 400 and "nested too deeply" in exc.message
+    if depth <= MAX_JSON_DEPTH - 2:
+        assert parse_body("application/json", body)[0][0].message_type == "t"
+    else:
+        with pytest.raises(IngestError) as exc:
+            parse_body("application/json", body)
+        assert exc.value.status == 400 and f"more than {MAX_JSON_DEPTH} levels" in exc.value.message
 
 
 def test_the_snapshot_sees_a_change_to_any_stored_row(api, store):
