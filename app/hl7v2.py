@@ -85,10 +85,6 @@ _FORBIDDEN = re.compile(r"[\x00\x0b\x1c]")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _VERSION = re.compile(r"(\d+)\.(\d+)")
 _MAX_CONTROL_ID = 199  # MSH-10 length limit since v2.7 (20 before); longer is not a control id.
-# MSH-10 becomes the idempotency key: the characters an Idempotency-Key header or event id may
-# hold (app.ingest), plus the message's escape character (escape sequences are kept raw), so
-# quotes, ';', '%', spaces and other injection material are refused the same way on every path.
-_CONTROL_ID_CHARS = re.compile(r"[A-Za-z0-9._:@/+=-]*")
 _MSA3_MAX = 80  # MSA-3 is ST(80) in the versions that define it
 _ERR8_MAX = 250  # ERR-8 is TX(250)
 
@@ -401,10 +397,6 @@ def _header(message_text: str, msh: hl7.Segment, sep: str, encoding: str, *, str
                            "segment 1 (MSH), field 10", "102")
         if _CONTROL.search(control_id):
             raise Hl7Error("MSH-10 (message control id) contains a control character",
-                           "segment 1 (MSH), field 10", "102")
-        escape = encoding[2:3]
-        if not _CONTROL_ID_CHARS.fullmatch(control_id.replace(escape, "") if escape else control_id):
-            raise Hl7Error(f"MSH-10 (message control id) may only hold A-Z a-z 0-9 . _ : @ / + = - {escape}",
                            "segment 1 (MSH), field 10", "102")
         if len(encoding) == 5 and (_version_tuple(version) or (0, 0)) < (2, 7):
             raise Hl7Error("a 5th encoding character (truncation) is only allowed from v2.7 "
