@@ -235,7 +235,8 @@ def store_plans(session: Session, plans: list[Plan], *, source: str,
     if len(plans) > 1:
         # A batch locks all its keys up front, in one sorted pass: locking message by
         # message, two batches holding the same patients in opposite order would deadlock.
-        ordering.lock(session, [(d, k) for p in plans for d, k in p.order_keys.items()])
+        # Named by their stored form, as outbox.accept names them.
+        ordering.lock(session, [(d, ordering.stored(k)) for p in plans for d, k in p.order_keys.items()])
     results = []
     for p in plans:
         message, created = outbox.accept(session, outbox.NewMessage(

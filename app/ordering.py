@@ -5,6 +5,9 @@ the JSON event, or an HL7 v2 field like `PID-3` or `PID-3.1`). Deliveries with t
 (destination, key) go out in acceptance order, which is delivery id order: the relay
 claims one only when no earlier open delivery of its key is left (`first_in_line`), and
 `app.outbox.accept` makes ids follow acceptance order (`lock`, `next_id`).
+
+A key is often PHI (PID-3.1 is an MRN), and SQL only ever compares keys for equality, so
+with encryption at rest on, Delivery.order_key holds a keyed pseudonym of it (`stored`).
 """
 from __future__ import annotations
 
@@ -20,12 +23,14 @@ from sqlalchemy import exists, func, select, text
 from sqlalchemy.orm import Session, aliased
 from sqlalchemy.sql.elements import ColumnElement
 
+from app import crypto, governance
 from app.models import Delivery, is_open, new_id
 
 if TYPE_CHECKING:  # HL7 v2 support is the optional [mllp] extra; a JSON-only install lacks it
     from app.hl7v2 import Hl7Message
 
 MAX_KEY = 255  # Delivery.order_key is VARCHAR(255)
+NAMESPACE = "order_key"  # governance.pseudonym's: an order key's pseudonym is no patient pseudonym sent out
 _HL7_FIELD = re.compile(r"([A-Z][A-Z0-9]{2})-(\d+)(?:\.(\d+))?")
 _HL7_NULL = '""'  # HL7's explicit null: "no value", so no key either
 
@@ -43,6 +48,25 @@ def _parse_spec(spec: str) -> tuple[str, Any]:
 def fit(key: str) -> str:
     """A key as stored: longer than the column holds -> its sha256 hex (equal keys still hash equal)."""
     return key if len(key) <= MAX_KEY else hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+def stored(key: str) -> str:
+    """`key` as Delivery.order_key holds it and `lock` names it: with encryption at rest
+    (COURIER_ENCRYPTION_KEY) its keyed pseudonym, else as it is (`fit`).
+
+    Keyed with COURIER_PSEUDONYM_KEY, not the Fernet keys: a waiting delivery's key must
+    still equal a new message's after an encryption key rotation. app.settings refuses to
+    start without it; should it be missing all the same, this raises MissingKey rather
+    than store the key in the clear.
+    """
+    key = fit(key)
+    if crypto.ring().current_id is None:
+        return key
+    secret = governance.process_key()
+    if secret is None:
+        raise governance.MissingKey(f"{governance.KEY_VARIABLE} is not set: with {crypto.KEY_VARIABLE} set, "
+                                    "order keys (ordered_by) are stored as keyed pseudonyms")
+    return governance.pseudonym(key, NAMESPACE, secret)
 
 
 def key_for(spec: str, document: Any) -> str | None:
@@ -107,11 +131,13 @@ def keys_for(destinations: Iterable[str], specs: dict[str, str | None], document
 
 
 def lock(session: Session, pairs: Iterable[tuple[str, str]]) -> None:
-    """Take PostgreSQL's transaction-scoped advisory lock of each (destination, key), in sorted order.
+    """Take PostgreSQL's transaction-scoped advisory lock of each (destination, stored key), in sorted order.
 
     Held until commit or rollback, so the ingests of one key take turns. Sorted, so two
     transactions that need the same keys take them in the same order and never deadlock.
     Other backends: nothing to do (SQLite's BEGIN IMMEDIATE already runs one writer at a time).
+    Keys come as `stored` made them, so no MRN is sent as a lock name (a statement log would
+    keep it, and pg_locks shows an unkeyed hash of it); every caller must name them alike.
     """
     if session.get_bind().dialect.name != "postgresql":
         return

@@ -74,11 +74,12 @@ def accept(session: Session, new: NewMessage, destinations: list[str],
     of two concurrent duplicates the second waits for the first's commit and inserts nothing
     (no savepoint, no exception), and then reads the first's row.
 
-    `order_keys` maps ordered destinations to this message's key (app.ordering); the relay
+    `order_keys` maps ordered destinations to this message's key (app.ordering; stored as
+    `ordering.stored` makes it: a pseudonym under encryption at rest); the relay
     sends one key's deliveries in id order, so their ids must follow acceptance order.
     Core statements, not ORM objects: this is the hot path of every ingest.
     """
-    keys = {d: ordering.fit(k) for d, k in (order_keys or {}).items() if d in destinations and k is not None}
+    keys = {d: ordering.stored(k) for d, k in (order_keys or {}).items() if d in destinations and k is not None}
     # Pitfall 8 for ordered keys: ids are made before commit, so two concurrent ingests of
     # one key could commit out of id order, and the relay could send the later one before
     # the earlier one is even visible. PostgreSQL: an advisory lock per (destination, key),

@@ -237,14 +237,15 @@ class ConfigSchema(StrictSchema):
     destinations = fields.Dict(keys=fields.String(), values=fields.Nested(DestinationSchema), load_default=dict)
     routes = fields.List(fields.Nested(RouteSchema), load_default=list)
 
-    def __init__(self, *, pseudonym_key: bytes | None = None, **kwargs):
+    def __init__(self, *, pseudonym_key: bytes | None = None, encrypted: bool = False, **kwargs):
         super().__init__(**kwargs)
         self.pseudonym_key = pseudonym_key  # COURIER_PSEUDONYM_KEY: destinations below phi need it
+        self.encrypted = encrypted  # COURIER_ENCRYPTION_KEY is set: so do destinations with ordered_by
 
     @validates_schema(pass_original=True, skip_on_field_errors=False)
     def _governance(self, data, original_data, **kwargs):
-        """No PHI to a destination not cleared for it, and no route to a transform that cannot
-        format what it carries. A destination with errors of its own is checked on its valid fields."""
+        """No PHI to a destination not cleared for it, no order key stored in the clear under
+        encryption at rest, and no route to a transform that cannot format what it carries. A destination with errors of its own is checked on its valid fields."""
         errors: dict = {}
         destinations = data.get("destinations", {})
         raw = original_data.get("destinations") if isinstance(original_data, dict) else None
@@ -271,6 +272,17 @@ class ConfigSchema(StrictSchema):
             else:
                 continue
             errors.setdefault("destinations", {})[name] = {where: [message]} if where else [message]
+        if self.encrypted and self.pseudonym_key is None:  # app.ordering.stored pseudonymises order keys
+            for name, dest in destinations.items():
+                if dest.get("ordered_by"):
+                    message = (f"{name} keeps its deliveries in order by {dest['ordered_by']!r}; with "
+                               f"{crypto.KEY_VARIABLE} set, order keys (often PHI) are stored as keyed "
+                               f"pseudonyms, but {governance.KEY_VARIABLE} is not set; set it to a secret "
+                               f"of at least {governance.MIN_KEY_LENGTH} characters "
+                               "(openssl rand -base64 32) and keep it: another key gives other pseudonyms, and "
+                               "deliveries already waiting no longer hold back new ones of their key")
+                    entry = errors.setdefault("destinations", {}).setdefault(name, {})
+                    (entry.setdefault("ordered_by", []) if isinstance(entry, dict) else entry).append(message)
         if "sources" in data:
             for i, route in enumerate(data.get("routes", [])):
                 for j, name in enumerate(route["to"]):
@@ -534,7 +546,8 @@ def load_routing(path: str | os.PathLike, env: Mapping[str, str] | None = None) 
                             f"environment variable {var} is not set (used as ${{{var}}})")
         raise ConfigError(sorted(set(problems), key=_line_key))
     try:
-        data = ConfigSchema(pseudonym_key=_pseudonym_key(env)).load(raw)
+        data = ConfigSchema(pseudonym_key=_pseudonym_key(env),
+                            encrypted=bool((env.get(crypto.KEY_VARIABLE) or "").strip())).load(raw)
     except ValidationError as exc:
         problems = []
         for p, message in _flatten(exc.messages):

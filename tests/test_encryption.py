@@ -9,15 +9,18 @@ import json
 import threading
 
 import pytest
+import yaml
 from cryptography.fernet import Fernet
 from sqlalchemy import text
 
-from app import create_app, crypto, outbox, rotation
+from app import create_app, crypto, governance, ordering, outbox, rotation
+from app.ingest import ingest
 from app.models import RETRYING, Attempt, Circuit, Delivery, Message
 from app.settings import ConfigError, load_routing, load_settings
 from tasks.deliver import run_batch
 from tests.conftest import HL7_SAMPLES, settings_for, write_config
 from tests.test_cli import courier
+from tests.test_ordering import adt, attempt, claim
 
 HL7 = (HL7_SAMPLES / "microsoft-FHIR-Converter" / "ADT-A01-01.hl7").read_bytes()
 HL7_SECRETS = [b"EVERYMAN", b"ADAM", b"PATID1234"]  # the sample's patient name and MRN
@@ -315,3 +318,85 @@ def test_sqlite_store_encrypts_purges_and_rotates(sqlite_store):
     use(NEW)
     with sqlite_store.session() as s:
         assert s.get(Message, message_id).body == b'{"name": "Sqlite Patient"}' and s.get(Message, other_id).body == b""
+
+
+# --- order keys (ordered_by): keyed pseudonyms under encryption at rest -----------------------------
+
+PSEUDONYM_KEY = "order-key-test-secret-of-at-least-32-characters"
+ORDERED = {"sources": {"lab": {}},
+           "destinations": {"adt": {"url": "http://127.0.0.1:9/adt", "ordered_by": "PID-3.1", "clearance": "phi"}},
+           "routes": [{"match": {"source": "lab"}, "to": ["adt"]}]}
+
+
+def ordered_routing(tmp_path, env: dict):
+    path = tmp_path / "ordered.yml"
+    path.write_text(yaml.safe_dump(ORDERED))
+    return load_routing(path, env)
+
+
+def send(store, routing, *messages: str) -> list[str]:
+    """Ingest HL7 `messages` (several: one batch); the adt delivery ids in acceptance order."""
+    results, _ = ingest(store, routing, source="lab", content_type="application/hl7-v2",
+                        body="".join(messages).encode())
+    return [r.message.deliveries[0].id for r in results]
+
+
+def test_order_keys_are_pseudonyms_that_keep_the_line_across_a_key_rotation(store, tmp_path, monkeypatch):
+    monkeypatch.setenv(governance.KEY_VARIABLE, PSEUDONYM_KEY)
+    use(OLD)
+    routing = ordered_routing(tmp_path, {"COURIER_ENCRYPTION_KEY": OLD, governance.KEY_VARIABLE: PSEUDONYM_KEY})
+    [a1] = send(store, routing, adt("M1", "A01", MRN))
+    [b1, a2] = send(store, routing, adt("M2", "A01", "MRN-2"), adt("M3", "A08", MRN))  # a batch: locked up front
+    use(NEW, OLD)  # an encryption key rotation must not change a key's pseudonym
+    [a3] = send(store, routing, adt("M4", "A08", MRN))
+
+    stored = dict(raw_rows(store, "SELECT id, order_key FROM courier_deliveries"))
+    assert len(stored) == 4 and all(governance.is_pseudonym(k) for k in stored.values()), stored
+    assert not any(MRN in k or "MRN-2" in k for k in stored.values())
+    assert stored[a1] == stored[a2] == stored[a3] != stored[b1]
+    assert stored[a1] == governance.pseudonym(MRN, ordering.NAMESPACE, PSEUDONYM_KEY.encode())
+    assert stored[a1] != governance.pseudonym(MRN, "patient", PSEUDONYM_KEY.encode())  # not what a destination gets
+
+    first = claim(store)
+    assert set(first) == {a1, b1}  # a2 and a3 wait for a1 of their patient
+    assert attempt(store, first[a1], "delivered") == "delivered"
+    assert set(claim(store)) == {a2}
+    with store.session() as s:
+        assert s.get(Delivery, a3).order_key == stored[a1]
+
+
+def test_without_encryption_order_keys_are_stored_as_they_are(store, tmp_path, monkeypatch):
+    monkeypatch.setenv(governance.KEY_VARIABLE, PSEUDONYM_KEY)  # a pseudonym key alone changes nothing
+    use()
+    [d] = send(store, ordered_routing(tmp_path, {}), adt("M1", "A01", MRN))
+    assert raw_rows(store, "SELECT id, order_key FROM courier_deliveries") == [(d, MRN)]
+    assert ordering.stored(MRN) == MRN and ordering.stored("K" * 400) == ordering.fit("K" * 400)
+
+
+def test_encryption_and_ordered_by_need_a_pseudonym_key(tmp_path, store, monkeypatch):
+    with pytest.raises(ConfigError) as caught:
+        ordered_routing(tmp_path, {"COURIER_ENCRYPTION_KEY": NEW})
+    message = str(caught.value)
+    assert "ordered.yml:" in message and "destinations.adt.ordered_by: adt keeps its deliveries in order" in message
+    assert "COURIER_PSEUDONYM_KEY is not set" in message and NEW not in message
+    ordered_routing(tmp_path, {"COURIER_ENCRYPTION_KEY": NEW, governance.KEY_VARIABLE: PSEUDONYM_KEY})
+    routing = ordered_routing(tmp_path, {})  # no encryption: plaintext keys, no pseudonym key needed
+
+    # A destination below phi that passes messages through has an error of its own: both are reported.
+    below = {**ORDERED, "destinations": {"adt": {"url": "http://127.0.0.1:9/adt", "ordered_by": "PID-3.1"}}}
+    (tmp_path / "below.yml").write_text(yaml.safe_dump(below))
+    with pytest.raises(ConfigError) as caught:
+        load_routing(tmp_path / "below.yml", {"COURIER_ENCRYPTION_KEY": NEW})
+    assert "sends messages as they came" in str(caught.value) and "keeps its deliveries in order" in str(caught.value)
+
+    # Should a process store with encryption on and no pseudonym key all the same, nothing is stored.
+    monkeypatch.delenv(governance.KEY_VARIABLE, raising=False)
+    use(NEW)
+    with pytest.raises(governance.MissingKey, match="COURIER_PSEUDONYM_KEY"):
+        send(store, routing, adt("M1", "A01", MRN))
+    assert raw_rows(store, "SELECT id FROM courier_messages") == []
+
+
+def raw_rows(store, sql: str) -> list[tuple]:
+    with store.engine.connect() as conn:
+        return [tuple(row) for row in conn.execute(text(sql))]
