@@ -729,13 +729,17 @@ def keys_rotate(batch: int, dry_run: bool, actor: str | None):
     Runs while ingest and the workers go on. Exit 1 if values are left that are not under the
     first key (under a key that is not configured, or locked until the end): keep the old keys.
     """
-    from app import rotation
+    from app import governance, rotation
 
     try:
         result = rotation.rotate(_store(), actor=cli_actor(actor), batch=batch, dry_run=dry_run)
-    except ValueError as exc:
+    except (ValueError, governance.MissingKey) as exc:
         raise click.ClickException(str(exc)) from None
     for name, done in result.columns.items():
+        if name == rotation.ORDER_KEYS:
+            click.echo(f"{name}: {done.rotated} {'to replace' if dry_run else 'replaced'} by keyed pseudonyms"
+                       + ("" if dry_run else f", {done.left} left"))
+            continue
         if dry_run:
             click.echo(f"{name}: {done.rotated} to re-encrypt under key id {result.key_id}")
             continue

@@ -8,6 +8,10 @@ batches on the primary key, each its own short transaction that locks its rows w
 writers): ingest and the workers go on meanwhile, and a row they hold is picked up by the
 next pass. Passes repeat until one changes nothing (at most MAX_PASSES).
 
+Order keys (`ordered_by`) are not encrypted but stored as keyed pseudonyms while a key is set
+(app.ordering.stored); keys written in the clear before encryption was turned on are replaced
+by their pseudonyms here, in the same batches.
+
 Rotating a key: put the new key first and keep the old ones in every process's
 COURIER_ENCRYPTION_KEY, restart them, run `courier keys rotate` until it leaves nothing,
 then drop the old keys.
@@ -20,9 +24,9 @@ from typing import Callable
 from sqlalchemy import Column, bindparam, func, literal, select, type_coerce, update
 from sqlalchemy.orm import Session
 
-from app import audit, crypto
+from app import audit, crypto, governance, ordering
 from app.db import Store
-from app.models import Base
+from app.models import Base, Delivery
 
 DEFAULT_BATCH = 500
 MAX_PASSES = 3
@@ -105,6 +109,41 @@ def _batch(session: Session, column: Column, current_id: str, after, batch: int,
     return [key for key, _ in rows], len(updates)
 
 
+ORDER_KEYS = "courier_deliveries.order_key"
+_CLEAR_ORDER_KEY = (Delivery.order_key.is_not(None), ~Delivery.order_key.startswith(governance.PREFIX))
+
+
+def _pseudonymise_order_keys(store: Store, batch: int, dry_run: bool) -> ColumnResult:
+    """Order keys stored in the clear (before encryption was on) replaced by their pseudonyms."""
+    done = ColumnResult()
+    with store.session() as session:
+        pending = session.scalar(select(func.count()).select_from(Delivery).where(*_CLEAR_ORDER_KEY))
+    if dry_run or not pending:
+        done.rotated = pending if dry_run else 0
+        return done
+    after = None
+    while True:
+        with store.session() as session:
+            query = select(Delivery.id, Delivery.order_key).where(*_CLEAR_ORDER_KEY).order_by(Delivery.id).limit(batch)
+            if after is not None:
+                query = query.where(Delivery.id > after)
+            if session.get_bind().dialect.name == "postgresql":
+                query = query.with_for_update(skip_locked=True)
+            rows = session.execute(query).all()
+            if rows:
+                table = Delivery.__table__  # Core: an executemany, no ORM session sync
+                session.execute(update(table).where(table.c.id == bindparam("b_id"))
+                                .values(order_key=bindparam("b_key")),
+                                [{"b_id": i, "b_key": ordering.stored(k)} for i, k in rows])
+        done.rotated += len(rows)
+        if len(rows) < batch:
+            break
+        after = rows[-1][0]
+    with store.session() as session:
+        done.left = session.scalar(select(func.count()).select_from(Delivery).where(*_CLEAR_ORDER_KEY))
+    return done
+
+
 def rotate(store: Store, *, actor: str, batch: int = DEFAULT_BATCH, dry_run: bool = False,
            on_batch: Callable[[str, int], None] | None = None) -> RotationResult:
     """Re-encrypt every stored value not under the current key; one audit record per run (none for a dry run).
@@ -144,6 +183,7 @@ def rotate(store: Store, *, actor: str, batch: int = DEFAULT_BATCH, dry_run: boo
             done.unreadable[kid] = done.unreadable.get(kid, 0) + 1
         with store.session() as session:
             done.left = _pending(session, column, current)
+    result.columns[ORDER_KEYS] = _pseudonymise_order_keys(store, batch, dry_run)
     if not dry_run:
         with store.session() as session:
             audit.record(session, actor=actor, action="key_rotate", target=f"stored values, to key id {current}",

@@ -700,7 +700,9 @@ def settings_from_config(config: Mapping[str, Any], *, root_path: str = "",
         raise ConfigError(["app.config: COURIER_DATABASE_URL: set it, or pass the host's engine: "
                            "Courier(app, engine=engine)"])
     path = os.path.join(root_path, env["COURIER_CONFIG"])
-    overrides: dict[str, Any] = {"config_path": path, "routing": load_routing(path)}
+    # ${VAR} in the file reads the process environment; the check for an encrypted store sees app.config's key.
+    routing_env = {**os.environ, "COURIER_ENCRYPTION_KEY": env.get("COURIER_ENCRYPTION_KEY", "")}
+    overrides: dict[str, Any] = {"config_path": path, "routing": load_routing(path, routing_env)}
     if database_url is not None:
         overrides["database_url"] = database_url
     return load_settings(env, **overrides)

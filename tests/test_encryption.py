@@ -400,3 +400,34 @@ def test_encryption_and_ordered_by_need_a_pseudonym_key(tmp_path, store, monkeyp
 def raw_rows(store, sql: str) -> list[tuple]:
     with store.engine.connect() as conn:
         return [tuple(row) for row in conn.execute(text(sql))]
+
+
+def test_an_embedding_hosts_encryption_key_in_app_config_also_needs_a_pseudonym_key(tmp_path, monkeypatch):
+    """A host sets Courier's keys in app.config; the check must see that key, not only os.environ's."""
+    from app.settings import settings_from_config
+
+    monkeypatch.delenv(governance.KEY_VARIABLE, raising=False)
+    monkeypatch.delenv("COURIER_ENCRYPTION_KEY", raising=False)
+    ordered_routing(tmp_path, {})  # writes ordered.yml
+    host = {"COURIER_CONFIG": "ordered.yml", "COURIER_DATABASE_URL": "sqlite:///:memory:", "COURIER_ENCRYPTION_KEY": NEW}
+    with pytest.raises(ConfigError, match="COURIER_PSEUDONYM_KEY is not set"):
+        settings_from_config(host, root_path=str(tmp_path))
+    monkeypatch.setenv(governance.KEY_VARIABLE, PSEUDONYM_KEY)
+    assert settings_from_config(host, root_path=str(tmp_path)).encryption_key == NEW
+
+
+def test_rotate_replaces_order_keys_stored_before_encryption_by_their_pseudonyms(store, tmp_path, monkeypatch):
+    """Turned on later, encryption leaves clear MRNs in order_key until `keys rotate` replaces them;
+    after that a waiting delivery and a new one of the same patient share a key again."""
+    monkeypatch.setenv(governance.KEY_VARIABLE, PSEUDONYM_KEY)
+    use()  # no encryption yet: keys stored as they are
+    [first, waiting] = send(store, ordered_routing(tmp_path, {}), adt("R1", "A01", MRN), adt("R2", "A08", MRN))
+    use(NEW)
+    assert rotation.rotate(store, actor="test", dry_run=True).columns[rotation.ORDER_KEYS].rotated == 2
+    done = rotation.rotate(store, actor="test")
+    assert (done.columns[rotation.ORDER_KEYS].rotated, done.columns[rotation.ORDER_KEYS].left) == (2, 0)
+    [later] = send(store, ordered_routing(tmp_path, {"COURIER_ENCRYPTION_KEY": NEW,
+                                                     governance.KEY_VARIABLE: PSEUDONYM_KEY}), adt("R3", "A08", MRN))
+    stored = dict(raw_rows(store, "SELECT id, order_key FROM courier_deliveries"))
+    assert stored[first] == stored[waiting] == stored[later] == ordering.stored(MRN)
+    assert set(claim(store)) == {first}  # the line holds: the other two wait for the first
