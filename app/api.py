@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import base64
 import logging
-from datetime import datetime, timezone
+from datetime import datetime
 from functools import wraps
 
 from flask import Blueprint, Flask, current_app, g, jsonify, request, url_for
@@ -192,8 +192,6 @@ def _decode_cursor(raw: str) -> tuple[datetime, str]:
 
 
 def _encode_cursor(at: datetime, last_id: str) -> str:
-    if at.tzinfo is None:  # SQLite hands stored times back without their zone; they are UTC
-        at = at.replace(tzinfo=timezone.utc)
     return base64.urlsafe_b64encode(f"{at.isoformat()}|{last_id}".encode()).decode().rstrip("=")
 
 

@@ -227,8 +227,6 @@ class StoreCollector:
 def _age(now: datetime, oldest: datetime | None) -> float:
     if oldest is None:
         return 0.0
-    if oldest.tzinfo is None:  # SQLite returns naive UTC
-        oldest = oldest.replace(tzinfo=now.tzinfo)
     return max((now - oldest).total_seconds(), 0.0)
 
 

@@ -10,7 +10,7 @@ import uuid
 from datetime import datetime, timezone
 
 from sqlalchemy import (BigInteger, DateTime, ForeignKey, Index, Integer, MetaData, String,
-                        Text, UniqueConstraint, literal_column, text)
+                        Text, TypeDecorator, UniqueConstraint, literal_column, text)
 from sqlalchemy.sql.elements import ColumnElement
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
@@ -51,6 +51,17 @@ def is_open(status: ColumnElement) -> ColumnElement[bool]:
     return status.in_([literal_column(f"'{s}'") for s in OPEN_STATUSES])
 
 
+class UtcDateTime(TypeDecorator):
+    """DateTime(timezone=True) that reads back aware: SQLite stores no zone and returns naive
+    values (always UTC here), which Python refuses to compare with aware ones."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_result_value(self, value, dialect):
+        return value.replace(tzinfo=timezone.utc) if value is not None and value.tzinfo is None else value
+
+
 def utcnow() -> datetime:
     return datetime.now(timezone.utc)
 
@@ -66,7 +77,7 @@ def new_id() -> str:
 
 class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING)
-    type_annotation_map = {datetime: DateTime(timezone=True)}
+    type_annotation_map = {datetime: UtcDateTime()}
 
 
 class Message(Base):

@@ -51,6 +51,9 @@ logconfig_dict = {
         "console": {"class": "logging.StreamHandler", "formatter": "json", "stream": "ext://sys.stdout"},
         "error_console": {"class": "logging.StreamHandler", "formatter": "json", "stream": "ext://sys.stderr"},
     },
+    # gunicorn's defaults give the root logger its stdout handler too: with the app's own (stderr)
+    # every application line came out twice. The app's handler is the root's only one.
+    "root": {"level": "INFO", "handlers": []},
     # Not propagated: the root logger (the app's handler) would print each line a second time.
     "loggers": {
         "gunicorn.error": {"level": "INFO", "handlers": ["error_console"], "propagate": False},

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 import string
+from datetime import datetime, timezone
 
 import pytest
 from sqlalchemy import select
@@ -159,6 +160,21 @@ def test_tokens_are_random_stored_only_as_hashes_and_record_their_last_use(clien
     assert client.get("/api/v1/destinations", headers={"Authorization": f"Bearer {plaintext}"}).status_code == 200
     with store.session() as session:
         assert session.get(ApiToken, token_id).last_used_at is not None
+
+
+def test_a_token_is_used_again_after_its_last_use_was_recorded_on_sqlite(sqlite_store):
+    """SQLite (`make run`'s store) gives times back without a zone: the second use of a token
+    compared them with an aware now and answered 500 (found in the hospital tour with two workers)."""
+    from freezegun import freeze_time
+
+    with sqlite_store.session() as session:
+        token, plaintext = tokens.create(session, scope="operate", source=None)
+    with freeze_time("2026-11-21 10:00:00"), sqlite_store.session() as session:
+        assert tokens.authenticate(session, plaintext).id == token.id  # first use: last_used_at written
+    with freeze_time("2026-11-21 10:05:00"), sqlite_store.session() as session:
+        assert tokens.authenticate(session, plaintext).id == token.id  # read back, compared, written again
+    with sqlite_store.session() as session:
+        assert session.get(ApiToken, token.id).last_used_at == datetime(2026, 11, 21, 10, 5, tzinfo=timezone.utc)
 
 
 def test_the_comparison_is_a_lookup_by_hash_not_of_the_secret():

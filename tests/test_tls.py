@@ -159,6 +159,25 @@ def test_https_api_with_a_server_certificate(web, ca, other_ca, store):
     assert messages(store) == 1
 
 
+def test_the_procfile_web_logs_each_request_once(web, store):
+    """gunicorn's default logging config gave the root logger a stdout handler beside the app's
+    own: every application line, request lines included, was printed twice."""
+    start, headers = web
+    port, proc, log = start()
+    def up() -> bool:
+        try:
+            return requests.get(f"http://127.0.0.1:{port}/healthz", timeout=5).ok
+        except requests.exceptions.ConnectionError:
+            return False
+    wait_for(up, "gunicorn answers", log.read_text)
+    r = requests.post(f"http://127.0.0.1:{port}/api/v1/messages", json=EVENT, headers=headers, timeout=10)
+    assert r.status_code == 202, r.text
+    _stop(proc)  # flushes both streams
+    cid = r.headers["X-Correlation-ID"]
+    lines = [line for line in log.read_text().splitlines() if cid in line and '"courier.web"' in line]
+    assert len(lines) == 1, lines
+
+
 def test_https_api_requires_client_certificates_when_a_client_ca_is_set(web, ca, other_ca, store):
     start, headers = web
     server, client, stranger = ca.server(), ca.client(), other_ca.client("stranger")
