@@ -35,7 +35,7 @@ from flask import current_app
 from app import tls
 from app.cli import with_appcontext
 from app.observability import current_correlation_id, with_new_correlation
-from app.settings import ConfigError, _env_duration, _env_int
+from app.settings import ConfigError, env_duration, env_int
 
 log = logging.getLogger("courier.mllp")
 
@@ -434,12 +434,12 @@ def listener_options(env: Mapping[str, str] | None = None) -> dict:
     options: dict = {}
     problems: list[str] = []
     # (keyword, variable, default, parser, must be above zero): a zero handshake timeout or limit would refuse all.
-    variables = (("idle_timeout", "COURIER_MLLP_IDLE_TIMEOUT", 600.0, _env_duration, False),
-                 ("frame_timeout", "COURIER_MLLP_FRAME_TIMEOUT", 60.0, _env_duration, False),
-                 ("ingest_timeout", "COURIER_MLLP_INGEST_TIMEOUT", 30.0, _env_duration, False),
-                 ("handshake_timeout", "COURIER_MLLP_TLS_HANDSHAKE_TIMEOUT", 10.0, _env_duration, True),
-                 ("max_connections", "COURIER_MLLP_MAX_CONNECTIONS", 200, _env_int, True),
-                 ("max_per_peer", "COURIER_MLLP_MAX_PER_PEER", 20, _env_int, True))
+    variables = (("idle_timeout", "COURIER_MLLP_IDLE_TIMEOUT", 600.0, env_duration, False),
+                 ("frame_timeout", "COURIER_MLLP_FRAME_TIMEOUT", 60.0, env_duration, False),
+                 ("ingest_timeout", "COURIER_MLLP_INGEST_TIMEOUT", 30.0, env_duration, False),
+                 ("handshake_timeout", "COURIER_MLLP_TLS_HANDSHAKE_TIMEOUT", 10.0, env_duration, True),
+                 ("max_connections", "COURIER_MLLP_MAX_CONNECTIONS", 200, env_int, True),
+                 ("max_per_peer", "COURIER_MLLP_MAX_PER_PEER", 20, env_int, True))
     for key, name, default, read, positive in variables:
         try:
             options[key] = read(env, name, default)

@@ -621,14 +621,16 @@ class Settings:
         return f"{self.queue_prefix}.deliver.{destination}"
 
 
-def _env_int(env: Mapping[str, str], name: str, default: int) -> int:
+def env_int(env: Mapping[str, str], name: str, default: int) -> int:
+    """An integer environment variable; ConfigError naming it (settings here, the MLLP listener's options)."""
     try:
         return int(env.get(name, default))
     except ValueError:
         raise ConfigError([f"environment: {name}={env[name]!r} is not an integer"]) from None
 
 
-def _env_duration(env: Mapping[str, str], name: str, default: float) -> float:
+def env_duration(env: Mapping[str, str], name: str, default: float) -> float:
+    """A duration environment variable ("30s", "10m", seconds); ConfigError naming it."""
     try:
         return parse_duration(env.get(name, default))
     except ValueError as exc:
@@ -645,18 +647,18 @@ def load_settings(env: Mapping[str, str] | None = None, **overrides: Any) -> Set
         broker_url=env.get("BROKER_URL", "amqp://guest:guest@localhost:5672//"),
         config_path=config_path,
         routing=routing,
-        port=_env_int(env, "PORT", 8000),
-        mllp_port=_env_int(env, "MLLP_PORT", 2575),
+        port=env_int(env, "PORT", 8000),
+        mllp_port=env_int(env, "MLLP_PORT", 2575),
         sentry_dsn=env.get("SENTRY_DSN") or None,
         encryption_key=env.get(crypto.KEY_VARIABLE) or None,
         pseudonym_key=_pseudonym_key(env),
-        max_message_bytes=_env_int(env, "COURIER_MAX_MESSAGE_BYTES", 10 * 1024 * 1024),
+        max_message_bytes=env_int(env, "COURIER_MAX_MESSAGE_BYTES", 10 * 1024 * 1024),
         queue_prefix=env.get("COURIER_QUEUE_PREFIX", "courier"),
-        relay_lease=_env_duration(env, "COURIER_RELAY_LEASE", 120.0),
-        relay_batch=_env_int(env, "COURIER_RELAY_BATCH", 200),
-        relay_task_size=_env_int(env, "COURIER_RELAY_TASK_SIZE", 10),
-        relay_poll=_env_duration(env, "COURIER_RELAY_POLL", 1.0),
-        relay_linger=_env_duration(env, "COURIER_RELAY_LINGER", 0.02),
+        relay_lease=env_duration(env, "COURIER_RELAY_LEASE", 120.0),
+        relay_batch=env_int(env, "COURIER_RELAY_BATCH", 200),
+        relay_task_size=env_int(env, "COURIER_RELAY_TASK_SIZE", 10),
+        relay_poll=env_duration(env, "COURIER_RELAY_POLL", 1.0),
+        relay_linger=env_duration(env, "COURIER_RELAY_LINGER", 0.02),
         log_level=env.get("COURIER_LOG_LEVEL", "INFO").upper(),
     )
     values.update(overrides)
