@@ -65,6 +65,25 @@ class Outgoing:
 
 
 @dataclass(frozen=True)
+class TlsFiles:
+    """PEM files for a destination's TLS (a destination config's ``tls`` block): paths only.
+
+    ``ca`` replaces the system's trust store; ``cert`` is our client certificate and
+    ``key`` its private key (left out when the ``cert`` file holds both). The adapter
+    reads the files when it connects, not here: the process that checks the config
+    (the web host) may legitimately not have them.
+    """
+
+    ca: str | None = None
+    cert: str | None = None
+    key: str | None = None
+
+    def __post_init__(self):
+        if self.key and not self.cert:
+            raise ValueError("key needs cert (the client certificate it belongs to)")
+
+
+@dataclass(frozen=True)
 class Sent:
     """The destination accepted the message."""
 

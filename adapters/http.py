@@ -21,6 +21,18 @@ There are no URL options. The destination's config gives:
 
 * ``timeout``: seconds, used as both the connect and the read timeout.
 * ``secret``: when set, each request is signed (below).
+* ``tls`` (``https://`` only; ``adapters.base.TlsFiles``): PEM files, each optional.
+  ``ca``: the CA(s) that sign the destination's certificate, used instead of
+  the system store and REQUESTS_CA_BUNDLE (a private CA). ``cert``: our client
+  certificate, for a destination that requires mutual TLS; ``key``: its private
+  key (leave it out if the ``cert`` file holds both; ``key`` without ``cert`` is
+  an error).
+
+The destination's certificate and name are always verified; there is
+deliberately no option to turn that off (as for ``mllps://``). The files are
+read by the process that sends (the worker), when it connects: a renewed file
+is used from the next new connection on, and a missing or unreadable one makes
+each send a TemporaryError ``TLS: ca=PATH: cannot read (...)``.
 
 Request
 =======
@@ -39,7 +51,10 @@ Outcome
 * 2xx: sent.
 * 408, 425, 429, 5xx, timeouts, refused/reset connections, DNS and TLS
   failures: TemporaryError, with ``Retry-After`` (seconds or HTTP-date) as
-  ``retry_after``.
+  ``retry_after``. TLS failures (certificate not trusted or not for this name,
+  our client certificate refused or missing, a ``tls`` file unusable) have a
+  detail starting ``TLS:``, as ``mllps://`` does: the operator fixes a
+  certificate and the held deliveries go out unchanged.
 * Any other status (3xx, 4xx): PermanentError.
 
 Error details carry the status and the first line of the destination's
@@ -56,6 +71,7 @@ import hashlib
 import hmac
 import re
 import socket
+import ssl
 import time
 from datetime import timezone
 from importlib import metadata
@@ -63,7 +79,7 @@ from urllib.parse import urlsplit
 
 import requests
 
-from adapters.base import Adapter, DeliveryError, Outgoing, PermanentError, Sent, TemporaryError
+from adapters.base import Adapter, DeliveryError, Outgoing, PermanentError, Sent, TemporaryError, TlsFiles, scheme_of
 
 try:
     _VERSION = metadata.version("courier")
@@ -113,13 +129,25 @@ class HttpAdapter(Adapter):
 
     scheme = ("http", "https")
 
-    def __init__(self, url: str, *, timeout: float = 10.0, secret: str | None = None):
+    # `tls` is this adapter's own keyword, not the base class's: no other adapter takes TLS files
+    # from the config (mllps:// has them in its URL), and one that silently ignored them would
+    # hide a mistake. The config check allows `tls` on https:// destinations only.
+    def __init__(self, url: str, *, timeout: float = 10.0, secret: str | None = None,
+                 tls: TlsFiles | None = None):
         super().__init__(url, timeout=timeout, secret=secret)
+        if tls is not None and scheme_of(url) != "https":
+            raise ValueError(f"TLS files apply to https:// URLs only, not {scheme_of(url)}://")
+        self.tls = tls
         self._session = requests.Session()
         # The environment's proxy and CA settings for this URL, resolved once: per request they
         # cost more than the rest of the send.
         self._environment = self._session.merge_environment_settings(url, {}, None, None, None)
         self._session.trust_env = False
+        # requests (urllib3) loads these files at each new connection, so renewed ones need no restart.
+        self._verify = tls.ca if tls and tls.ca else self._environment["verify"]
+        self._cert = self._environment["cert"]
+        if tls and tls.cert:
+            self._cert = (tls.cert, tls.key) if tls.key else tls.cert
 
     @classmethod
     def check_url(cls, url: str) -> None:
@@ -150,12 +178,14 @@ class HttpAdapter(Adapter):
         }
         if self.secret:
             headers["X-Courier-Signature"] = sign(self.secret, out.body, int(time.time()))
+        if self.tls is not None:
+            self._check_tls_files()
         try:
             # stream=True so we read the answer ourselves, and only its head.
             resp = self._session.post(
                 self.url, data=out.body, headers=headers, timeout=(self.timeout, self.timeout),
-                allow_redirects=False, proxies=self._environment["proxies"], verify=self._environment["verify"],
-                cert=self._environment["cert"], stream=True,
+                allow_redirects=False, proxies=self._environment["proxies"], verify=self._verify,
+                cert=self._cert, stream=True,
             )
         except requests.RequestException as exc:
             raise _classify_exception(exc, self.timeout) from None
@@ -163,6 +193,18 @@ class HttpAdapter(Adapter):
             return _classify_response(resp)
         finally:
             resp.close()
+
+    def _check_tls_files(self) -> None:
+        """TemporaryError naming the file if a `tls` file cannot be read: requests would raise a bare
+        OSError for a missing one, or a connection error for an unreadable one."""
+        for name in ("ca", "cert", "key"):
+            path = getattr(self.tls, name)
+            if path:
+                try:
+                    with open(path, "rb"):
+                        pass
+                except OSError as exc:
+                    raise TemporaryError(f"TLS: {name}={path}: cannot read ({_root_cause(exc)})") from None
 
     def close(self) -> None:
         self._session.close()
@@ -221,24 +263,55 @@ def _classify_exception(exc: requests.RequestException, timeout: float) -> Deliv
     if isinstance(exc, (requests.exceptions.InvalidURL, requests.exceptions.InvalidSchema,
                         requests.exceptions.MissingSchema, requests.exceptions.InvalidHeader)):
         return PermanentError(f"request cannot be sent: {type(exc).__name__}")
-    if isinstance(exc, requests.exceptions.SSLError):
-        # Certificates expire and get renewed: the operator's problem, not the message's.
-        return TemporaryError(f"TLS error: {_root_cause(exc)}")
+    tls_error = next((cur for cur in _chain(exc) if isinstance(cur, ssl.SSLError)), None)
+    if isinstance(exc, requests.exceptions.SSLError) or tls_error is not None:
+        # Certificates expire and get renewed: the operator's problem, not the message's. With TLS 1.3
+        # a destination refuses our client certificate after the handshake, so that SSLError comes
+        # wrapped in a connection error: hence the search of the chain.
+        return TemporaryError(f"TLS: {_tls_reason(tls_error) if tls_error else _root_cause(exc)}")
     if isinstance(exc, requests.ConnectionError):
         return TemporaryError(f"connection failed: {_root_cause(exc)}")
     return TemporaryError(f"request failed: {type(exc).__name__}: {_root_cause(exc)}")
 
 
-def _root_cause(exc: BaseException) -> str:
-    """The innermost OS-level reason in an exception chain, e.g. "Connection refused (ECONNREFUSED)"."""
+def _chain(exc: BaseException):
+    """Every exception an exception was made from, outermost first (depth-first, each once)."""
     seen: set[int] = set()
     stack: list[BaseException] = [exc]
-    fallback = None
     while stack:
         cur = stack.pop()
         if id(cur) in seen:
             continue
         seen.add(id(cur))
+        yield cur
+        # requests wraps urllib3's MaxRetryError (in args), which holds .reason,
+        # which was raised from the socket error.
+        for nxt in (getattr(cur, "reason", None), cur.__cause__, cur.__context__, *cur.args):
+            if isinstance(nxt, BaseException):
+                stack.append(nxt)
+
+
+def _tls_reason(exc: ssl.SSLError) -> str:
+    """What went wrong in TLS, in words an operator can act on (the errno of an SSLError means nothing)."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return _clean(f"the destination's certificate is not accepted: {exc.verify_message} "
+                      f"(check its certificate and the destination's tls.ca)")
+    if isinstance(exc, (ssl.SSLEOFError, ssl.SSLZeroReturnError)):
+        return ("the destination ended the connection during TLS (also how it refuses a missing or "
+                "untrusted client certificate: the destination's tls.cert and tls.key)")
+    reason = getattr(exc, "reason", None)
+    if reason and "ALERT" in reason:  # the destination refused the handshake, e.g. TLSV1_ALERT_UNKNOWN_CA
+        return _clean(f"the destination refused the handshake: {reason} (if about our client certificate: "
+                      f"the destination's tls.cert and tls.key)")
+    if reason:  # e.g. NO_CERTIFICATE_OR_CRL_FOUND: a tls file that is not the PEM it should be
+        return _clean(f"{reason} (check the destination's tls files)")
+    return _clean(f"{type(exc).__name__}: {exc}")
+
+
+def _root_cause(exc: BaseException) -> str:
+    """The innermost OS-level reason in an exception chain, e.g. "Connection refused (ECONNREFUSED)"."""
+    fallback = None
+    for cur in _chain(exc):
         # requests' own exceptions are OSErrors too, but their text quotes the URL.
         if isinstance(cur, OSError) and not isinstance(cur, requests.RequestException):
             if isinstance(cur, socket.gaierror):
@@ -247,9 +320,4 @@ def _root_cause(exc: BaseException) -> str:
                 code = errno.errorcode.get(cur.errno, cur.errno) if isinstance(cur.errno, int) else cur.errno
                 return _clean(f"{cur.strerror} ({code})")
             fallback = fallback or _clean(f"{type(cur).__name__}: {cur}")
-        # requests wraps urllib3's MaxRetryError (in args), which holds .reason,
-        # which was raised from the socket error.
-        for nxt in (getattr(cur, "reason", None), cur.__cause__, cur.__context__, *cur.args):
-            if isinstance(nxt, BaseException):
-                stack.append(nxt)
     return fallback or type(exc).__name__

@@ -21,9 +21,10 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import yaml
-from marshmallow import RAISE, Schema, ValidationError, fields, validate, validates_schema
+from marshmallow import RAISE, Schema, ValidationError, fields, post_load, validate, validates_schema
 
 import adapters
+from adapters.base import TlsFiles
 from app import canonical, crypto, governance, transforms
 
 
@@ -169,6 +170,26 @@ class SourceSchema(StrictSchema):
             raise ValidationError({"mllp_senders": errors})
 
 
+class TlsSchema(StrictSchema):
+    """An https:// destination's TLS files. Paths only: the workers read them when they connect,
+    and the host that checks the config (the web process) may not have them."""
+
+    ca = fields.String(load_default=None, allow_none=True, validate=validate.Length(min=1))
+    cert = fields.String(load_default=None, allow_none=True, validate=validate.Length(min=1))
+    key = fields.String(load_default=None, allow_none=True, validate=validate.Length(min=1))
+
+    @validates_schema
+    def _files(self, data, **kwargs):
+        try:
+            TlsFiles(**data)  # its one rule: key needs cert
+        except ValueError as exc:
+            raise ValidationError(str(exc), "key") from None
+
+    @post_load
+    def _make(self, data, **kwargs):
+        return TlsFiles(**data)
+
+
 class DestinationSchema(StrictSchema):
     url = fields.String(required=True)
     owner = fields.String(load_default="")
@@ -178,6 +199,7 @@ class DestinationSchema(StrictSchema):
     retry = fields.Nested(RetrySchema, load_default=lambda: RetrySchema().load({}))
     circuit = fields.Nested(CircuitSchema, load_default=lambda: CircuitSchema().load({}))
     secret = fields.String(load_default=None, allow_none=True)
+    tls = fields.Nested(TlsSchema, load_default=None, allow_none=True)
     # Same key -> delivered in acceptance order: "data.patient_id" (JSON event) or "PID-3" (HL7 v2 field).
     ordered_by = fields.String(load_default=None, allow_none=True, validate=validate.Regexp(
         ORDER_KEY_GRAMMAR, error="use a dotted JSON path like data.patient_id or an HL7 field like PID-3 or PID-3.1"))
@@ -191,6 +213,11 @@ class DestinationSchema(StrictSchema):
                 adapters.resolve(data["url"]).check_url(data["url"])
             except ValueError as exc:
                 errors["url"] = [str(exc)]
+            else:
+                scheme = adapters.scheme_of(data["url"])
+                if data.get("tls") is not None and scheme != "https":
+                    errors["tls"] = [f"tls applies to https:// URLs only, not {scheme}:// "
+                                     "(mllps:// takes ca=, cert= and key= in its URL)"]
         if data.get("transform"):
             try:
                 transforms.resolve(data["transform"])
@@ -415,6 +442,7 @@ class Destination:
     circuit: CircuitPolicy = CircuitPolicy()
     secret: str | None = field(default=None, repr=False)
     ordered_by: str | None = None
+    tls: TlsFiles | None = None  # https:// only: private CA and client certificate files
 
 
 @dataclass(frozen=True)
@@ -565,7 +593,7 @@ def load_routing(path: str | os.PathLike, env: Mapping[str, str] | None = None) 
         destinations={n: Destination(
             name=n, url=d["url"], owner=d["owner"], clearance=d["clearance"], transform=d["transform"],
             timeout=d["timeout"], retry=RetryPolicy(**d["retry"]), circuit=CircuitPolicy(**d["circuit"]),
-            secret=d["secret"], ordered_by=d["ordered_by"]) for n, d in data["destinations"].items()},
+            secret=d["secret"], ordered_by=d["ordered_by"], tls=d["tls"]) for n, d in data["destinations"].items()},
         routes=tuple(Route(r["match"]["source"], r["match"]["type"], tuple(r["to"])) for r in data["routes"]),
         path=name,
     )

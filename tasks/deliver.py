@@ -29,10 +29,12 @@ _local = threading.local()
 
 def adapter_for(destination: Destination) -> adapters.Adapter:
     cache = _local.__dict__.setdefault("adapters", {})
-    key = (destination.name, destination.url, destination.timeout, destination.secret)
+    key = (destination.name, destination.url, destination.timeout, destination.secret, destination.tls)
     if key not in cache:
+        # tls only when set: the config allows it on https:// alone, so only the HTTP adapter takes it.
+        extra = {"tls": destination.tls} if destination.tls is not None else {}
         cache[key] = adapters.open_adapter(destination.url, timeout=destination.timeout,
-                                           secret=destination.secret)
+                                           secret=destination.secret, **extra)
     return cache[key]
 
 
