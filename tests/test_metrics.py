@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 
@@ -100,13 +101,7 @@ def test_metrics_count_every_process(tmp_path, store, queue_prefix):
         doc = yaml.safe_load(c.config.read_text())
         doc["sources"]["lab"]["mllp_allow"] = ["127.0.0.1/32"]
         c.config.write_text(yaml.safe_dump(doc, sort_keys=False))
-        port, mllp_port = free_port(), free_port()
-        env = {**c.procs.env, "PORT": str(port), "MLLP_PORT": str(mllp_port)}
-        shells = [_shell(procfile_command(name) + extra, env, tmp_path / f"{name}.log")
-                  for name, extra in (("web", ""), ("mllp", " --host 127.0.0.1"))]
-        try:
-            wait_for(lambda: _up(port), "gunicorn answers /healthz", c.procs.logs)
-            wait_for(lambda: _listening(mllp_port), "the MLLP listener accepts", c.procs.logs)
+        with web_and_mllp(c, tmp_path) as (port, mllp_port):
             with Client(mllp_port) as mllp:
                 assert b"MSA|AA|mllp-1" in mllp.exchange(ADT)
             docs = [{"type": ("service.completed", "supply.consumed")[i % 2], "id": f"m-{i}", "data": {"n": i}}
@@ -164,11 +159,25 @@ def test_metrics_count_every_process(tmp_path, store, queue_prefix):
             assert total(m, "courier_messages_accepted_total") == N + 1
             assert total(m, "courier_delivery_attempts_total") == 2 * (N + 1)
             print(f"\nmetrics files from {len(writers)} processes: {sorted(os.listdir(metrics_dir))}")
-        finally:
-            for proc in shells:
-                _stop(proc)
     # No PHI in the exposition: the bodies' contents never appear.
     assert '"n"' not in scrapes[0][2] and "m-1" not in scrapes[0][2] and "12345" not in scrapes[0][2]
+
+
+@contextmanager
+def web_and_mllp(courier, tmp_path: Path):
+    """The Procfile's web (gunicorn) and mllp processes on free ports, with `courier`'s environment,
+    answering when entered, stopped on exit: (HTTP port, MLLP port)."""
+    port, mllp_port = free_port(), free_port()
+    env = {**courier.procs.env, "PORT": str(port), "MLLP_PORT": str(mllp_port)}
+    shells = [_shell(procfile_command(name) + extra, env, tmp_path / f"{name}.log")
+              for name, extra in (("web", ""), ("mllp", " --host 127.0.0.1"))]
+    try:
+        wait_for(lambda: _up(port), "gunicorn answers /healthz", courier.procs.logs)
+        wait_for(lambda: _listening(mllp_port), "the MLLP listener accepts", courier.procs.logs)
+        yield port, mllp_port
+    finally:
+        for proc in shells:
+            _stop(proc)
 
 
 def _shell(command: str, env: dict, log_path: Path) -> subprocess.Popen:

@@ -18,11 +18,10 @@ from sqlalchemy import func, select, text
 from app import create_app, ratelimit, tokens
 from app.models import Message
 from app.settings import ConfigError, RateLimit, load_routing
-from bench.infra import free_port, procfile_command
 from tests.conftest import settings_for, write_config
 from tests.mllp_peers import Client
 from tests.processes import VENV_BIN, running_courier
-from tests.test_metrics import _listening, _shell, _stop, _up, http_get, parse, total, value, wait_for
+from tests.test_metrics import http_get, parse, total, value, web_and_mllp
 
 T0 = 1_800_000_000.0  # a fixed "now" in seconds since the epoch for the GCRA unit tests
 
@@ -220,14 +219,7 @@ def test_one_limit_across_gunicorn_workers_and_the_mllp_listener(tmp_path, store
         c.config.write_text(yaml.safe_dump(doc, sort_keys=False))
         with store.session() as s:
             _, other_token = tokens.create(s, scope="ingest", source="other")
-        port, mllp_port = free_port(), free_port()
-        env = {**c.procs.env, "PORT": str(port), "MLLP_PORT": str(mllp_port)}
-        shells = [_shell(procfile_command(name) + extra, env, tmp_path / f"{name}.log")
-                  for name, extra in (("web", ""), ("mllp", " --host 127.0.0.1"))]
-        try:
-            wait_for(lambda: _up(port), "gunicorn answers /healthz", c.procs.logs)
-            wait_for(lambda: _listening(mllp_port), "the MLLP listener accepts", c.procs.logs)
-
+        with web_and_mllp(c, tmp_path) as (port, mllp_port):
             def over_http(i: int) -> tuple[int, str | None]:
                 return http_post(port, c.headers, {"type": "lab.result", "id": f"h-{i}", "data": {}})
 
@@ -260,9 +252,6 @@ def test_one_limit_across_gunicorn_workers_and_the_mllp_listener(tmp_path, store
             m = parse(http_get(port, "/metrics")[2])  # summed over the web workers and the listener
             assert value(m, "courier_rate_limited_total", source="lab") == 2 * flood + 2 - (burst - 4)
             print(f"\nflood: HTTP {statuses}; MLLP {codes}")
-        finally:
-            for proc in shells:
-                _stop(proc)
 
 
 def http_post(port: int, headers: dict, doc: dict) -> tuple[int, str | None]:

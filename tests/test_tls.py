@@ -28,7 +28,7 @@ from app.settings import ConfigError
 from bench.infra import free_port, procfile_command
 from tests.mllp_peers import Client, listener_thread
 from tests.processes import VENV_BIN, running_courier
-from tests.test_metrics import _shell, _stop, wait_for
+from tests.test_metrics import _shell, _stop, _up, wait_for
 from tests import test_mllp_listener
 from tests.test_mllp_listener import HL7_SAMPLES, acks, adt, write_mllp_config
 from tests.tls_ca import ThrowawayCA
@@ -164,12 +164,7 @@ def test_the_procfile_web_logs_each_request_once(web, store):
     own: every application line, request lines included, was printed twice."""
     start, headers = web
     port, proc, log = start()
-    def up() -> bool:
-        try:
-            return requests.get(f"http://127.0.0.1:{port}/healthz", timeout=5).ok
-        except requests.exceptions.ConnectionError:
-            return False
-    wait_for(up, "gunicorn answers", log.read_text)
+    wait_for(lambda: _up(port), "gunicorn answers", log.read_text)
     r = requests.post(f"http://127.0.0.1:{port}/api/v1/messages", json=EVENT, headers=headers, timeout=10)
     assert r.status_code == 202, r.text
     _stop(proc)  # flushes both streams
