@@ -79,15 +79,16 @@ def _not_current(column: Column, current_id: str) -> list:
         func.substr(raw, 1, len(m)) != as_stored(m) for m in markers]
 
 
-def _pending(session: Session, column: Column, current_id: str) -> int:
-    return session.scalar(select(func.count()).select_from(column.table).where(*_not_current(column, current_id)))
+def _count(store: Store, column: Column, conditions: list) -> int:
+    with store.session() as session:
+        return session.scalar(select(func.count()).select_from(column.table).where(*conditions))
 
 
-def _batch(session: Session, column: Column, current_id: str, after, batch: int,
+def _batch(session: Session, column: Column, raw, conditions: list, convert, after, batch: int,
            unreadable: dict) -> tuple[list, int]:
-    """One transaction's work: (primary keys selected, values re-encrypted); notes unreadable ones."""
+    """One transaction's work: (primary keys selected, values rewritten); notes unreadable ones."""
     (pk,) = column.table.primary_key.columns
-    query = select(pk, _raw(column)).where(*_not_current(column, current_id))
+    query = select(pk, raw).where(*conditions)
     if after is not None:
         query = query.where(pk > after)
     query = query.order_by(pk).limit(batch)
@@ -98,57 +99,53 @@ def _batch(session: Session, column: Column, current_id: str, after, batch: int,
     updates = []
     for key, stored in rows:
         try:
-            plain = column.type.process_result_value(stored, dialect)
+            updates.append({"b_key": key, "b_value": convert(stored, dialect)})
         except crypto.Unreadable as exc:
             unreadable[key] = exc.key_id or "corrupted"
-            continue
-        updates.append({"b_key": key, "b_value": plain})  # sealed under the current key by the column's type
-    if updates:
+    if updates:  # Core, written through the column's type (an encrypted one seals under the current key)
         session.execute(update(column.table).where(pk == bindparam("b_key"))
                         .values({column.name: bindparam("b_value")}), updates)
     return [key for key, _ in rows], len(updates)
 
 
-ORDER_KEYS = "courier_deliveries.order_key"
-_CLEAR_ORDER_KEY = (Delivery.order_key.is_not(None), ~Delivery.order_key.startswith(governance.PREFIX))
-
-
-def _pseudonymise_order_keys(store: Store, batch: int, dry_run: bool) -> ColumnResult:
-    """Order keys stored in the clear (before encryption was on) replaced by their pseudonyms."""
+def _rewrite(store: Store, column: Column, raw, conditions: list, convert, *, batch: int, dry_run: bool,
+             on_batch: Callable[[str, int], None] | None, name: str) -> ColumnResult:
+    """Every value of `column` matching `conditions` rewritten as convert(stored, dialect), in keyset
+    batches of their own transactions; passes repeat until one changes nothing (rows others held)."""
     done = ColumnResult()
-    with store.session() as session:
-        pending = session.scalar(select(func.count()).select_from(Delivery).where(*_CLEAR_ORDER_KEY))
-    if dry_run or not pending:
-        done.rotated = pending if dry_run else 0
+    if dry_run:
+        done.rotated = _count(store, column, conditions)
         return done
-    after = None
-    while True:
-        with store.session() as session:
-            query = select(Delivery.id, Delivery.order_key).where(*_CLEAR_ORDER_KEY).order_by(Delivery.id).limit(batch)
-            if after is not None:
-                query = query.where(Delivery.id > after)
-            if session.get_bind().dialect.name == "postgresql":
-                query = query.with_for_update(skip_locked=True)
-            rows = session.execute(query).all()
-            if rows:
-                table = Delivery.__table__  # Core: an executemany, no ORM session sync
-                session.execute(update(table).where(table.c.id == bindparam("b_id"))
-                                .values(order_key=bindparam("b_key")),
-                                [{"b_id": i, "b_key": ordering.stored(k)} for i, k in rows])
-        done.rotated += len(rows)
-        if len(rows) < batch:
+    unreadable: dict = {}  # primary key -> key id, counted once however many passes see it
+    for _ in range(MAX_PASSES):
+        changed, after = 0, None
+        while True:
+            with store.session() as session:
+                keys, rewritten = _batch(session, column, raw, conditions, convert, after, batch, unreadable)
+            changed += rewritten
+            if on_batch and rewritten:
+                on_batch(name, rewritten)
+            if len(keys) < batch:
+                break
+            after = keys[-1]
+        done.rotated += changed
+        if not changed:
             break
-        after = rows[-1][0]
-    with store.session() as session:
-        done.left = session.scalar(select(func.count()).select_from(Delivery).where(*_CLEAR_ORDER_KEY))
+    for kid in unreadable.values():
+        done.unreadable[kid] = done.unreadable.get(kid, 0) + 1
+    done.left = _count(store, column, conditions)
     return done
+
+
+ORDER_KEYS = "courier_deliveries.order_key"
 
 
 def rotate(store: Store, *, actor: str, batch: int = DEFAULT_BATCH, dry_run: bool = False,
            on_batch: Callable[[str, int], None] | None = None) -> RotationResult:
-    """Re-encrypt every stored value not under the current key; one audit record per run (none for a dry run).
+    """Re-encrypt every stored value not under the current key, and replace order keys stored in
+    the clear by their pseudonyms; one audit record per run (none for a dry run).
 
-    A dry run counts what would be re-encrypted and changes nothing. Values under a key that
+    A dry run counts what would be rewritten and changes nothing. Values under a key that
     is not configured are left as they are and counted by key id.
     """
     current = crypto.ring().current_id
@@ -157,33 +154,17 @@ def rotate(store: Store, *, actor: str, batch: int = DEFAULT_BATCH, dry_run: boo
     if batch < 1:
         raise ValueError("batch must be at least 1")
     result = RotationResult(key_id=current, batch=batch, dry_run=dry_run)
+    options = dict(batch=batch, dry_run=dry_run, on_batch=on_batch)
     for column in encrypted_columns():
         name = f"{column.table.name}.{column.name}"
-        done = result.columns[name] = ColumnResult()
-        if dry_run:
-            with store.session() as session:
-                done.rotated = _pending(session, column, current)
-            continue
-        unreadable: dict = {}  # primary key -> key id, counted once however many passes see it
-        for _ in range(MAX_PASSES):
-            changed, after = 0, None
-            while True:
-                with store.session() as session:
-                    keys, rotated = _batch(session, column, current, after, batch, unreadable)
-                changed += rotated
-                if on_batch and rotated:
-                    on_batch(name, rotated)
-                if len(keys) < batch:
-                    break
-                after = keys[-1]
-            done.rotated += changed
-            if not changed:
-                break
-        for kid in unreadable.values():
-            done.unreadable[kid] = done.unreadable.get(kid, 0) + 1
-        with store.session() as session:
-            done.left = _pending(session, column, current)
-    result.columns[ORDER_KEYS] = _pseudonymise_order_keys(store, batch, dry_run)
+        result.columns[name] = _rewrite(
+            store, column, _raw(column), _not_current(column, current),
+            lambda stored, dialect, column=column: column.type.process_result_value(stored, dialect),
+            name=name, **options)
+    order_key = Delivery.__table__.c.order_key  # not encrypted: a keyed pseudonym (app.ordering.stored)
+    result.columns[ORDER_KEYS] = _rewrite(
+        store, order_key, order_key, [order_key.is_not(None), ~order_key.startswith(governance.PREFIX)],
+        lambda stored, dialect: ordering.stored(stored), name=ORDER_KEYS, **options)
     if not dry_run:
         with store.session() as session:
             audit.record(session, actor=actor, action="key_rotate", target=f"stored values, to key id {current}",
