@@ -22,9 +22,11 @@ install: $(VENV)/.installed
 migrate: install
 	courier db upgrade
 
-# honcho stops every process when one exits, so the one-shot `release` (migrate) runs first.
+# honcho stops every process when one exits, so the one-shot `release` (migrate) runs first. Flower needs a
+# credential: FLOWER_BASIC_AUTH if you set one, else one made once in instance/flower-auth (printed at start).
+run: export FLOWER_AUTH_FILE ?= instance/flower-auth
 run: migrate
-	honcho start -f Procfile web worker relay beat flower
+	honcho start -f Procfile web worker relay beat mllp flower
 
 # The hospital scenario (examples/hospital.yml, README tour): start `python3 examples/hospital_sinks.py`
 # in another terminal first. Its own store (instance/hospital.db), and the MLLP listener for the HL7 feed;

@@ -48,11 +48,15 @@ def free_port() -> int:
 
 
 def procfile_command(name: str) -> str:
-    """The Procfile's command for process `name`, so the benchmark runs what production runs."""
+    """The Procfile's command for process `name`, so the benchmark runs what production runs.
+
+    Without the Procfile's leading `exec` (there so that honcho's signals reach the process, not a shell):
+    callers add their own.
+    """
     for line in (ROOT / "Procfile").read_text().splitlines():
         key, _, command = line.partition(":")
         if key.strip() == name:
-            return command.strip()
+            return command.strip().removeprefix("exec ")
     raise KeyError(f"no {name!r} process in the Procfile")
 
 

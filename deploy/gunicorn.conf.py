@@ -11,6 +11,10 @@ import sys
 from app import metrics, tls
 from app.settings import ConfigError
 
+# gunicorn 24+ opens a control socket at ~/.gunicorn/gunicorn.ctl: one path per user, so a second web
+# process on the host (two Courier nodes, a test beside `make run`) would take it over. Courier uses none.
+control_socket_disable = True
+
 try:
     _tls = tls.from_env("COURIER_TLS")
 except ConfigError as exc:

@@ -1,20 +1,26 @@
 """`courier flower`: Flower behind basic auth, with RabbitMQ's management API for queue lengths.
 
 Flower without auth shows every task's arguments and lets anyone revoke tasks or
-shut workers down, so this wrapper refuses to start unless FLOWER_BASIC_AUTH is
-set; there is no default password anywhere.
+shut workers down, so this wrapper refuses to start without a credential; there is
+no default password anywhere. FLOWER_BASIC_AUTH gives one; failing that,
+FLOWER_AUTH_FILE (which `make run` sets to instance/flower-auth) names a file that
+holds one, made once with a random password so a fresh clone comes up by itself.
 """
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import sys
+from pathlib import Path
 from urllib.parse import quote, unquote, urlsplit
 
 import click
 
 AUTH_HELP = ("FLOWER_BASIC_AUTH is not set: Flower needs basic auth (FLOWER_BASIC_AUTH=user:password, "
-             "several separated by commas); there is no default password")
+             "several separated by commas, or FLOWER_AUTH_FILE=a file to keep a generated one in); "
+             "there is no default password")
+GENERATED_USER = "courier"
 
 
 def check_basic_auth(value: str | None) -> None:
@@ -25,6 +31,21 @@ def check_basic_auth(value: str | None) -> None:
         user, sep, password = pair.partition(":")
         if not (sep and user.strip() and password):
             raise click.UsageError("FLOWER_BASIC_AUTH must be user:password (several separated by commas)")
+
+
+def generated_credential(path: Path) -> str:
+    """The `courier:<password>` kept in `path`, made on first use (128 random bits, mode 0600 from creation)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        value = path.read_text().strip()
+        check_basic_auth(value)  # a hand-edited file that lost its ':' fails here, naming the rule
+        return value
+    value = f"{GENERATED_USER}:{secrets.token_urlsafe(16)}"
+    with os.fdopen(fd, "w") as f:
+        f.write(value + "\n")
+    return value
 
 
 def broker_api_url(broker_url: str) -> str:
@@ -44,9 +65,16 @@ def broker_api_url(broker_url: str) -> str:
 @click.option("--port", default=lambda: os.environ.get("FLOWER_PORT", "5555"), show_default="FLOWER_PORT or 5555")
 @click.argument("flower_args", nargs=-1, type=click.UNPROCESSED)
 def flower_command(address: str, port: str, flower_args: tuple[str, ...]) -> None:
-    """Run Flower (requires FLOWER_BASIC_AUTH=user:password; FLOWER_BROKER_API overrides the management API)."""
-    check_basic_auth(os.environ.get("FLOWER_BASIC_AUTH"))
+    """Run Flower behind basic auth (FLOWER_BASIC_AUTH or FLOWER_AUTH_FILE); FLOWER_BROKER_API overrides the management API."""
     env = dict(os.environ)
+    auth_file = env.get("FLOWER_AUTH_FILE")
+    if not env.get("FLOWER_BASIC_AUTH") and auth_file:
+        env["FLOWER_BASIC_AUTH"] = generated_credential(Path(auth_file))
+        user, _, password = env["FLOWER_BASIC_AUTH"].split(",")[0].partition(":")
+        shown = "127.0.0.1" if address in ("0.0.0.0", "") else address  # nosec B104  # only compared, not bound
+        click.echo(f"Flower: http://{shown}:{port}/ user {user} password {password} "
+                   f"(kept in {auth_file}; set FLOWER_BASIC_AUTH to choose your own)", err=True)
+    check_basic_auth(env.get("FLOWER_BASIC_AUTH"))
     if not env.get("FLOWER_BROKER_API"):
         # The default derives from BROKER_URL. Flower reads both secrets from the environment itself,
         # so neither the password nor the broker's credentials appear in `ps` output.
