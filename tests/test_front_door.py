@@ -184,7 +184,8 @@ def test_make_run_and_the_readme_tour_on_a_fresh_clone(clone, tmp_path):
         assert "MSA|AA|MSG00001" in tour.stdout, tour.stdout  # the MLLP ACK mllp_send printed
 
         # Both JSON and HL7 (HTTP and MLLP) delivered: billing = the event + the DFT^P03, erp = the event + the ADT.
-        wait_until(lambda: all_delivered({"billing": 2, "erp": 2})(stats(clone, env)), "all four delivered", logs)
+        cli_env = {**env, "COURIER_CONFIG": "examples/courier.yml"}  # as the tour's export
+        wait_until(lambda: all_delivered({"billing": 2, "erp": 2})(stats(clone, cli_env)), "all four delivered", logs)
         assert sink.output().count("key=") == 2, sink.output()
         erp_ids = {d["id"] for a in answers[:3] for d in a["deliveries"] if d["destination"] == "erp"}
         assert {p.stem for p in Path("/tmp/courier-drop/erp").iterdir()} >= erp_ids
