@@ -48,6 +48,14 @@ def generated_credential(path: Path) -> str:
     return value
 
 
+def basic_auth(env: dict[str, str]) -> tuple[str, bool]:
+    """(the credential Flower is to use, whether it came from FLOWER_AUTH_FILE): FLOWER_BASIC_AUTH wins."""
+    if not env.get("FLOWER_BASIC_AUTH") and env.get("FLOWER_AUTH_FILE"):
+        return generated_credential(Path(env["FLOWER_AUTH_FILE"])), True
+    check_basic_auth(env.get("FLOWER_BASIC_AUTH"))
+    return env["FLOWER_BASIC_AUTH"], False
+
+
 def broker_api_url(broker_url: str) -> str:
     """The RabbitMQ management API URL for `broker_url`: same host and credentials, port 15672 (15671 for amqps)."""
     url = urlsplit(broker_url)
@@ -67,14 +75,12 @@ def broker_api_url(broker_url: str) -> str:
 def flower_command(address: str, port: str, flower_args: tuple[str, ...]) -> None:
     """Run Flower behind basic auth (FLOWER_BASIC_AUTH or FLOWER_AUTH_FILE); FLOWER_BROKER_API overrides the management API."""
     env = dict(os.environ)
-    auth_file = env.get("FLOWER_AUTH_FILE")
-    if not env.get("FLOWER_BASIC_AUTH") and auth_file:
-        env["FLOWER_BASIC_AUTH"] = generated_credential(Path(auth_file))
+    env["FLOWER_BASIC_AUTH"], generated = basic_auth(env)
+    if generated:
         user, _, password = env["FLOWER_BASIC_AUTH"].split(",")[0].partition(":")
         shown = "127.0.0.1" if address in ("0.0.0.0", "") else address  # nosec B104  # only compared, not bound
         click.echo(f"Flower: http://{shown}:{port}/ user {user} password {password} "
-                   f"(kept in {auth_file}; set FLOWER_BASIC_AUTH to choose your own)", err=True)
-    check_basic_auth(env.get("FLOWER_BASIC_AUTH"))
+                   f"(kept in {env['FLOWER_AUTH_FILE']}; set FLOWER_BASIC_AUTH to choose your own)", err=True)
     if not env.get("FLOWER_BROKER_API"):
         # The default derives from BROKER_URL. Flower reads both secrets from the environment itself,
         # so neither the password nor the broker's credentials appear in `ps` output.
