@@ -200,6 +200,17 @@ def test_make_run_and_the_readme_tour_on_a_fresh_clone(clone, tmp_path):
         t.pop("stack")
         assert_clean_stop(stack)
 
+        # And it keeps working: the second `make run` comes up on what the first left, with the same credential.
+        again = t["again"] = Terminal(running[0], clone, env, tmp_path / "again.log")
+        again.expected = PROCESSES
+        wait_until(lambda: http_status("http://127.0.0.1:8000/healthz") == 200, "/healthz after a restart",
+                   again.output, 300)
+        wait_until(lambda: not port_free(TOUR_PORTS["flower"]), "Flower after a restart", again.output)
+        assert http_status(line[1] + "api/workers", f"{line[2]}:{line[3]}") == 200
+        assert f"password {line[3]} " in again.output()
+        t.pop("again")
+        assert_clean_stop(again)
+
 
 def test_make_hospital_on_a_fresh_clone(clone, tmp_path):
     busy = [f"{name} ({port})" for name, port in HOSPITAL_PORTS.items() if not port_free(port)]
