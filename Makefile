@@ -9,7 +9,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export PORT ?= 8000
 export COURIER_CONFIG ?= $(if $(wildcard courier.yml),courier.yml,examples/courier.yml)
 
-.PHONY: run hospital test install migrate bench paging chaos clean
+.PHONY: run hospital test install migrate bench paging chaos clean install-systemd
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -67,3 +67,10 @@ chaos: install
 
 clean:
 	rm -rf $(VENV) instance .pytest_cache .hypothesis
+
+# systemd units for a single-VM install (docs/install.md), run from the checkout the processes are to run in:
+# `sudo make install-systemd PREFIX=/etc/systemd/system`. SYSTEMD_ARGS: more options (--user, --env-file).
+PREFIX ?= /etc/systemd/system
+SYSTEMD_ARGS ?=
+install-systemd: install
+	courier install systemd --prefix $(PREFIX) --app-dir $(CURDIR) --venv $(CURDIR)/$(VENV) $(SYSTEMD_ARGS)

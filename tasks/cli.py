@@ -11,6 +11,7 @@ from app import create_app
 from app.cli import COMMANDS, with_appcontext
 from app.mllp import mllp_command  # imports python-hl7 only when a listener starts
 from tasks.flower import flower_command
+from tasks.install import install_group
 
 
 def _create_app():
@@ -53,6 +54,7 @@ for command in COMMANDS + (relay_command, mllp_command):
     cli.add_command(command)
     host_cli.add_command(command)
 cli.add_command(flower_command)  # Courier's own worker app only (tasks.worker), not a host's
+cli.add_command(install_group)  # writes unit files: needs neither the app nor its config
 
 
 def main() -> None:
