@@ -1,13 +1,23 @@
 """The SQLAlchemy engine and sessions for the outbox store (PostgreSQL or SQLite)."""
 from __future__ import annotations
 
+import logging
+import threading
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 from sqlalchemy import create_engine, event, text
-from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.engine import URL, Engine, make_url
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
+
+from app.observability import Outage
+
+# What the outage line tells an operator to do (README: Debian's PostgreSQL cluster of whatever version).
+POSTGRES_START = "start it with `pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start`"
+CHECK_URL = "check DATABASE_URL"
 
 
 def make_engine(url: str, **kwargs) -> Engine:
@@ -71,3 +81,148 @@ class Store:
 
     def dispose(self) -> None:
         self.engine.dispose()
+
+
+# --- the store unreachable: what to say, whether to wait ---------------------------------------
+
+@dataclass(frozen=True)
+class StoreProblem:
+    """Why the store cannot be used: `reason` for a log line, `retryable` if waiting can fix it (the server is
+    down, starting or restarting) rather than the URL (a refused login, a database that does not exist)."""
+
+    reason: str
+    retryable: bool
+
+    @property
+    def hint(self) -> str:
+        return POSTGRES_START if self.retryable else CHECK_URL
+
+
+# libpq's words for "the server is not there (yet)", and a short reason for each.
+_NETWORK_REASONS = (("connection refused", "connection refused"), ("timeout expired", "timed out"),
+                    ("timed out", "timed out"), ("failed to resolve host", "host name not found"),
+                    ("could not translate host name", "host name not found"),
+                    ("name or service not known", "host name not found"),
+                    ("no such file or directory", "no server on its socket"),
+                    ("server closed the connection", "connection lost"), ("connection is lost", "connection lost"),
+                    ("consuming input failed", "connection lost"), ("the connection is closed", "connection lost"),
+                    ("connection not open", "connection lost"), ("network is unreachable", "network unreachable"),
+                    ("no route to host", "no route to host"))
+# A server that answered "FATAL: ..." and will take connections soon: waiting fixes these, not the URL.
+_TRANSIENT_FATAL = (("starting up", "it is starting up"), ("shutting down", "it is shutting down"),
+                    ("in recovery", "it is in recovery"), ("too many clients", "too many connections"),
+                    ("terminating connection", "connection lost"), ("not yet accepting", "it is starting up"))
+
+
+def store_problem(exc: BaseException) -> StoreProblem | None:
+    """A StoreProblem if `exc` is the store failing to connect or losing its connection; None for any other
+    error (a bad query, a lock timeout, a constraint): those are not outages and are reported as they are.
+
+    SQLAlchemy wraps the driver's error (`.orig`); psycopg's own (the relay's LISTEN connection) come bare.
+    psycopg gives no SQLSTATE for connection failures, so libpq's message decides.
+    """
+    orig = getattr(exc, "orig", None) or exc
+    module = type(orig).__module__ or ""
+    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+        return StoreProblem(_network_reason(str(orig)) or "connection lost", True)
+    if not module.startswith("psycopg"):  # SQLite: "unable to open database file" and such; waiting fixes none
+        return None
+    if type(orig).__name__ not in ("OperationalError", "InterfaceError"):
+        return None  # psycopg's other errors, and its subclasses of these (LockNotAvailable), are a query's
+    message = str(orig)
+    lowered = message.lower()
+    if "fatal:" in lowered:
+        for words, reason in _TRANSIENT_FATAL:
+            if words in lowered:
+                return StoreProblem(reason, True)
+        # role or database does not exist, password authentication failed, no pg_hba.conf entry
+        return StoreProblem(message[lowered.index("fatal:") + 6:].strip().splitlines()[0][:160], False)
+    if getattr(orig, "sqlstate", None):  # an error of a query on a working connection (lock timeout, cancel)
+        return None
+    return StoreProblem(_network_reason(message) or message.strip().splitlines()[0][:160] or type(orig).__name__,
+                        True)
+
+
+def _network_reason(message: str) -> str | None:
+    lowered = message.lower()
+    return next((reason for words, reason in _NETWORK_REASONS if words in lowered), None)
+
+
+def describe_url(url: str | URL) -> tuple[str, str]:
+    """(service, where) for log lines: ("PostgreSQL", "127.0.0.1:5432/courier"); never the user or password."""
+    parsed = make_url(url) if isinstance(url, str) else url
+    if parsed.get_backend_name() == "sqlite":
+        return "the SQLite store", parsed.database or ":memory:"
+    service = "PostgreSQL" if parsed.get_backend_name() == "postgresql" else parsed.get_backend_name()
+    host = parsed.host or "the local socket"
+    port = f":{parsed.port or 5432}" if parsed.host else ""
+    return service, f"{host}{port}/{parsed.database or ''}"
+
+
+def masked_url(url: str | URL) -> str:
+    """The URL with its password as ***, for messages that show the whole URL."""
+    parsed = make_url(url) if isinstance(url, str) else url
+    return parsed.render_as_string(hide_password=True)
+
+
+def store_outage(log, url: str | URL, retry: str, note: str = "") -> Outage:
+    """The Outage reporter of the store at `url` (app.observability.Outage)."""
+    service, where = describe_url(url)
+    return Outage(log, service, where, retry, note)
+
+
+class StoreWatch:
+    """For processes that use the store only when work comes (the MLLP listener, the worker): one line when it
+    is found unreachable, one when it answers again, and a daemon thread that pings it every `interval`
+    seconds in between, so "reachable again" comes when it is, not with the next message."""
+
+    def __init__(self, store: Store, log: logging.Logger, interval: float = 5.0, note: str = ""):
+        self.store, self.interval = store, interval
+        self.outage = store_outage(log, store.engine.url, f"every {interval:g}s", note)
+        self.stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def check(self) -> bool:
+        """Ping the store now; True if it answered (an outage, if on, is over)."""
+        try:
+            self.store.ping()
+        except Exception as exc:  # anything else than an outage is for whoever uses the store to report
+            return not self.failed(exc)
+        self.outage.ok()
+        return True
+
+    def check_in_background(self) -> None:
+        """check() in a thread: a start-up must not wait for a connect timeout."""
+        threading.Thread(target=self.check, name="courier-store-check", daemon=True).start()
+
+    def failed(self, exc: BaseException) -> bool:
+        """Work found the store failing with `exc`; True if that is an outage (now reported and watched)."""
+        problem = store_problem(exc)
+        if problem is None:
+            return False
+        self.outage.failed(problem.reason, problem.hint)
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._watch, name="courier-store-watch", daemon=True)
+                self._thread.start()
+        return True
+
+    def ok(self) -> None:
+        """Work used the store: an outage, if on, is over."""
+        if self.outage.down:
+            self.outage.ok()
+
+    def stop(self) -> None:
+        self.stopping.set()
+
+    def _watch(self) -> None:
+        while self.outage.down and not self.stopping.wait(self.interval):
+            try:
+                self.store.ping()
+            except Exception as exc:
+                problem = store_problem(exc)
+                if problem is not None:
+                    self.outage.failed(problem.reason, problem.hint)
+                continue
+            self.outage.ok()

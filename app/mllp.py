@@ -34,6 +34,7 @@ from flask import current_app
 
 from app import tls
 from app.cli import with_appcontext
+from app.db import StoreWatch
 from app.observability import current_correlation_id, with_new_correlation
 from app.settings import ConfigError, env_duration, env_int
 
@@ -149,6 +150,8 @@ class MllpListener:
         self.max_connections, self.max_per_peer, self.stop_grace = max_connections, max_per_peer, stop_grace
         self.tls, self.handshake_timeout = tls, handshake_timeout
         self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mllp-ingest")
+        # The store unreachable: one line (and one when it is back), not one per frame; frames get AE meanwhile.
+        self.store_watch = StoreWatch(store, log, note="; until then every frame is answered AE (send again)")
         self.started = threading.Event()  # set once the socket listens (self.port is then the real port)
         self.stopping = False
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -171,9 +174,11 @@ class MllpListener:
                  "plain TCP" if self.tls is None else
                  "TLS, client certificates required" if self.tls.client_ca else "TLS")
         self.started.set()
+        self.store_watch.check_in_background()
         try:
             await self._stop_event.wait()
         finally:
+            self.store_watch.stop()
             server.close()
             await self._drain_connections()
             await server.wait_closed()
@@ -372,6 +377,8 @@ class MllpListener:
                                 content_type="application/hl7-v2", body=payload,
                                 correlation_id=current_correlation_id())
         except IngestError as exc:
+            if exc.code == "store_unavailable" and exc.__cause__ is not None:
+                self.store_watch.failed(exc.__cause__)
             code = "AE" if exc.status >= 500 or exc.status == 429 else "AR"  # 429 rate limited: resend later
             return self._answer_messages(payload, messages, code, exc.message, _ERROR_CODES.get(exc.code, "207"),
                                          f"{code} MSH-10 {ids} from {source.name}: {exc.code}")
@@ -379,6 +386,7 @@ class MllpListener:
             log.exception("MLLP from %s: ingest failed", where)
             return self._answer_messages(payload, messages, "AE", f"internal error ({type(exc).__name__}); send "
                                          "again", "207", f"AE MSH-10 {ids}: internal error")
+        self.store_watch.ok()
         stored = sum(1 for r in results if r.created)
         return self._answer_messages(payload, messages, "AA", "", None,
                                      f"AA MSH-10 {ids} from {source.name} ({stored} new, "

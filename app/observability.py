@@ -14,6 +14,8 @@ import logging
 import os
 import re
 import sys
+import threading
+import time
 import traceback
 import uuid
 import warnings
@@ -24,7 +26,7 @@ from functools import wraps
 from typing import Any, Iterator
 
 __all__ = ["correlation", "current_correlation_id", "new_correlation_id", "set_process", "setup",
-           "with_new_correlation", "JsonFormatter", "scrub_event", "scrub_breadcrumb"]
+           "with_new_correlation", "JsonFormatter", "Outage", "scrub_event", "scrub_breadcrumb"]
 
 _correlation_id: ContextVar[str | None] = ContextVar("courier_correlation_id", default=None)
 _process: str | None = None
@@ -167,6 +169,55 @@ def setup_logging(level: str = "INFO", fmt: str | None = None) -> None:
     handler.setFormatter(JsonFormatter() if fmt == "json" else _TextFormatter(
         "%(asctime)s %(levelname)s %(courier_process)s %(name)s [%(courier_cid)s] %(message)s"))
     root.addHandler(handler)
+
+
+# --- outages of the services a process needs -------------------------------------------------
+
+class Outage:
+    """One clear line when a service (PostgreSQL, RabbitMQ) stops answering, one when it answers again.
+
+    The retries in between are DEBUG lines: an outage of an hour is two lines at INFO, not a line per
+    attempt, and the first says what is down, why, how to start it and how often it is retried. The
+    line is ERROR (so Sentry, if set, gets one event per outage). Thread-safe: the MLLP listener's
+    ingest threads and its watch thread report into one. `log` needs only error/info/debug.
+    """
+
+    def __init__(self, log, service: str, where: str, retry: str, note: str = ""):
+        """`retry` says how often, e.g. "every 0.5-10s"; `note` is added to the outage line."""
+        self.log, self.service, self.where, self.retry, self.note = log, service, where, retry, note
+        self.since: float | None = None  # time.monotonic() of the outage's first failure
+        self.attempts = 0
+        self._lock = threading.Lock()
+
+    @property
+    def down(self) -> bool:
+        return self.since is not None
+
+    def failed(self, reason: str, hint: str) -> bool:
+        """An attempt failed (`reason`: "connection refused"; `hint`: "start it with ..."). True when this
+        began the outage and its line was logged; later calls log at DEBUG only."""
+        with self._lock:
+            first = self.since is None
+            if first:
+                self.since = time.monotonic()
+            self.attempts += 1
+            attempts = self.attempts
+        if first:
+            self.log.error(f"{self.service} at {self.where} is not reachable ({reason}); {hint}; "
+                           f"retrying {self.retry}{self.note}")
+        else:
+            self.log.debug(f"{self.service} at {self.where} still not reachable ({reason}), attempt {attempts}")
+        return first
+
+    def ok(self) -> bool:
+        """An attempt worked: logs "reachable again" once if an outage was on; True then."""
+        with self._lock:
+            since, attempts, self.since, self.attempts = self.since, self.attempts, None, 0
+        if since is None:
+            return False
+        self.log.info(f"{self.service} at {self.where} is reachable again after {time.monotonic() - since:.0f}s "
+                      f"({attempts} failed attempts); resuming")
+        return True
 
 
 # --- Sentry ---------------------------------------------------------------------------------

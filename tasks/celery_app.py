@@ -11,13 +11,26 @@ Settings that matter for not losing or duplicating work, and why:
 """
 from __future__ import annotations
 
+import logging
+import socket
+from functools import cached_property
+from urllib.parse import urlsplit
+
 from celery import Celery, Task
+from celery.beat import PersistentScheduler
 from celery.signals import worker_process_init, worker_ready
 from celery.worker.consumer import Consumer as CeleryConsumer
+from celery.worker.consumer.consumer import CONNECTION_ERROR
 from flask import Flask
 from kombu import Exchange, Queue
 
+from app.db import StoreWatch
+from app.observability import Outage
 from app.settings import Settings
+
+log = logging.getLogger("courier.broker")
+RABBITMQ_START = "start it with `rabbitmq-server -detached`"
+CHECK_BROKER_URL = "check BROKER_URL's user, password and virtual host"
 
 # Broker redeliveries of one task (its worker died while running it) before RabbitMQ parks it in
 # the destination's dead-letter queue instead of handing it out again: a poison task cannot loop.
@@ -44,9 +57,14 @@ def dead_letter_queues(settings: Settings) -> list[Queue]:
             for name in settings.routing.destinations]
 
 
-def declare_dead_letter_queues(celery: Celery, settings: Settings) -> None:
-    """Declare the DLQs (idempotent); they must exist before RabbitMQ dead-letters into them."""
+def declare_dead_letter_queues(celery: Celery, settings: Settings, retries: int | None = None) -> None:
+    """Declare the DLQs (idempotent); they must exist before RabbitMQ dead-letters into them.
+
+    `retries`: connection attempts after the first (kombu's default when None; 0 for one attempt, as the
+    relay does: its own loop paces the retries and says when the broker is down)."""
     with celery.connection_for_write() as conn:
+        if retries is not None:
+            conn.ensure_connection(max_retries=retries)
         channel = conn.default_channel
         for queue in dead_letter_queues(settings):
             queue.bind(channel).declare()
@@ -61,13 +79,135 @@ def publish_dead_letter(celery: Celery, settings: Settings, record: dict) -> Non
                                   if q.routing_key == record["destination"]], retry=True)
 
 
+# --- the broker unreachable: one line per outage -----------------------------------------------
+
+def broker_problem(exc: BaseException) -> tuple[str, str] | None:
+    """(reason, hint) if `exc` is the broker unreachable, refusing the login or losing the connection; None
+    for anything else. kombu re-raises socket errors as its OperationalError `from` the original."""
+    from amqp.exceptions import AccessRefused, ConnectionError as AmqpConnectionError
+    from kombu.exceptions import OperationalError
+
+    seen: set[int] = set()
+    error: BaseException | None = exc
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, AccessRefused) or "ACCESS_REFUSED" in str(error):
+            return "login refused", CHECK_BROKER_URL
+        if isinstance(error, ConnectionRefusedError):
+            return "connection refused", RABBITMQ_START
+        if isinstance(error, socket.gaierror):
+            return "host name not found", RABBITMQ_START
+        if isinstance(error, (socket.timeout, TimeoutError)):
+            return "timed out", RABBITMQ_START
+        if isinstance(error, (ConnectionError, AmqpConnectionError)):
+            return "connection lost", RABBITMQ_START
+        if isinstance(error, OSError):
+            return (error.strerror or type(error).__name__).lower(), RABBITMQ_START
+        error = error.__cause__ or error.__context__
+    if isinstance(exc, OperationalError):  # raised without its cause: kombu's message is the socket error's
+        text = str(exc)
+        reason = "connection refused" if "refused" in text.lower() else text.splitlines()[0][:160] or "unreachable"
+        return reason, RABBITMQ_START
+    return None
+
+
+def broker_location(url: str) -> str:
+    """host:port of the (first) broker URL; never its user or password."""
+    first = urlsplit(str(url).split(";")[0])
+    try:
+        port = first.port
+    except ValueError:
+        port = None
+    return f"{first.hostname or 'localhost'}:{port or 5672}"
+
+
+def broker_outage(celery: Celery, retry: str) -> Outage:
+    """The Outage reporter (app.observability) of `celery`'s broker."""
+    return Outage(log, "RabbitMQ", broker_location(celery.conf.broker_url), retry)
+
+
+class _ConsumerConnectionErrors(logging.Filter):
+    """The worker's consumer logs "Cannot connect to ... Trying again in Ns" (two lines, ERROR) at every
+    attempt; this turns them into the outage's one line (then DEBUG). Celery's other lines are untouched."""
+
+    def __init__(self, outage: Outage):
+        super().__init__()
+        self.outage = outage
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.msg is not CONNECTION_ERROR or not isinstance(record.args, tuple) or len(record.args) < 2:
+            return True
+        reason, hint = broker_problem(record.args[1]) or (str(record.args[1])[:160], RABBITMQ_START)
+        self.outage.failed(reason, hint)
+        return False
+
+
+class _CancelOnConnectionLossNotice(logging.Filter):
+    """Drops Celery's CPendingDeprecationWarning about worker_cancel_long_running_tasks_on_connection_loss."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        return not ("CPendingDeprecationWarning" in text
+                    and "worker_cancel_long_running_tasks_on_connection_loss" in text)
+
+
 class Consumer(CeleryConsumer):
     """Celery's consumer without "native delayed delivery": it declares 28 extra quorum queues for
-    ETA tasks, and Courier never sends one (retry waits live in the store)."""
+    ETA tasks, and Courier never sends one (retry waits live in the store). It says "reachable again"
+    when it connects after an outage (`_ConsumerConnectionErrors` said it was down)."""
 
     class Blueprint(CeleryConsumer.Blueprint):
         default_steps = [s for s in CeleryConsumer.Blueprint.default_steps
                          if not s.endswith(":DelayedDelivery")]
+
+    def connect(self):
+        connection = super().connect()
+        outage = getattr(self.app, "courier_broker_outage", None)
+        if outage is not None:
+            outage.ok()
+        return connection
+
+
+# kombu's waits between beat's connection attempts (the worker's consumer uses kombu's defaults: 2s, 4s ... 30s).
+BEAT_RETRY = (1.0, 1.0, 10.0)  # first, step, most
+
+
+class Scheduler(PersistentScheduler):
+    """celery beat's scheduler (the same schedule file), retrying the broker forever with one line per outage.
+
+    Celery's own retries a limited number of times (broker_connection_max_retries), logging each, and
+    then beat exits with a traceback; and a due task that cannot be sent logs a traceback.
+    """
+
+    @cached_property
+    def outage(self) -> Outage:
+        first, _, most = BEAT_RETRY
+        return broker_outage(self.app, f"every {first:g}-{most:g}s")
+
+    def _errback(self, exc: BaseException, _interval: float) -> None:
+        self.outage.failed(*(broker_problem(exc) or (str(exc)[:160], RABBITMQ_START)))
+
+    @cached_property
+    def producer(self):
+        first, step, most = BEAT_RETRY
+        connection = self.connection.ensure_connection(self._errback, None, interval_start=first,
+                                                       interval_step=step, interval_max=most)
+        self.outage.ok()
+        return self.Producer(connection, auto_declare=False)
+
+    def apply_entry(self, entry, producer=None):
+        """Send one due task; the broker gone since the last is the outage's line, not a traceback."""
+        logging.getLogger("celery.beat").info("Scheduler: Sending due task %s (%s)", entry.name, entry.task)
+        try:
+            self.apply_async(entry, producer=producer, advance=False)
+        except Exception as exc:
+            problem = broker_problem(exc)
+            if problem is None:
+                logging.getLogger("celery.beat").error("Message Error: %s", exc, exc_info=True)
+            else:  # this run is missed (beat sends it again at its next time) and the outage is reported
+                self.outage.failed(*problem)
+            return
+        self.outage.ok()
 
 
 def celery_init_app(flask_app: Flask) -> Celery:
@@ -84,6 +224,10 @@ def celery_init_app(flask_app: Flask) -> Celery:
         broker_url=settings.broker_url,
         broker_transport_options={"confirm_publish": True},
         broker_connection_retry_on_startup=True,
+        # Never give up on the broker (Celery's default: 100 attempts, then the worker exits, and under
+        # honcho one exit stops every process): the outage is one log line, the retries are quiet.
+        broker_connection_max_retries=None,
+        beat_scheduler="tasks.celery_app:Scheduler",
         task_queues=delivery_queues(settings),
         task_default_queue=f"{settings.queue_prefix}.default",
         task_acks_late=True,
@@ -114,10 +258,21 @@ def worker_app(flask_app: Flask) -> Celery:
     """The Celery app a worker process runs (`celery -A module worker`), for Courier's app or a host's."""
     celery = celery_init_app(flask_app)
     settings, store = flask_app.extensions["courier.settings"], flask_app.extensions["courier.store"]
+    celery.courier_broker_outage = broker_outage(celery, "every 2-30s")  # kombu's waits for the consumer
+    # At every lost broker connection Celery 5 logs a seven-line notice (py.warnings: the worker captures
+    # warnings and shows its own 'always') that Celery 6 will cancel running late-ack tasks then. Courier is
+    # safe either way (the broker redelivers; a task whose dispatch moved on is a no-op), so after Celery's
+    # "Connection to broker lost" line the outage's line is all an operator needs.
+    logging.getLogger("py.warnings").addFilter(_CancelOnConnectionLossNotice())
+    logging.getLogger("celery.worker.consumer.consumer").addFilter(
+        _ConsumerConnectionErrors(celery.courier_broker_outage))
+    store_watch = StoreWatch(store, logging.getLogger("courier.worker"),
+                             note=" (tasks fail until then; their deliveries go again when their lease ends)")
 
     @worker_ready.connect(weak=False)
     def _declare_dead_letters(**_):
         declare_dead_letter_queues(celery, settings)
+        store_watch.check_in_background()  # the store is used only when tasks come: say now if it is down
 
     @worker_process_init.connect(weak=False)
     def _fresh_connections(**_):

@@ -22,13 +22,15 @@ from typing import Callable, Iterator
 from celery import Celery
 
 from app import outbox
-from app.db import Store
+from app.db import Store, store_outage, store_problem
 from app.settings import Settings
-from tasks.celery_app import declare_dead_letter_queues
+from tasks.celery_app import broker_outage, broker_problem, declare_dead_letter_queues
 
 log = logging.getLogger("courier.relay")
 SQLITE_POLL = 0.1  # SQLite has no NOTIFY: poll often, it is a cheap indexed query
 BUSY_POLL = 2 * outbox.NOTIFY_EVERY  # after a round that found work, look again this soon
+FIRST_BACKOFF, MAX_BACKOFF = 0.5, 10.0  # seconds after a failed round, doubling
+RETRY = f"every {FIRST_BACKOFF:g}-{MAX_BACKOFF:g}s"
 
 
 def split(claimed: list[outbox.Claimed], size: int) -> list[list[outbox.Claimed]]:
@@ -58,12 +60,17 @@ class Relay:
         self.settings, self.store, self.celery = settings, store, celery
         self.stopping = threading.Event()
         self._listener = None
+        self._listen_warned = False
+        # One line when the store or the broker stops answering, one when it is back (app.observability.Outage).
+        self.store_outage = store_outage(log, store.engine.url, RETRY)
+        self.broker_outage = broker_outage(celery, RETRY) if celery is not None else None
 
     # -- one round ---------------------------------------------------------
 
     def prepare(self) -> None:
-        """DLQs must exist before RabbitMQ dead-letters a poison task into them."""
-        declare_dead_letter_queues(self.celery, self.settings)
+        """DLQs must exist before RabbitMQ dead-letters a poison task into them. One connection attempt:
+        while the broker is down, run() repeats this each round (nothing is claimed) with its own backoff."""
+        declare_dead_letter_queues(self.celery, self.settings, retries=0)
 
     def capacity(self) -> int:
         """How many deliveries to claim this round."""
@@ -93,14 +100,20 @@ class Relay:
                 for batch in batches:
                     send(batch)
                     handed += 1
-        except Exception:
+        except Exception as exc:
             # Broker down or a confirm refused: hand the rest back at once rather than waiting out the lease.
             unsent = [c for batch in batches[handed:] for c in batch]
-            log.exception("handoff failed with %d of %d deliveries unsent; releasing them", len(unsent),
+            if broker_problem(exc) is None:
+                log.exception("handoff failed with %d of %d deliveries unsent; releasing them", len(unsent),
+                              len(claimed))
+            else:  # the broker went away: run() says so once; no traceback for each round of the outage
+                log.debug("handoff failed with %d of %d deliveries unsent; releasing them", len(unsent),
                           len(claimed))
             with self.store.session() as session:
                 outbox.release(session, unsent)
             raise
+        if handed and self.broker_outage is not None:
+            self.broker_outage.ok()
         return len(claimed)
 
     # -- waiting -----------------------------------------------------------
@@ -128,7 +141,7 @@ class Relay:
                 for _ in self._listener.notifies(timeout=0):
                     pass
         except Exception as exc:  # the database restarted: poll until LISTEN works again
-            log.warning("LISTEN connection lost (%s); polling", type(exc).__name__)
+            log.info("LISTEN connection lost (%s); polling", type(exc).__name__)
             self._close_listener()
             self.stopping.wait(self.settings.relay_poll)
 
@@ -146,26 +159,44 @@ class Relay:
         """Relay until `stopping` is set; survives store and broker outages by backing off."""
         log.info("relay started (batch %d, lease %.0fs, poll %.1fs)", self.settings.relay_batch,
                  self.settings.relay_lease, self.settings.relay_poll)
-        backoff = 0.5
+        backoff = FIRST_BACKOFF
         prepared = False
         while not self.stopping.is_set():
             try:
                 if not prepared:
                     self.prepare()
                     prepared = True
+                    if self.broker_outage is not None:
+                        self.broker_outage.ok()
                 if self._listener is None and self.store.is_postgres:
                     self.start_listening()
                 limit = self.capacity()
                 dispatched = self.pump(limit)
-                backoff = 0.5
+                self.store_outage.ok()
+                backoff = FIRST_BACKOFF
                 if dispatched < limit:  # nothing more is due now
                     self.wait(busy=dispatched > 0)
             except Exception as exc:
-                log.error("relay round failed (%s: %s); retrying in %.1fs", type(exc).__name__, exc, backoff)
+                if not self._outage(exc):
+                    log.error("relay round failed (%s: %s); retrying in %.1fs", type(exc).__name__, exc, backoff)
+                elif self.broker_outage is not None and self.broker_outage.down:
+                    prepared = False  # probe the broker (declare the DLQs) before claiming anything again
                 self.stopping.wait(backoff)
-                backoff = min(backoff * 2, 10.0)
+                backoff = min(backoff * 2, MAX_BACKOFF)
         self._close_listener()
         log.info("relay stopped")
+
+    def _outage(self, exc: BaseException) -> bool:
+        """If the round failed because the store or the broker is unreachable, report it (once per outage)."""
+        problem = store_problem(exc)
+        if problem is not None:
+            self.store_outage.failed(problem.reason, problem.hint)
+            return True
+        broken = broker_problem(exc) if self.broker_outage is not None else None
+        if broken is not None:
+            self.broker_outage.failed(*broken)
+            return True
+        return False
 
     def start_listening(self) -> None:
         """Open a dedicated autocommit connection and LISTEN (PostgreSQL only).
@@ -179,6 +210,12 @@ class Relay:
             conn = psycopg.connect(url.render_as_string(hide_password=False), autocommit=True)
             conn.execute(f"LISTEN {outbox.NOTIFY_CHANNEL}")
         except Exception as exc:
-            log.warning("cannot LISTEN (%s); polling", type(exc).__name__)
+            # Tried again each round: warn once (the store down is the round's own outage line).
+            if store_problem(exc) is None and not self._listen_warned:
+                log.warning("cannot LISTEN (%s); polling", type(exc).__name__)
+                self._listen_warned = True
+            else:
+                log.debug("cannot LISTEN (%s); polling", type(exc).__name__)
             return
         self._listener = conn
+        self._listen_warned = False
