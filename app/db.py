@@ -159,12 +159,6 @@ def describe_url(url: str | URL) -> tuple[str, str]:
     return service, f"{host}{port}/{parsed.database or ''}"
 
 
-def masked_url(url: str | URL) -> str:
-    """The URL with its password as ***, for messages that show the whole URL."""
-    parsed = make_url(url) if isinstance(url, str) else url
-    return parsed.render_as_string(hide_password=True)
-
-
 def store_outage(log, url: str | URL, retry: str, note: str = "") -> Outage:
     """The Outage reporter of the store at `url` (app.observability.Outage)."""
     service, where = describe_url(url)
@@ -218,11 +212,4 @@ class StoreWatch:
 
     def _watch(self) -> None:
         while self.outage.down and not self.stopping.wait(self.interval):
-            try:
-                self.store.ping()
-            except Exception as exc:
-                problem = store_problem(exc)
-                if problem is not None:
-                    self.outage.failed(problem.reason, problem.hint)
-                continue
-            self.outage.ok()
+            self.check()  # this thread is alive, so a failure here starts no second one
