@@ -78,7 +78,7 @@ def flower_command(address: str, port: str, flower_args: tuple[str, ...]) -> Non
     env["FLOWER_BASIC_AUTH"], generated = basic_auth(env)
     if generated:
         user, _, password = env["FLOWER_BASIC_AUTH"].split(",")[0].partition(":")
-        shown = "127.0.0.1" if address in ("0.0.0.0", "") else address  # all interfaces: show the local one
+        shown = "127.0.0.1" if address in ("0.0.0.0", "") else address  # nosec B104  # only compared, not bound
         click.echo(f"Flower: http://{shown}:{port}/ user {user} password {password} "
                    f"(kept in {env['FLOWER_AUTH_FILE']}; set FLOWER_BASIC_AUTH to choose your own)", err=True)
     if not env.get("FLOWER_BROKER_API"):
