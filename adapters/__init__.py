@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import importlib
 
-from adapters.base import (
+from courier.adapters.base import (
     Adapter,
     DeliveryError,
     Outgoing,
@@ -27,14 +27,14 @@ __all__ = [
 ]
 
 SCHEMES: dict[str, str] = {
-    "http": "adapters.http:HttpAdapter",
-    "https": "adapters.http:HttpAdapter",
-    "file": "adapters.file:FileAdapter",
-    "mllp": "adapters.mllp:MllpAdapter",
-    "mllps": "adapters.mllp:MllpAdapter",
-    "sql": "adapters.sql:SqlAdapter",
-    "amqp": "adapters.amqp:AmqpAdapter",
-    "amqps": "adapters.amqp:AmqpAdapter",
+    "http": "courier.adapters.http:HttpAdapter",
+    "https": "courier.adapters.http:HttpAdapter",
+    "file": "courier.adapters.file:FileAdapter",
+    "mllp": "courier.adapters.mllp:MllpAdapter",
+    "mllps": "courier.adapters.mllp:MllpAdapter",
+    "sql": "courier.adapters.sql:SqlAdapter",
+    "amqp": "courier.adapters.amqp:AmqpAdapter",
+    "amqps": "courier.adapters.amqp:AmqpAdapter",
 }
 
 

@@ -53,7 +53,7 @@ from __future__ import annotations
 import socket
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-from adapters.base import Adapter, Outgoing, PermanentError, Sent, TemporaryError
+from courier.adapters.base import Adapter, Outgoing, PermanentError, Sent, TemporaryError
 
 _OPTIONS = {"exchange", "routing_key", "mandatory"}
 _DETAIL_CHARS = 200

@@ -50,7 +50,7 @@ import re
 import secrets
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from adapters.base import Adapter, Outgoing, PermanentError, Sent, TemporaryError
+from courier.adapters.base import Adapter, Outgoing, PermanentError, Sent, TemporaryError
 
 _SAFE_ID = re.compile(r"[A-Za-z0-9_-]{1,200}")
 _SAFE_SUFFIX = re.compile(r"\.[A-Za-z0-9][A-Za-z0-9_.-]{0,15}")

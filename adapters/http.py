@@ -21,7 +21,7 @@ There are no URL options. The destination's config gives:
 
 * ``timeout``: seconds, used as both the connect and the read timeout.
 * ``secret``: when set, each request is signed (below).
-* ``tls`` (``https://`` only; ``adapters.base.TlsFiles``): PEM files, each optional.
+* ``tls`` (``https://`` only; ``courier.adapters.base.TlsFiles``): PEM files, each optional.
   ``ca``: the CA(s) that sign the destination's certificate, used instead of
   the system store and REQUESTS_CA_BUNDLE (a private CA). ``cert``: our client
   certificate, for a destination that requires mutual TLS; ``key``: its private
@@ -79,7 +79,7 @@ from urllib.parse import urlsplit
 
 import requests
 
-from adapters.base import Adapter, DeliveryError, Outgoing, PermanentError, Sent, TemporaryError, TlsFiles, scheme_of
+from courier.adapters.base import Adapter, DeliveryError, Outgoing, PermanentError, Sent, TemporaryError, TlsFiles, scheme_of
 
 try:
     _VERSION = metadata.version("courier")

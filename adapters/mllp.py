@@ -94,7 +94,7 @@ import time
 from dataclasses import dataclass
 from urllib.parse import parse_qs, urlsplit
 
-from adapters.base import Adapter, Outgoing, PermanentError, Sent, TemporaryError
+from courier.adapters.base import Adapter, Outgoing, PermanentError, Sent, TemporaryError
 
 START_BLOCK, END_BLOCK, CARRIAGE_RETURN = b"\x0b", b"\x1c", b"\x0d"
 MAX_ACK_BYTES = 1024 * 1024  # an ACK is a few hundred bytes; more is a confused peer
@@ -159,7 +159,7 @@ def _parse(url: str) -> Target:
 
 
 def control_id(body: bytes) -> str:
-    """MSH-10 of an HL7 v2 message, read directly (adapters do not import app.hl7v2).
+    """MSH-10 of an HL7 v2 message, read directly (adapters do not import courier.app.hl7.er7).
 
     PermanentError when the body is not a message that an ACK could be matched to.
     """

@@ -65,7 +65,7 @@ import re
 from datetime import datetime, timezone
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
-from adapters.base import Adapter, Outgoing, PermanentError, Sent, TemporaryError
+from courier.adapters.base import Adapter, Outgoing, PermanentError, Sent, TemporaryError
 
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
 _TABLE = re.compile(rf"(?:({_IDENTIFIER.pattern})\.)?({_IDENTIFIER.pattern})")

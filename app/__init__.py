@@ -1,6 +1,6 @@
 """Courier's web side: the Flask app factory, settings, store, outbox and API.
 
-`create_app()` builds the app from the same `Settings` that `tasks.celery_app`
+`create_app()` builds the app from the same `Settings` that `courier.tasks.celery_app`
 uses, so the web process, the relay and the workers can never disagree about
 the database, the broker or the routes (the pattern of pypi/warehouse's
 `configure()`).
@@ -9,14 +9,16 @@ from __future__ import annotations
 
 from flask import Flask
 
-from app.settings import Settings, load_settings
+from courier.app.settings import Settings, load_settings
 
 __all__ = ["create_app"]
 
 
 def create_app(settings: Settings | None = None, test_config: dict | None = None) -> Flask:
     """Build the Flask app; `settings` defaults to the environment and COURIER_CONFIG."""
-    from app import api, db, observability
+    from courier.app.web import api
+    from courier.app.store import db
+    from courier.app import observability
 
     settings = settings or load_settings()
     flask_app = Flask(__name__, instance_relative_config=False)

@@ -1,7 +1,7 @@
 """Operator commands that need only the store and the config: db, config, tokens, replay,
 destinations, audit, keys, and `routes test` (the config alone: a dry run).
 
-`tasks.cli` assembles these with the relay into the `courier` console script.
+`courier.tasks.cli` assembles these with the relay into the `courier` console script.
 """
 from __future__ import annotations
 
@@ -22,11 +22,13 @@ import click
 from flask import current_app
 from flask.cli import ScriptInfo
 
-import migrations
-from app import audit, circuits, ingest, outbox, transforms
-from app import tokens as token_store
-from app.db import make_engine, store_outage, store_problem
-from app.settings import DEFAULT_DATABASE_URL, ConfigError, RoutingConfig, load_settings, parse_duration
+from courier import migrations
+from courier.app.store import audit, circuits, outbox
+from courier.app import ingest
+from courier.app.domain import transforms
+from courier.app.store import tokens as token_store
+from courier.app.store.db import make_engine, store_outage, store_problem
+from courier.app.settings import DEFAULT_DATABASE_URL, ConfigError, RoutingConfig, load_settings, parse_duration
 
 
 def alembic_config(url: str):
@@ -96,7 +98,7 @@ UPGRADE_RETRY = 2.0  # seconds between `db upgrade`'s attempts to reach the data
 
 
 class _Stderr:
-    """What app.observability.Outage logs to, for a command: its lines on stderr, its DEBUG ones nowhere."""
+    """What courier.app.observability.Outage logs to, for a command: its lines on stderr, its DEBUG ones nowhere."""
 
     def error(self, message: str) -> None:
         click.echo(message, err=True)
@@ -263,7 +265,7 @@ def tokens_create(source: str | None, scope: str, name: str, actor: str | None):
 @with_appcontext
 def tokens_revoke(token_id: str, actor: str | None):
     """Revoke a token by its id; it stops working at once."""
-    from app.models import ApiToken
+    from courier.app.store.models import ApiToken
 
     with current_app.extensions["courier.store"].session() as session:
         before = session.get(ApiToken, token_id)
@@ -352,7 +354,7 @@ def _replay_ids(ids: list[str], actor: str, reason: str) -> None:
     """Replay what can be, report the rest, and exit 1 if anything was not replayed."""
     from sqlalchemy import select
 
-    from app.models import Delivery, Message
+    from courier.app.store.models import Delivery, Message
 
     with _store().session() as session:
         found = dict(session.execute(select(Delivery.id, Delivery.status).where(Delivery.id.in_(ids))).all())
@@ -485,7 +487,7 @@ def _payload(body: bytes) -> dict:
 
 def dry_run(routing: RoutingConfig, plans: list[ingest.Plan], source: str) -> list[dict]:
     """Each planned message's destinations and what each would be sent, or why its transform
-    refuses. The transform is called as tasks.deliver.attempt() calls it (transforms.apply), on the body as it
+    refuses. The transform is called as courier.tasks.deliver.attempt() calls it (transforms.apply), on the body as it
     would be stored; only the message id is made up ('dry-run-<n>': nothing is stored)."""
     messages = []
     for number, plan in enumerate(plans, 1):
@@ -639,7 +641,7 @@ def messages_group():
 @with_appcontext
 def messages_show(message_id: str, as_json: bool):
     """A message's metadata and each delivery with its attempt log (never the body), as GET /api/v1/messages/ID."""
-    from app.api import _delivery, _message  # the API's documents: the CLI shows exactly what it serves
+    from courier.app.web.api import _delivery, _message  # the API's documents: the CLI shows exactly what it serves
 
     with _store().session() as session:
         message = outbox.trace(session, message_id)
@@ -686,8 +688,8 @@ def deliveries_list(status: str | None, destination: str | None, limit: int, as_
     """Deliveries newest first, e.g. `--status dead --destination billing`, as GET /api/v1/deliveries."""
     from sqlalchemy import select
 
-    from app.api import _delivery
-    from app.models import Delivery
+    from courier.app.web.api import _delivery
+    from courier.app.store.models import Delivery
 
     query = select(Delivery)
     if status:
@@ -716,7 +718,7 @@ def deliveries_list(status: str | None, destination: str | None, limit: int, as_
 @with_appcontext
 def stats_command(since, as_json: bool):
     """Per destination: accepted = delivered + pending + dead (the reconciliation), backlog, circuit, pause."""
-    from app import reports
+    from courier.app.store import reports
 
     settings = current_app.extensions["courier.settings"]
     with _store().session() as session:
@@ -755,8 +757,8 @@ def stats_command(since, as_json: bool):
 @with_appcontext
 def purge_command(older_than: str, batch: int, dry_run: bool, actor: str | None):
     """Remove the bodies of old messages delivered to every destination; metadata and audit stay."""
-    from app import retention
-    from app.settings import parse_duration
+    from courier.app.store import retention
+    from courier.app.settings import parse_duration
 
     try:
         age = parse_duration(older_than)
@@ -792,7 +794,7 @@ def keys_generate():
     """Print a new random key (nothing is stored); its key id goes to stderr."""
     from cryptography.fernet import Fernet
 
-    from app import crypto
+    from courier.app.store import crypto
 
     key = Fernet.generate_key().decode("ascii")
     click.echo(f"key id {crypto.key_id(key)}; put the key first in {crypto.KEY_VARIABLE}:", err=True)
@@ -811,7 +813,8 @@ def keys_rotate(batch: int, dry_run: bool, actor: str | None):
     Runs while ingest and the workers go on. Exit 1 if values are left that are not under the
     first key (under a key that is not configured, or locked until the end): keep the old keys.
     """
-    from app import governance, rotation
+    from courier.app.domain import governance
+    from courier.app.store import rotation
 
     try:
         result = rotation.rotate(_store(), actor=cli_actor(actor), batch=batch, dry_run=dry_run)

@@ -17,9 +17,10 @@ from marshmallow import ValidationError, fields, validate
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session
 
-from app import metrics, ordering, outbox, ratelimit
-from app.db import Store
-from app.settings import RateLimit, RoutingConfig, StrictSchema
+from courier.app import metrics
+from courier.app.store import ordering, outbox, ratelimit
+from courier.app.store.db import Store
+from courier.app.settings import RateLimit, RoutingConfig, StrictSchema
 
 JSON_TYPES = {"application/json"}
 HL7_TYPES = {"application/hl7-v2", "x-application/hl7-v2+er7"}
@@ -167,23 +168,23 @@ def _parse_json(body: bytes) -> Parsed:
 
 def _parse_hl7(body: bytes) -> tuple[list[Parsed], bool]:
     try:
-        from app import hl7v2
+        from courier.app.hl7 import er7
     except ImportError:  # python-hl7 comes with the [mllp] extra; a JSON-only install refuses HL7 clearly
         raise IngestError(415, "unsupported_media_type", "HL7 v2 support is not installed here "
                           "(pip install 'courier[mllp]')") from None
     try:
-        text = hl7v2.decode(body)
-        parts = hl7v2.split(text)
+        text = er7.decode(body)
+        parts = er7.split(text)
         messages = []
         for index, part in enumerate(parts):
             try:
-                messages.append(hl7v2.parse(part))
-            except hl7v2.Hl7Error as exc:
+                messages.append(er7.parse(part))
+            except er7.Hl7Error as exc:
                 if len(parts) > 1:
                     raise IngestError(400, "malformed", f"HL7 message {index + 1} of the batch: {exc}",
                                       {"message_index": index, "reason": exc.reason, "where": exc.where}) from None
                 raise
-    except hl7v2.Hl7Error as exc:
+    except er7.Hl7Error as exc:
         raise IngestError(400, "malformed", f"not a valid HL7 v2 message: {exc}",
                           {"reason": exc.reason, "where": exc.where}) from None
     is_batch = len(messages) > 1 or text.lstrip().startswith(("FHS", "BHS"))

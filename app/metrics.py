@@ -39,7 +39,7 @@ from prometheus_client.core import GaugeMetricFamily  # noqa: E402
 from sqlalchemy import func, select  # noqa: E402
 from sqlalchemy.exc import SQLAlchemyError  # noqa: E402
 
-from app.models import DEAD, DELIVERED, Delivery, is_open, utcnow  # noqa: E402
+from courier.app.store.models import DEAD, DELIVERED, Delivery, is_open, utcnow  # noqa: E402
 
 log = logging.getLogger("courier.metrics")
 
@@ -70,7 +70,7 @@ def multiprocess_dir() -> str | None:
 # --- hooks: called after the transaction that made the fact true has committed ---------
 
 def accepted(source: str, results) -> None:
-    """Count newly stored messages of one ingest (app.ingest.Result list); duplicates are not new."""
+    """Count newly stored messages of one ingest (courier.app.ingest.Result list); duplicates are not new."""
     try:
         for r in results:
             if r.created:
@@ -182,7 +182,7 @@ class StoreCollector:
         self.store, self.settings = store, settings
 
     def collect(self):
-        from app import circuits
+        from courier.app.store import circuits
 
         names = list(self.settings.routing.destinations)
         up = GaugeMetricFamily("courier_store_up", "1 if the store answered this scrape's queries")

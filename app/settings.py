@@ -5,7 +5,7 @@ stops the process with `file:line: where: what` instead of dead-lettering
 messages at three in the morning. `courier config check` runs the same code.
 
 Data governance is checked here too: a destination below clearance phi must have a
-transform that minimises (app.transforms: canonical ones), and those need
+transform that minimises (courier.app.domain.transforms: canonical ones), and those need
 COURIER_PSEUDONYM_KEY; every route's transforms must be able to format the types routed
 to them (see ConfigSchema._governance).
 """
@@ -23,9 +23,10 @@ from typing import Any, Mapping
 import yaml
 from marshmallow import RAISE, Schema, ValidationError, fields, post_load, validate, validates_schema
 
-import adapters
-from adapters.base import TlsFiles
-from app import canonical, crypto, governance, transforms
+from courier import adapters
+from courier.adapters.base import TlsFiles
+from courier.app.domain import canonical, governance, transforms
+from courier.app.store import crypto
 
 
 class ConfigError(Exception):
@@ -288,7 +289,7 @@ class ConfigSchema(StrictSchema):
                 message = (f"{said}, but transform "
                            f"{dest.get('transform') or 'passthrough (the default)'} sends messages as they came, PHI "
                            "and all: give it a transform that minimises (canonical_json, erp_csv, hl7_dft_p03, "
-                           "sql_row, or your own made with app.transforms.canonical_transform), or, if "
+                           "sql_row, or your own made with courier.app.domain.transforms.canonical_transform), or, if "
                            f"{name} may see PHI, clearance: phi")
             elif self.pseudonym_key is None:
                 where = "clearance" if "clearance" in given else "transform"
@@ -299,7 +300,7 @@ class ConfigSchema(StrictSchema):
             else:
                 continue
             errors.setdefault("destinations", {})[name] = {where: [message]} if where else [message]
-        if self.encrypted and self.pseudonym_key is None:  # app.ordering.stored pseudonymises order keys
+        if self.encrypted and self.pseudonym_key is None:  # courier.app.store.ordering.stored pseudonymises order keys
             for name, dest in destinations.items():
                 if dest.get("ordered_by"):
                     message = (f"{name} keeps its deliveries in order by {dest['ordered_by']!r}; with "
@@ -385,7 +386,7 @@ class CircuitPolicy:
 
 @dataclass(frozen=True)
 class RateLimit:
-    """`count` messages per `period` seconds, sustained, with up to `burst` at once (app.ratelimit)."""
+    """`count` messages per `period` seconds, sustained, with up to `burst` at once (courier.app.store.ratelimit)."""
 
     count: int
     period: float
@@ -635,7 +636,7 @@ class Settings:
     mllp_port: int = 2575
     sentry_dsn: str | None = None
     encryption_key: str | None = field(default=None, repr=False)
-    pseudonym_key: bytes | None = field(default=None, repr=False)  # COURIER_PSEUDONYM_KEY (app.governance)
+    pseudonym_key: bytes | None = field(default=None, repr=False)  # COURIER_PSEUDONYM_KEY (courier.app.domain.governance)
     max_message_bytes: int = 10 * 1024 * 1024
     queue_prefix: str = "courier"
     relay_lease: float = 120.0
@@ -695,7 +696,7 @@ def load_settings(env: Mapping[str, str] | None = None, **overrides: Any) -> Set
 
 
 def _install_keys(text: str | None) -> None:
-    """Check COURIER_ENCRYPTION_KEY and give its key ring to this process's store (app.crypto).
+    """Check COURIER_ENCRYPTION_KEY and give its key ring to this process's store (courier.app.store.crypto).
 
     Here because every process (web, worker, relay, MLLP, CLI, an embedding host) loads its
     settings once at start, before it touches the store.

@@ -14,7 +14,7 @@ import ssl
 from dataclasses import dataclass
 from typing import Mapping
 
-from app.settings import ConfigError
+from courier.app.settings import ConfigError
 
 MINIMUM_VERSION = ssl.TLSVersion.TLSv1_2
 log = logging.getLogger("courier.tls")

@@ -25,10 +25,10 @@ from kombu import Connection  # noqa: E402
 from sqlalchemy import create_engine, func, select, text  # noqa: E402
 from sqlalchemy.engine import make_url  # noqa: E402
 
-from app import outbox  # noqa: E402
-from app.cli import alembic_config  # noqa: E402
-from app.db import Store  # noqa: E402
-from app.models import Delivery  # noqa: E402
+from courier.app.store import outbox  # noqa: E402
+from courier.app.cli import alembic_config  # noqa: E402
+from courier.app.store.db import Store  # noqa: E402
+from courier.app.store.models import Delivery  # noqa: E402
 from tests.conftest import ADMIN_URL, BROKER_URL, write_config  # noqa: E402
 from tests.processes import Processes  # noqa: E402
 from tests.sinks import HttpSink  # noqa: E402

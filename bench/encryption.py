@@ -2,8 +2,8 @@
 
     .venv/bin/python bench/encryption.py [--messages 500] [--threads 1 8] [--rounds 9]
 
-Needs the local PostgreSQL (as `make test`). The first table times `app.crypto`'s seal and unseal
-(Fernet) of random bodies; the second calls `app.ingest.ingest()` (what HTTP and MLLP both run)
+Needs the local PostgreSQL (as `make test`). The first table times `courier.app.store.crypto`'s seal and unseal
+(Fernet) of random bodies; the second calls `courier.app.ingest.ingest()` (what HTTP and MLLP both run)
 against a scratch database at Alembic head with no key and with COURIER_ENCRYPTION_KEY's ring
 installed, in alternating short rounds (bench/inprocess.py, as bench/ratelimit.py), and prints the median. Asserts nothing.
 """
@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cryptography.fernet import Fernet  # noqa: E402
 
-from app import crypto  # noqa: E402
+from courier.app.store import crypto  # noqa: E402
 from bench.inprocess import accepts_per_second, alternating_medians, arguments, scratch  # noqa: E402
 
 

@@ -1,4 +1,4 @@
-"""The in-process A/B harness of bench/ratelimit.py and bench/encryption.py: `app.ingest.ingest()`
+"""The in-process A/B harness of bench/ratelimit.py and bench/encryption.py: `courier.app.ingest.ingest()`
 (what HTTP and MLLP both run) against a scratch PostgreSQL database at Alembic head, two variants
 measured in alternating short rounds (so load from elsewhere hits both alike), medians compared.
 """
@@ -20,10 +20,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import yaml  # noqa: E402
 from alembic import command  # noqa: E402
 
-from app.cli import alembic_config  # noqa: E402
-from app.db import Store  # noqa: E402
-from app.ingest import ingest  # noqa: E402
-from app.settings import RoutingConfig, load_routing  # noqa: E402
+from courier.app.cli import alembic_config  # noqa: E402
+from courier.app.store.db import Store  # noqa: E402
+from courier.app.ingest import ingest  # noqa: E402
+from courier.app.settings import RoutingConfig, load_routing  # noqa: E402
 from bench.infra import Stack  # noqa: E402
 
 

@@ -6,7 +6,7 @@ wait for its ACK, send the next. Every message has its own MSH-10, so none is a
 duplicate. ACKs are counted by MSA-1: AA is an accept, AE and AR are errors
 (counted apart, with the first one's text); an ACK whose MSA-2 is not the
 message's MSH-10, a timeout or a dropped connection counts as an "other" error.
-The ACK is read here without Courier's code (app/hl7v2.py), so a bug there
+The ACK is read here without Courier's code (app/hl7/er7.py), so a bug there
 cannot make the client agree with the server.
 """
 from __future__ import annotations

@@ -27,10 +27,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from alembic import command  # noqa: E402
 from sqlalchemy import text  # noqa: E402
 
-from app import api, create_app, tokens  # noqa: E402
-from app.cli import alembic_config  # noqa: E402
-from app.db import Store  # noqa: E402
-from app.models import Delivery, Message  # noqa: E402
+from courier.app.web import api
+from courier.app import create_app
+from courier.app.store import tokens  # noqa: E402
+from courier.app.cli import alembic_config  # noqa: E402
+from courier.app.store.db import Store  # noqa: E402
+from courier.app.store.models import Delivery, Message  # noqa: E402
 from tests.conftest import fresh_database, settings_for, write_config  # noqa: E402
 
 BATCH = 1_000_000

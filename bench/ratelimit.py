@@ -3,7 +3,7 @@
     .venv/bin/python bench/ratelimit.py [--messages 500] [--threads 1 8] [--rounds 9]
 
 Needs the local PostgreSQL (as `make test`). Creates a scratch database at Alembic head and
-calls `app.ingest.ingest()` (what HTTP and MLLP both run) N times for source `free` (no limit)
+calls `courier.app.ingest.ingest()` (what HTTP and MLLP both run) N times for source `free` (no limit)
 and for source `limited` (a limit too high to refuse anything, so every ingest pays the extra
 transaction and nothing is refused), from 1 and from 8 threads: with 8, every ingest of the
 source takes the same row lock, the worst case for the shared row. Rounds alternate the two
@@ -20,8 +20,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from app import ratelimit  # noqa: E402
-from app.db import Store  # noqa: E402
+from courier.app.store import ratelimit  # noqa: E402
+from courier.app.store.db import Store  # noqa: E402
 from bench.inprocess import accepts_per_second, alternating_medians, arguments, scratch  # noqa: E402
 
 HIGH = "100000000/s"  # never refuses at these rates: the benchmark measures the check, not refusals

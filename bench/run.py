@@ -184,7 +184,7 @@ class Courier:
 
     def start_pipeline(self) -> None:
         self.procs["relay"] = self.stack.start("courier-relay", procfile_command("relay"), self.env)
-        self.procs["worker"] = self.stack.start("courier-worker", worker_command("tasks.worker", "courier"),
+        self.procs["worker"] = self.stack.start("courier-worker", worker_command("courier.tasks.worker", "courier"),
                                                 self.env)
         wait_log(self.stack, self.procs["worker"], r" ready\.")
 
@@ -241,7 +241,7 @@ def worker_command(app: str, name: str) -> str:
     --without-mingle/--without-gossip keep it from syncing with other engineers' test
     workers on the same RabbitMQ (the test harness does the same).
     """
-    command = procfile_command("worker").replace("tasks.worker", app)
+    command = procfile_command("worker").replace("courier.tasks.worker", app)
     return f"{command} -n bench-{name}-{os.getpid()}@%h --without-mingle --without-gossip"
 
 
@@ -360,7 +360,7 @@ def bench_naive(stack: Stack, args, sink: load.Sink, sink_pid: int, res: Results
     env = {"BROKER_URL": BROKER_URL, "NAIVE_QUEUE": f"{prefix}.q", "PORT": str(port),
            "NAIVE_DESTINATIONS": " ".join(f"{d}=http://127.0.0.1:{sink.port}/{d}" for d in DESTINATIONS)}
     url = f"http://127.0.0.1:{port}/api/v1/messages"
-    web = stack.start("naive-web", procfile_command("web").replace("app:create_app()", "bench.naive:app"), env)
+    web = stack.start("naive-web", procfile_command("web").replace("courier.app:create_app()", "bench.naive:app"), env)
     wait_http(f"http://127.0.0.1:{port}/", web, stack)
     roots, extra = {"web": web.pid}, {"sink": sink_pid, "client": os.getpid()}
     print(f"naive ingest ({args.duration:.0f} s, wrk)...", flush=True)

@@ -29,8 +29,8 @@ if TYPE_CHECKING:
     from sqlalchemy.engine import Engine
     from sqlalchemy.orm import Session
 
-    from app.settings import Settings
-    from tasks.embedded import Embedded
+    from courier.app.settings import Settings
+    from courier.tasks.embedded import Embedded
 
 __all__ = ["Courier", "TABLE_PREFIX", "include_name", "worker_app"]
 
@@ -47,10 +47,10 @@ class Courier:
 
     def init_app(self, app: Flask, *, engine: Engine | None = None, settings: Settings | None = None) -> None:
         """Mount the API under COURIER_URL_PREFIX and add `flask courier ...`; validates the config now."""
-        from app import api
-        from app.db import Store
-        from app.settings import ConfigError, settings_from_config
-        from tasks.cli import host_cli
+        from courier.app.web import api
+        from courier.app.store.db import Store
+        from courier.app.settings import ConfigError, settings_from_config
+        from courier.tasks.cli import host_cli
 
         if settings is None:
             url = engine.url.render_as_string(hide_password=False) if engine is not None else None
@@ -80,10 +80,10 @@ class Courier:
 
         Nothing is sent here, not even to the broker: the host's commit makes the message durable
         and due, its rollback leaves no trace. The same `idempotency_key` from the same source
-        returns the first message's id and stores nothing. Raises `app.ingest.IngestError` (what
+        returns the first message's id and stores nothing. Raises `courier.app.ingest.IngestError` (what
         and where) for an event Courier would refuse over HTTP.
         """
-        from app.ingest import IngestError, plan, store_plans
+        from courier.app.ingest import IngestError, plan, store_plans
 
         ext = self._extensions()
         settings = ext["courier.settings"]
@@ -107,7 +107,7 @@ class Courier:
 
     def start_embedded(self, threads: int = 4) -> Embedded:
         """Run the relay and `threads` delivery threads in this process (no broker, no worker); `.stop()` them."""
-        from tasks.embedded import Embedded
+        from courier.tasks.embedded import Embedded
 
         ext = self._extensions()
         return Embedded(ext["courier.settings"], ext["courier.store"], threads).start()
@@ -115,7 +115,7 @@ class Courier:
 
 def worker_app(app: Flask) -> Celery:
     """The Celery app for `celery -A yourpackage.worker worker` with the host app's configuration."""
-    from tasks.celery_app import worker_app as make
+    from courier.tasks.celery_app import worker_app as make
 
     return make(app)
 

@@ -1,15 +1,15 @@
 """gunicorn settings for Courier's web process (Procfile `web`: `gunicorn -c deploy/gunicorn.conf.py ...`).
 
-The metrics bookkeeping, gunicorn's own log lines as JSON (app.observability's format), and
-HTTPS from the environment (app.tls: COURIER_TLS_CERT + COURIER_TLS_KEY, optional
+The metrics bookkeeping, gunicorn's own log lines as JSON (courier.app.observability's format), and
+HTTPS from the environment (courier.app.tls: COURIER_TLS_CERT + COURIER_TLS_KEY, optional
 COURIER_TLS_CLIENT_CA for client certificates). Bind, workers and threads stay on the command
 line. No access log: the app logs one JSON line per request itself (logger courier.web).
 """
 import ssl
 import sys
 
-from app import metrics, tls
-from app.settings import ConfigError
+from courier.app import metrics, tls
+from courier.app.settings import ConfigError
 
 # gunicorn 24+ opens a control socket at ~/.gunicorn/gunicorn.ctl: one path per user, so a second web
 # process on the host (two Courier nodes, a test beside `make run`) would take it over. Courier uses none.
@@ -29,13 +29,13 @@ if _tls is not None:
         ca_certs, cert_reqs = _tls.client_ca, ssl.CERT_REQUIRED
 
     def ssl_context(config, default_ssl_context_factory):
-        """app.tls's server context, as the MLLP listener's (TLS 1.2 at least, client certificates when asked
+        """courier.app.tls's server context, as the MLLP listener's (TLS 1.2 at least, client certificates when asked
         for), in place of gunicorn's default; remade when the files change, so renewed ones need no restart."""
         return _tls.context()
 
 
 def on_starting(server):
-    """The master starts: drop the metrics files of processes that are gone (app.metrics.clean_dead)."""
+    """The master starts: drop the metrics files of processes that are gone (courier.app.metrics.clean_dead)."""
     removed = metrics.clean_dead()
     server.log.info("metrics: %s, %d stale files removed", metrics.multiprocess_dir(), removed)
 
@@ -50,7 +50,7 @@ def child_exit(server, worker):
 logconfig_dict = {
     "version": 1,
     "disable_existing_loggers": False,
-    "formatters": {"json": {"()": "app.observability.JsonFormatter"}},
+    "formatters": {"json": {"()": "courier.app.observability.JsonFormatter"}},
     "handlers": {
         "console": {"class": "logging.StreamHandler", "formatter": "json", "stream": "ext://sys.stdout"},
         "error_console": {"class": "logging.StreamHandler", "formatter": "json", "stream": "ext://sys.stderr"},

@@ -20,7 +20,8 @@ from pathlib import Path
 
 from sink import Handler  # examples/sink.py, next to this file
 
-from app import hl7v2, ordering
+from courier.app.hl7 import er7
+from courier.app.store import ordering
 
 DIRECTORY = Path(os.environ.get("COURIER_HOSPITAL_DIR", "/tmp/courier-hospital"))
 BILLING_PORT = int(os.environ.get("BILLING_PORT", "9001"))
@@ -39,10 +40,10 @@ def serve_mllp(port: int, ready: threading.Event) -> None:
     async def on_connect(reader, writer):
         try:
             while not reader.at_eof():
-                message = hl7v2.parse(hl7v2.decode(await reader.readblock()))
+                message = er7.parse(er7.decode(await reader.readblock()))
                 print(f"legacy-adt: {message.message_type} MSH-10={message.control_id} "
                       f"PID-3.1={ordering.key_for('PID-3.1', message)}", flush=True)
-                writer.writeblock(hl7v2.build_ack(message, "AA").encode("utf-8"))
+                writer.writeblock(er7.build_ack(message, "AA").encode("utf-8"))
                 await writer.drain()
         except (asyncio.IncompleteReadError, ConnectionError):
             pass

@@ -8,8 +8,8 @@ import sqlalchemy as sa
 from alembic import context
 from alembic.script import ScriptDirectory
 
-from app.db import make_engine
-from app.models import Base
+from courier.app.store.db import make_engine
+from courier.app.store.models import Base
 
 VERSION_TABLE = "courier_alembic_version"
 LEGACY_VERSION_TABLE = "alembic_version"  # where Courier 0.1 kept its revision
@@ -53,7 +53,7 @@ if context.is_offline_mode():
     context.configure(url=config.get_main_option("sqlalchemy.url"), literal_binds=True, **OPTIONS)
     with context.begin_transaction():
         context.run_migrations()
-elif config.attributes.get("connection") is not None:  # a host's engine, shared (app.cli.migrate)
+elif config.attributes.get("connection") is not None:  # a host's engine, shared (courier.app.cli.migrate)
     run_on(config.attributes["connection"])
 else:
     engine = make_engine(config.get_main_option("sqlalchemy.url"))

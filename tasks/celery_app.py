@@ -22,62 +22,15 @@ from celery.signals import worker_process_init, worker_ready
 from celery.worker.consumer import Consumer as CeleryConsumer
 from celery.worker.consumer.consumer import CONNECTION_ERROR
 from flask import Flask
-from kombu import Exchange, Queue
 
-from app.db import StoreWatch
-from app.observability import Outage
-from app.settings import Settings
+from courier.app.store.db import StoreWatch
+from courier.app.observability import Outage
+from courier.app.settings import Settings
+from courier.tasks.queues import declare_dead_letter_queues, delivery_queues
 
 log = logging.getLogger("courier.broker")
 RABBITMQ_START = "start it with `rabbitmq-server -detached`"
 CHECK_BROKER_URL = "check BROKER_URL's user, password and virtual host"
-
-# Broker redeliveries of one task (its worker died while running it) before RabbitMQ parks it in
-# the destination's dead-letter queue instead of handing it out again: a poison task cannot loop.
-DELIVERY_LIMIT = 5
-
-
-def _exchange(settings: Settings, kind: str) -> Exchange:
-    return Exchange(f"{settings.queue_prefix}.{kind}", type="direct", durable=True)
-
-
-def delivery_queues(settings: Settings) -> list[Queue]:
-    """One quorum queue per destination (a bulkhead), dead-lettering into the destination's DLQ."""
-    return [Queue(settings.queue_for(name), _exchange(settings, "deliver"), routing_key=name, durable=True,
-                  queue_arguments={"x-queue-type": "quorum", "x-delivery-limit": DELIVERY_LIMIT,
-                                   "x-dead-letter-exchange": f"{settings.queue_prefix}.dead",
-                                   "x-dead-letter-routing-key": name})
-            for name in settings.routing.destinations]
-
-
-def dead_letter_queues(settings: Settings) -> list[Queue]:
-    """`<prefix>.dead.<destination>`: what operators see in Flower and the RabbitMQ UI as dead."""
-    return [Queue(f"{settings.queue_prefix}.dead.{name}", _exchange(settings, "dead"), routing_key=name,
-                  durable=True, queue_arguments={"x-queue-type": "quorum"})
-            for name in settings.routing.destinations]
-
-
-def declare_dead_letter_queues(celery: Celery, settings: Settings, retries: int | None = None) -> None:
-    """Declare the DLQs (idempotent); they must exist before RabbitMQ dead-letters into them.
-
-    `retries`: connection attempts after the first (kombu's default when None; 0 for one attempt, as the
-    relay does: its own loop paces the retries and says when the broker is down)."""
-    with celery.connection_for_write() as conn:
-        if retries is not None:
-            conn.ensure_connection(max_retries=retries)
-        channel = conn.default_channel
-        for queue in dead_letter_queues(settings):
-            queue.bind(channel).declare()
-
-
-def publish_dead_letter(celery: Celery, settings: Settings, record: dict) -> None:
-    """Mirror a dead delivery into its destination's DLQ (ids and reason only, never the body: PHI)."""
-    with celery.producer_or_acquire() as producer:
-        producer.publish(record, exchange=_exchange(settings, "dead"), routing_key=record["destination"],
-                         serializer="json", delivery_mode=2, headers={"courier-dead": "1"},
-                         declare=[q for q in dead_letter_queues(settings)
-                                  if q.routing_key == record["destination"]], retry=True)
-
 
 # --- the broker unreachable: one line per outage -----------------------------------------------
 
@@ -122,7 +75,7 @@ def broker_location(url: str) -> str:
 
 
 def broker_outage(celery: Celery, retry: str) -> Outage:
-    """The Outage reporter (app.observability) of `celery`'s broker."""
+    """The Outage reporter (courier.app.observability) of `celery`'s broker."""
     return Outage(log, "RabbitMQ", broker_location(celery.conf.broker_url), retry)
 
 
@@ -227,7 +180,7 @@ def celery_init_app(flask_app: Flask) -> Celery:
         # Never give up on the broker (Celery's default: 100 attempts, then the worker exits, and under
         # honcho one exit stops every process): the outage is one log line, the retries are quiet.
         broker_connection_max_retries=None,
-        beat_scheduler="tasks.celery_app:Scheduler",
+        beat_scheduler="courier.tasks.celery_app:Scheduler",
         task_queues=delivery_queues(settings),
         task_default_queue=f"{settings.queue_prefix}.default",
         task_acks_late=True,
@@ -236,16 +189,16 @@ def celery_init_app(flask_app: Flask) -> Celery:
         task_serializer="json",
         accept_content=["json"],
         worker_prefetch_multiplier=1,
-        worker_consumer="tasks.celery_app:Consumer",
+        worker_consumer="courier.tasks.celery_app:Consumer",
         worker_hijack_root_logger=False,
         # Task events cost three confirmed publishes per task; Flower switches them on when it runs.
         worker_send_task_events=False,
     )
     celery.set_default()
     flask_app.extensions["celery"] = celery
-    import tasks.deliver  # noqa: F401  registers the task on this app
-    import tasks.retention  # registers courier.purge; its beat_schedule entry when COURIER_RETENTION is set
-    tasks.retention.configure(celery, settings)
+    import courier.tasks.deliver  # noqa: F401  registers the task on this app
+    import courier.tasks.retention  # registers courier.purge; its beat_schedule entry when COURIER_RETENTION is set
+    courier.tasks.retention.configure(celery, settings)
     return celery
 
 

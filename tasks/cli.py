@@ -7,15 +7,15 @@ import click
 from flask import current_app
 from flask.cli import FlaskGroup
 
-from app import create_app
-from app.cli import COMMANDS, with_appcontext
-from app.mllp import mllp_command  # imports python-hl7 only when a listener starts
-from tasks.flower import flower_command
-from tasks.install import install_group
+from courier.app import create_app
+from courier.app.cli import COMMANDS, with_appcontext
+from courier.app.hl7.listener import mllp_command  # imports python-hl7 only when a listener starts
+from courier.tasks.flower import flower_command
+from courier.tasks.install import install_group
 
 
 def _create_app():
-    from tasks.celery_app import celery_init_app
+    from courier.tasks.celery_app import celery_init_app
 
     flask_app = create_app()
     celery_init_app(flask_app)
@@ -26,8 +26,8 @@ def _create_app():
 @with_appcontext
 def relay_command():
     """Dispatch due deliveries from the outbox to RabbitMQ until stopped."""
-    from tasks.celery_app import celery_for
-    from tasks.relay import Relay
+    from courier.tasks.celery_app import celery_for
+    from courier.tasks.relay import Relay
 
     ext = current_app.extensions
     relay = Relay(ext["courier.settings"], ext["courier.store"], celery_for(current_app))
@@ -53,7 +53,7 @@ host_cli = click.Group("courier", help="Courier's commands, configured by this a
 for command in COMMANDS + (relay_command, mllp_command):
     cli.add_command(command)
     host_cli.add_command(command)
-cli.add_command(flower_command)  # Courier's own worker app only (tasks.worker), not a host's
+cli.add_command(flower_command)  # Courier's own worker app only (courier.tasks.worker), not a host's
 cli.add_command(install_group)  # writes unit files: needs neither the app nor its config
 
 

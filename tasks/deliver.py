@@ -12,13 +12,15 @@ import time
 from celery import shared_task
 from flask import current_app
 
-import adapters
-from app import metrics, outbox, transforms
-from app.models import DEAD, Delivery, utcnow
-from app.observability import correlation
-from app.db import Store
-from app.settings import Destination, Settings
-from tasks.celery_app import publish_dead_letter
+from courier import adapters
+from courier.app import metrics
+from courier.app.store import outbox
+from courier.app.domain import transforms
+from courier.app.store.models import DEAD, Delivery, utcnow
+from courier.app.observability import correlation
+from courier.app.store.db import Store
+from courier.app.settings import Destination, Settings
+from courier.tasks.queues import publish_dead_letter
 
 log = logging.getLogger("courier.deliver")
 LEASE_MARGIN = 30.0  # seconds beyond the destination timeout before another dispatch may take over

@@ -3,7 +3,7 @@
 For small installs that run no RabbitMQ and no separate worker: one relay thread
 claims due deliveries from the outbox (the same `claim_due` as `courier relay`)
 and hands them to a few delivery threads, which make the same recorded attempt
-as the Celery task (`tasks.deliver.run_batch`). Retries, circuits, ordering
+as the Celery task (`courier.tasks.deliver.run_batch`). Retries, circuits, ordering
 and dead-lettering (in the store) behave as in the full deployment.
 
 Limits: one process's threads deliver (a few hundred deliveries/s to a fast
@@ -20,11 +20,11 @@ import threading
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
-from app import outbox
-from app.db import Store
-from app.settings import Settings
-from tasks.deliver import run_batch
-from tasks.relay import Relay
+from courier.app.store import outbox
+from courier.app.store.db import Store
+from courier.app.settings import Settings
+from courier.tasks.deliver import run_batch
+from courier.tasks.relay import Relay
 
 log = logging.getLogger("courier.embedded")
 

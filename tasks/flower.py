@@ -86,7 +86,7 @@ def flower_command(address: str, port: str, flower_args: tuple[str, ...]) -> Non
         # so neither the password nor the broker's credentials appear in `ps` output.
         env["FLOWER_BROKER_API"] = broker_api_url(env.get("BROKER_URL", "amqp://guest:guest@localhost:5672//"))
     celery = shutil.which("celery", path=os.path.dirname(sys.executable)) or shutil.which("celery") or "celery"
-    argv = [celery, "-A", "tasks.worker", "flower", f"--address={address}", f"--port={port}", *flower_args]
+    argv = [celery, "-A", "courier.tasks.worker", "flower", f"--address={address}", f"--port={port}", *flower_args]
     # Flower becomes this process: signals and exit codes reach it directly. B606 (process without a shell):
     # no shell, a fixed argv list; the extra arguments come from the operator's own command line.
     os.execve(celery, argv, env)  # nosec B606  # see above

@@ -9,7 +9,7 @@ PostgreSQL NOTIFY says a message was committed, or the poll interval passes
 Crash safety comes from the order: the claim commits before the publish. A
 relay killed in between leaves deliveries in flight whose lease runs out, and
 the next claim dispatches them again; a task published twice is a no-op for
-the second worker (see `app.outbox.begin_attempts`).
+the second worker (see `courier.app.store.outbox.begin_attempts`).
 """
 from __future__ import annotations
 
@@ -21,10 +21,11 @@ from typing import Callable, Iterator
 
 from celery import Celery
 
-from app import outbox
-from app.db import Store, store_outage, store_problem
-from app.settings import Settings
-from tasks.celery_app import broker_outage, broker_problem, declare_dead_letter_queues
+from courier.app.store import outbox
+from courier.app.store.db import Store, store_outage, store_problem
+from courier.app.settings import Settings
+from courier.tasks.celery_app import broker_outage, broker_problem
+from courier.tasks.queues import declare_dead_letter_queues
 
 log = logging.getLogger("courier.relay")
 SQLITE_POLL = 0.1  # SQLite has no NOTIFY: poll often, it is a cheap indexed query
@@ -53,7 +54,7 @@ class Relay:
     """Claims due deliveries and hands them to Celery workers over RabbitMQ.
 
     Subclasses change where claimed deliveries go (`handoff`), how many to claim (`capacity`)
-    and what to set up first (`prepare`); `tasks.embedded` hands them to threads in-process.
+    and what to set up first (`prepare`); `courier.tasks.embedded` hands them to threads in-process.
     """
 
     def __init__(self, settings: Settings, store: Store, celery: Celery | None = None):
@@ -61,7 +62,7 @@ class Relay:
         self.stopping = threading.Event()
         self._listener = None
         self._listen_warned = False
-        # One line when the store or the broker stops answering, one when it is back (app.observability.Outage).
+        # One line when the store or the broker stops answering, one when it is back (courier.app.observability.Outage).
         self.store_outage = store_outage(log, store.engine.url, RETRY)
         self.broker_outage = broker_outage(celery, RETRY) if celery is not None else None
 

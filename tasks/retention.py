@@ -1,5 +1,5 @@
 """The retention beat task: `celery beat` sends `courier.purge` every COURIER_RETENTION_INTERVAL
-when COURIER_RETENTION is set; a worker removes the bodies of old, delivered messages (app.retention).
+when COURIER_RETENTION is set; a worker removes the bodies of old, delivered messages (courier.app.store.retention).
 """
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from celery import Celery, shared_task
 from flask import current_app
 from kombu import Queue
 
-from app import retention
-from app.settings import Settings
+from courier.app.store import retention
+from courier.app.settings import Settings
 
 log = logging.getLogger("courier.retention")
 BEAT_PAUSE = 0.05  # seconds between batches: a scheduled purge yields the disk to live traffic

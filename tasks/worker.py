@@ -1,5 +1,5 @@
-"""Entry point for `celery -A tasks.worker worker`: Courier's own Flask app and its Celery app, built once."""
-from app import create_app
-from tasks.celery_app import worker_app
+"""Entry point for `celery -A courier.tasks.worker worker`: Courier's own Flask app and its Celery app, built once."""
+from courier.app import create_app
+from courier.tasks.celery_app import worker_app
 
 celery = worker_app(create_app())

@@ -18,9 +18,9 @@ import yaml
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
-from app import create_app
-from app.db import Store
-from app.settings import load_routing, load_settings
+from courier.app import create_app
+from courier.app.store.db import Store
+from courier.app.settings import load_routing, load_settings
 
 ADMIN_URL = os.environ.get("TEST_DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 BROKER_URL = os.environ.get("TEST_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672//")
@@ -55,7 +55,7 @@ def pg_url():
     """A fresh database for this test run, at Alembic head; dropped afterwards."""
     from alembic import command
 
-    from app.cli import alembic_config
+    from courier.app.cli import alembic_config
 
     with fresh_database("courier_test") as url:
         command.upgrade(alembic_config(url), "head")
@@ -101,7 +101,7 @@ def sqlite_store(tmp_path):
     """A SQLite store in tmp_path, migrated by Alembic: for the tests about SQLite support."""
     from alembic import command
 
-    from app.cli import alembic_config
+    from courier.app.cli import alembic_config
 
     url = f"sqlite:///{tmp_path}/courier.db"
     command.upgrade(alembic_config(url), "head")
@@ -156,7 +156,7 @@ def client(app):
 
 @pytest.fixture
 def make_token(store):
-    from app import tokens
+    from courier.app.store import tokens
 
     def make(scope="ingest", source="lab"):
         with store.session() as session:

@@ -11,7 +11,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from app.mllp import END_BLOCK, START_BLOCK, MllpListener, frame
+from courier.app.hl7.listener import END_BLOCK, START_BLOCK, MllpListener, frame
 
 
 @contextmanager
@@ -84,7 +84,7 @@ class Client:
 
 
 def ack_for(message: bytes, code: str, control_id: str | None = None, text: str = "") -> bytes:
-    """A plain ACK for `message` written here by hand (not app.hl7v2), MSA-2 = its MSH-10 unless told."""
+    """A plain ACK for `message` written here by hand (not courier.app.hl7.er7), MSA-2 = its MSH-10 unless told."""
     msh = message.replace(b"\n", b"\r").split(b"\r")[0].decode()
     sep = msh[3]
     fields = msh.split(sep)

@@ -14,8 +14,9 @@ from types import SimpleNamespace
 import pytest
 from sqlalchemy import func, select
 
-from app import create_app, tokens
-from app.models import Delivery
+from courier.app import create_app
+from courier.app.store import tokens
+from courier.app.store.models import Delivery
 from tests.conftest import BROKER_URL, settings_for, write_config
 
 VENV_BIN = Path(sys.executable).parent
@@ -32,7 +33,7 @@ class Processes:
         if name == "relay":
             argv = [str(VENV_BIN / "courier"), "relay"]
         else:
-            argv = [str(VENV_BIN / "celery"), "-A", "tasks.worker", "worker", "--pool", pool,
+            argv = [str(VENV_BIN / "celery"), "-A", "courier.tasks.worker", "worker", "--pool", pool,
                     "--concurrency", str(concurrency), "--loglevel", "INFO", "--without-mingle",
                     "--without-gossip", "-n", f"{name}-{os.getpid()}@%h"]
         log = open(self.log_dir / f"{name}.log", "ab")

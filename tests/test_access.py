@@ -11,9 +11,9 @@ from datetime import datetime, timezone
 import pytest
 from sqlalchemy import select
 
-from app import tokens
-from app.models import ApiToken, Message
-from app.openapi import openapi_path
+from courier.app.store import tokens
+from courier.app.store.models import ApiToken, Message
+from courier.app.web.openapi import openapi_path
 from tests.conftest import settings_for, write_config
 
 OK, UNAUTH, FORBIDDEN = "allowed", 401, 403
@@ -126,7 +126,7 @@ def test_an_ingest_token_posts_as_its_own_source_whatever_the_header_says(client
 
 
 def test_an_ingest_token_cannot_post_a_type_its_source_is_not_allowed(tmp_path, store, queue_prefix, make_token):
-    from app import create_app
+    from courier.app import create_app
 
     config = write_config(tmp_path / "courier.yml", {"erp": f"file://{tmp_path}/erp"},
                           allowed_types=["lab.result"])

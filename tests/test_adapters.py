@@ -20,10 +20,10 @@ from typing import Callable
 
 import pytest
 
-import adapters
-from adapters import Outgoing, PermanentError, Sent, TemporaryError, UnknownScheme
-from adapters.file import FileAdapter
-from adapters.http import HttpAdapter, parse_retry_after
+from courier import adapters
+from courier.adapters import Outgoing, PermanentError, Sent, TemporaryError, UnknownScheme
+from courier.adapters.file import FileAdapter
+from courier.adapters.http import HttpAdapter, parse_retry_after
 
 from tests.sinks import HttpSink
 
@@ -192,7 +192,7 @@ def test_unknown_scheme_names_it_and_the_supported_ones():
 
 
 def test_importing_adapters_is_cheap():
-    code = "import adapters, sys; print('requests' in sys.modules, 'adapters.http' in sys.modules)"
+    code = "import adapters, sys; print('requests' in sys.modules, 'courier.adapters.http' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert out.stdout.split() == ["False", "False"]

@@ -1,4 +1,4 @@
-"""app.canonical (versioned, classified models) and app.from_hl7 (HL7 v2 -> canonical events).
+"""courier.app.domain.canonical (versioned, classified models) and courier.app.hl7.to_canonical (HL7 v2 -> canonical events).
 
 The real samples in shared/hl7 drive the mapping tests: every `valid` sample of a mapped
 type goes through to_canonical, and what comes out is checked against values read from
@@ -22,10 +22,10 @@ from hypothesis import event as observe
 from hypothesis import strategies as st
 from marshmallow import Schema, ValidationError, fields, validate
 
-from app import canonical
-from app.canonical import LIMITED, NONE, PHI, compatible, leaves, load_event, walk
-from app.from_hl7 import MAPPINGS, MappingError, to_canonical
-from app.hl7v2 import Hl7Error, parse, parse_all
+from courier.app.domain import canonical
+from courier.app.domain.canonical import LIMITED, NONE, PHI, compatible, leaves, load_event, walk
+from courier.app.hl7.to_canonical import MAPPINGS, MappingError, to_canonical
+from courier.app.hl7.er7 import Hl7Error, parse, parse_all
 from tests.test_hl7v2 import VALID_BUT_REFUSED
 
 SAMPLES = Path(__file__).resolve().parents[1].parent / "shared" / "hl7"
@@ -140,7 +140,7 @@ def test_every_decision_names_a_real_row():
 @pytest.mark.parametrize("row, kind", VALID)
 def test_valid_sample_maps_to_its_events(row, kind):
     if row["file"] in VALID_BUT_REFUSED:
-        pytest.skip(f"refused by app.hl7v2: {VALID_BUT_REFUSED[row['file']]}")
+        pytest.skip(f"refused by courier.app.hl7.er7: {VALID_BUT_REFUSED[row['file']]}")
     [message] = parse_all(read(row["file"]))
     assert message.message_type == f"HL7v2:{kind}"
     if row["file"] in MAPPING_REFUSED:
@@ -226,7 +226,7 @@ def check_events(text: str, kind: str, control_id: str, events: list[dict]) -> N
 
 
 def test_mapped_envelopes_pass_the_ingest_envelope_schema():
-    from app.ingest import _SAFE_ID, EventSchema  # imported here: only this test depends on app.ingest
+    from courier.app.ingest import _SAFE_ID, EventSchema  # imported here: only this test depends on courier.app.ingest
 
     assert canonical.EVENT_ID.pattern == _SAFE_ID.pattern  # the event id rule is the ingest one
 
@@ -565,7 +565,7 @@ def check_maps_or_refuses(text: str) -> list[dict] | None:
     try:
         message = parse(text)
     except Hl7Error:
-        assume(False)  # app.hl7v2 already refuses it: not the mapping's concern
+        assume(False)  # courier.app.hl7.er7 already refuses it: not the mapping's concern
     try:
         events = to_canonical(message)
     except MappingError as exc:
@@ -574,7 +574,7 @@ def check_maps_or_refuses(text: str) -> list[dict] | None:
         observe("refused at " + re.sub(r"\[\d+\]", "", exc.where))
         return None
     observe("mapped")
-    from app.ingest import EventSchema
+    from courier.app.ingest import EventSchema
     for event in events:
         load_event(event["type"], event["version"], event["data"])
         EventSchema().load(json.loads(json.dumps(event)))
@@ -688,7 +688,7 @@ def test_registered_versions_are_compatible_with_their_predecessors():
 def test_config_check_refuses_an_incompatible_registered_version(tmp_path, monkeypatch):
     """A version 2 that drops a field of version 1 (say, registered by an operator's transform
     module) stops the configuration from loading, naming the event and the field."""
-    from app.settings import ConfigError, load_routing
+    from courier.app.settings import ConfigError, load_routing
     from tests.conftest import write_config
 
     config = write_config(tmp_path / "courier.yml", {"billing": "http://127.0.0.1:9/x"})

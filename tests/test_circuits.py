@@ -7,10 +7,10 @@ from datetime import datetime, timedelta, timezone
 from freezegun import freeze_time
 from sqlalchemy import select
 
-from app import circuits, outbox
-from app.db import Store
-from app.models import Attempt, Circuit, Delivery
-from app.settings import CircuitPolicy, Destination, RetryPolicy
+from courier.app.store import circuits, outbox
+from courier.app.store.db import Store
+from courier.app.store.models import Attempt, Circuit, Delivery
+from courier.app.settings import CircuitPolicy, Destination, RetryPolicy
 
 T0 = datetime(2030, 1, 1, 12, 0, tzinfo=timezone.utc)
 BILLING = Destination("billing", "http://x", timeout=5.0, retry=RetryPolicy(max_attempts=50, initial=1, max=2),

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select, text
 
-from app import tokens
-from app.models import ApiToken
+from courier.app.store import tokens
+from courier.app.store.models import ApiToken
 from tests.conftest import BROKER_URL, write_config
 
 REPO = Path(__file__).resolve().parents[1]

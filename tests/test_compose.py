@@ -6,7 +6,7 @@ from pathlib import Path
 
 import yaml
 
-from tasks.install import read_procfile
+from courier.tasks.install import read_procfile
 
 ROOT = Path(__file__).resolve().parents[1]
 

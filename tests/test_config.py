@@ -1,6 +1,6 @@
 """The routing file and the environment: everything wrong is refused with `file:line: path: message`.
 
-These run `app.settings` in-process against real files under tmp_path; no database or broker.
+These run `courier.app.settings` in-process against real files under tmp_path; no database or broker.
 """
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from app.settings import ConfigError, Source, load_routing, load_settings, parse_duration
+from courier.app.settings import ConfigError, Source, load_routing, load_settings, parse_duration
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -21,10 +21,10 @@ from alembic.migration import MigrationContext
 from sqlalchemy import create_engine, func, select, text
 from sqlalchemy.orm import Session
 
-from app import tokens
+from courier.app.store import tokens
 from courier import include_name
-from app.ingest import IngestError
-from app.models import Delivery, Message
+from courier.app.ingest import IngestError
+from courier.app.store.models import Delivery, Message
 from bench.infra import free_port
 from tests.conftest import BROKER_URL, fresh_database
 from tests.processes import VENV_BIN
@@ -312,7 +312,7 @@ def test_relay_and_worker_run_from_the_host_config(host, sink, host_db, queue_pr
 
 
 def test_importing_courier_loads_nothing_heavy():
-    heavy = ["celery", "kombu", "requests", "hl7", "yaml", "marshmallow", "alembic", "psycopg", "app.settings"]
+    heavy = ["celery", "kombu", "requests", "hl7", "yaml", "marshmallow", "alembic", "psycopg", "courier.app.settings"]
     code = f"import sys, courier; print([m for m in {heavy!r} if m in sys.modules])"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=REPO)
     assert out.returncode == 0, out.stderr
@@ -324,7 +324,7 @@ def test_a_json_only_install_refuses_hl7_and_names_the_extra():
     code = """
 import sys
 sys.modules["hl7"] = None  # as if the [mllp] extra were not installed
-from app.ingest import IngestError, parse_body
+from courier.app.ingest import IngestError, parse_body
 parse_body("application/json", b'{"type": "a.b", "data": {}}')
 try:
     parse_body("application/hl7-v2", b"MSH|^~\\\\&|A|B|C|D|20260101||ADT^A01|1|P|2.5\\r")
@@ -338,7 +338,7 @@ except IngestError as exc:
 
 def test_a_host_on_sqlite_commits_and_rolls_back_with_its_events(tmp_path, sink, queue_prefix):
     """pysqlite's default mode commits at a savepoint's RELEASE; emit must not use one there."""
-    from app.cli import migrate
+    from courier.app.cli import migrate
 
     app = create_app({"DATABASE_URL": f"sqlite:///{tmp_path}/supplyroom.db", "COURIER_QUEUE_PREFIX": queue_prefix})
     engine = app.extensions["supplyroom.engine"]

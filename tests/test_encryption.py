@@ -13,11 +13,13 @@ import yaml
 from cryptography.fernet import Fernet
 from sqlalchemy import text
 
-from app import create_app, crypto, governance, ordering, outbox, rotation
-from app.ingest import ingest
-from app.models import RETRYING, Attempt, Circuit, Delivery, Message
-from app.settings import ConfigError, load_routing, load_settings
-from tasks.deliver import run_batch
+from courier.app import create_app
+from courier.app.store import crypto, ordering, outbox, rotation
+from courier.app.domain import governance
+from courier.app.ingest import ingest
+from courier.app.store.models import RETRYING, Attempt, Circuit, Delivery, Message
+from courier.app.settings import ConfigError, load_routing, load_settings
+from courier.tasks.deliver import run_batch
 from tests.conftest import HL7_SAMPLES, settings_for, write_config
 from tests.test_cli import courier
 from tests.test_ordering import adt, attempt, claim
@@ -404,7 +406,7 @@ def raw_rows(store, sql: str) -> list[tuple]:
 
 def test_an_embedding_hosts_encryption_key_in_app_config_also_needs_a_pseudonym_key(tmp_path, monkeypatch):
     """A host sets Courier's keys in app.config; the check must see that key, not only os.environ's."""
-    from app.settings import settings_from_config
+    from courier.app.settings import settings_from_config
 
     monkeypatch.delenv(governance.KEY_VARIABLE, raising=False)
     monkeypatch.delenv("COURIER_ENCRYPTION_KEY", raising=False)

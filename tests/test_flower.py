@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 import click
 import pytest
 
-from tasks.flower import basic_auth, broker_api_url, check_basic_auth
+from courier.tasks.flower import basic_auth, broker_api_url, check_basic_auth
 from tests.conftest import BROKER_URL
 from tests.processes import VENV_BIN, running_courier
 

@@ -1,4 +1,4 @@
-"""app.hl7v2 against the real samples in shared/hl7 (driven by SOURCES.tsv), unit cases and fuzzing.
+"""courier.app.hl7.er7 against the real samples in shared/hl7 (driven by SOURCES.tsv), unit cases and fuzzing.
 
 Where SOURCES.tsv's `kind` and Courier's reading of a file differ, the file is listed
 below with the reason; every other file must behave exactly as its row says.
@@ -17,7 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from app.hl7v2 import (
+from courier.app.hl7.er7 import (
     Hl7Error,
     Hl7Message,
     build_ack,
@@ -94,7 +94,7 @@ MALFORMED_REASON = {
 
 
 def raw_msh(data: bytes) -> tuple[str, str, list[str]]:
-    """(field separator, component separator, MSH fields) read straight from the bytes, not via app.hl7v2."""
+    """(field separator, component separator, MSH fields) read straight from the bytes, not via courier.app.hl7.er7."""
     text = data.decode("utf-8-sig", errors="replace")
     line = next(l for l in re.split(r"\r\n|\r|\n", text) if l.startswith("MSH"))
     return line[3], line[4], line.split(line[3])

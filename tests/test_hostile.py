@@ -6,7 +6,7 @@ Each refusal is a clear 4xx (or an AR with its reason in MSA-3 and ERR), says wh
 no traceback, file path, exception repr or PHI from the input, and leaves every Courier table as it
 was (row counts and a hash of the rows, taken before and after). Schemathesis with every scope is
 in tests/test_openapi.py; the HL7 parser's own fuzzing in tests/test_hl7v2.py and
-tests/test_mllp_listener.py. Here: hypothesis on app.ingest's JSON and HL7 body parsing.
+tests/test_mllp_listener.py. Here: hypothesis on courier.app.ingest's JSON and HL7 body parsing.
 """
 from __future__ import annotations
 
@@ -24,13 +24,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import func, select, text
 
-from adapters.base import Outgoing, PermanentError
-from adapters.file import FileAdapter
-from app import create_app, outbox
-from app.ingest import MAX_JSON_DEPTH, IngestError, json_object, parse_body
-from app.mllp import START_BLOCK, frame
-from app.models import Message
-from tasks.deliver import run_batch
+from courier.adapters.base import Outgoing, PermanentError
+from courier.adapters.file import FileAdapter
+from courier.app import create_app
+from courier.app.store import outbox
+from courier.app.ingest import MAX_JSON_DEPTH, IngestError, json_object, parse_body
+from courier.app.hl7.listener import START_BLOCK, frame
+from courier.app.store.models import Message
+from courier.tasks.deliver import run_batch
 from tests.conftest import BROKER_URL, settings_for, write_config
 from tests.mllp_peers import Client, listener_thread
 from tests.processes import VENV_BIN
@@ -286,7 +287,7 @@ def _free_port() -> int:
 
 @pytest.fixture
 def gunicorn(tmp_path, store, queue_prefix, make_token):
-    """`gunicorn app:create_app()` on a free loopback port (one worker), as the Procfile runs it."""
+    """`gunicorn courier.app:create_app()` on a free loopback port (one worker), as the Procfile runs it."""
     cfg = write_config(tmp_path / "courier.yml", {"erp": (tmp_path / "erp").as_uri()})
     port = _free_port()
     env = {**os.environ, "DATABASE_URL": store.url, "BROKER_URL": BROKER_URL, "COURIER_CONFIG": str(cfg),
@@ -295,7 +296,7 @@ def gunicorn(tmp_path, store, queue_prefix, make_token):
     with log.open("wb") as out:
         proc = subprocess.Popen(  # nosec B603  # fixed argv, no shell
             [str(VENV_BIN / "gunicorn"), "--bind", f"127.0.0.1:{port}", "--workers", "1", "--no-control-socket",
-             "app:create_app()"], env=env, stdout=out, stderr=subprocess.STDOUT,
+             "courier.app:create_app()"], env=env, stdout=out, stderr=subprocess.STDOUT,
             cwd=Path(__file__).resolve().parents[1])
     try:
         deadline = time.monotonic() + 30

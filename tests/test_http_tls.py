@@ -12,12 +12,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from adapters import Outgoing, TemporaryError
-from adapters.base import TlsFiles
-from adapters.http import HttpAdapter
-from app import create_app, outbox
-from app.settings import load_routing
-from tasks.deliver import run_batch
+from courier.adapters import Outgoing, TemporaryError
+from courier.adapters.base import TlsFiles
+from courier.adapters.http import HttpAdapter
+from courier.app import create_app
+from courier.app.store import outbox
+from courier.app.settings import load_routing
+from courier.tasks.deliver import run_batch
 from tests.conftest import settings_for, write_config
 from tests.test_config import BASE, line_of, problems_of, write
 from tests.tls_ca import ThrowawayCA
@@ -212,7 +213,7 @@ def test_tls_on_mllp_is_refused(tmp_path):
 def test_key_without_cert_is_refused_naming_the_line(tmp_path):
     text = with_tls('    url: "https://erp.hospital.local/billing"\n', "    tls:\n      key: /etc/courier/client.key\n")
     path = write(tmp_path, text)
-    # Reported at the tls line: app.settings._flatten reads a "key" level as a Dict field's keys.
+    # Reported at the tls line: courier.app.settings._flatten reads a "key" level as a Dict field's keys.
     assert problems_of(path) == [f"{path}:{line_of(text, 'tls:')}: destinations.billing.tls: "
                                  "key needs cert (the client certificate it belongs to)"]
 

@@ -7,7 +7,7 @@ import threading
 
 from sqlalchemy import func, select
 
-from app.models import Delivery, Message
+from courier.app.store.models import Delivery, Message
 
 EVENT = {"type": "service.completed", "id": "evt-1", "occurred_at": "2026-11-21T10:00:00Z",
          "data": {"service": "US-ABD", "patient": "P1"}}
@@ -112,12 +112,12 @@ def test_hl7_batch_is_accepted_as_several_messages(client, make_token, store):
 
 
 def test_type_not_allowed_for_source_is_422_and_stores_nothing(tmp_path, store, queue_prefix):
-    from app import create_app
+    from courier.app import create_app
     from tests.conftest import settings_for, write_config
 
     cfg = write_config(tmp_path / "c.yml", {"erp": f"file://{tmp_path}"}, allowed_types=["HL7v2:ADT^*"])
     flask_app = create_app(settings_for(cfg, store.url, queue_prefix))
-    from app import tokens
+    from courier.app.store import tokens
     with store.session() as s:
         _, tok = tokens.create(s, scope="ingest", source="lab")
     r = post_json(flask_app.test_client(), {"Authorization": f"Bearer {tok}"}, EVENT)
@@ -153,8 +153,8 @@ def test_error_statuses_say_what_and_where(client, make_token, app, store):
 
 
 def test_tokens_are_required_scoped_and_revocable(client, make_token, store):
-    from app import tokens
-    from app.models import ApiToken
+    from courier.app.store import tokens
+    from courier.app.store.models import ApiToken
 
     assert post_json(client, {}, EVENT).status_code == 401
     assert post_json(client, {"Authorization": "Bearer courier_nope"}, EVENT).status_code == 401
@@ -185,7 +185,7 @@ def test_trace_lists_deliveries_and_paging_works(client, make_token):
 
 
 def test_503_when_the_store_cannot_commit(app, make_token):
-    from app.db import Store
+    from courier.app.store.db import Store
 
     h = make_token()
     app.extensions["courier.store"] = Store("postgresql+psycopg://postgres@127.0.0.1:1/none")

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks import install
+from courier.tasks import install
 
 REPO = Path(__file__).resolve().parents[1]
 COURIER = REPO / ".venv" / "bin" / "courier"
@@ -47,7 +47,7 @@ def generate(prefix: Path, *extra: str, app_dir: Path = REPO) -> subprocess.Comp
 
 
 def procfile(path: Path = REPO / "Procfile") -> dict[str, list[str]]:
-    """The Procfile as the shell reads it, independently of tasks.install: name -> argv (a leading exec dropped)."""
+    """The Procfile as the shell reads it, independently of courier.tasks.install: name -> argv (a leading exec dropped)."""
     out = {}
     for line in path.read_text().splitlines():
         if line.strip() and not line.lstrip().startswith("#"):
@@ -160,10 +160,10 @@ def test_exec_and_defaults_in_the_procfile_translate(tmp_path):
     app = tmp_path / "app"
     app.mkdir()
     (app / "Procfile").write_text("release: exec courier db upgrade\n"
-                                  "web: exec gunicorn --bind \"0.0.0.0:${PORT:-8000}\" 'app:create_app()' '100%'\n")
+                                  "web: exec gunicorn --bind \"0.0.0.0:${PORT:-8000}\" 'courier.app:create_app()' '100%'\n")
     generate(tmp_path / "units", app_dir=app)
     web = directives(tmp_path / "units" / "courier-web.service")
-    assert web["ExecStart"] == [f"{VENV}/bin/gunicorn --bind 0.0.0.0:${{PORT}} app:create_app() 100%%"]
+    assert web["ExecStart"] == [f"{VENV}/bin/gunicorn --bind 0.0.0.0:${{PORT}} courier.app:create_app() 100%%"]
     assert "PORT=8000" in web["Environment"]
     assert directives(tmp_path / "units" / "courier-migrate.service")["ExecStart"] == [f"{VENV}/bin/courier db upgrade"]
 

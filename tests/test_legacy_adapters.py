@@ -17,11 +17,11 @@ from datetime import datetime
 import pytest
 import sqlalchemy as sa
 
-import adapters
-from adapters import PermanentError, Sent, TemporaryError
-from adapters.amqp import AmqpAdapter
-from adapters.mllp import MllpAdapter
-from adapters.sql import SqlAdapter
+from courier import adapters
+from courier.adapters import PermanentError, Sent, TemporaryError
+from courier.adapters.amqp import AmqpAdapter
+from courier.adapters.mllp import MllpAdapter
+from courier.adapters.sql import SqlAdapter
 from tests.conftest import BROKER_URL
 from tests.mllp_peers import Hl7Server, ack_for
 from tests.tls_ca import ThrowawayCA

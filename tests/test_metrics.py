@@ -1,4 +1,4 @@
-"""Prometheus metrics (app.metrics): counters summed over real processes, gauges read from the store.
+"""Prometheus metrics (courier.app.metrics): counters summed over real processes, gauges read from the store.
 
 The main test runs the Procfile's web command (gunicorn, 2 workers), its MLLP
 listener, a prefork Celery worker (2 child processes) and the relay as real
@@ -25,8 +25,9 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import func, select, text
 
-from app import metrics, outbox
-from app.models import Circuit, Delivery, utcnow
+from courier.app import metrics
+from courier.app.store import outbox
+from courier.app.store.models import Circuit, Delivery, utcnow
 from bench.infra import free_port, procfile_command
 from tests.mllp_peers import Client
 from tests.processes import VENV_BIN, running_courier
@@ -268,7 +269,7 @@ def test_in_process_mode_and_store_down():
     script = """
 import prometheus_client, types
 from sqlalchemy.exc import OperationalError
-from app import metrics
+from courier.app import metrics
 assert metrics.multiprocess_dir() is None
 metrics.accepted("lab", [types.SimpleNamespace(created=True, message=types.SimpleNamespace(type="t"))])
 class Down:

@@ -16,9 +16,9 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import inspect, text
 
-from app.cli import alembic_config
-from app.db import make_engine
-from app.models import Base
+from courier.app.cli import alembic_config
+from courier.app.store.db import make_engine
+from courier.app.store.models import Base
 from tests.conftest import fresh_database
 
 REPO = Path(__file__).resolve().parents[1]
@@ -32,7 +32,7 @@ def head_revision() -> str:
     """The newest revision in migrations/versions."""
     from alembic.script import ScriptDirectory
 
-    from app.cli import alembic_config
+    from courier.app.cli import alembic_config
     return ScriptDirectory.from_config(alembic_config("sqlite://")).get_current_head()
 DUE_WHERE_STATUSES = ("'pending'", "'in_flight'", "'retrying'")
 
@@ -134,7 +134,7 @@ def test_upgrade_at_head_keeps_rows_and_current_reports_head(empty_db):
 
 
 def test_models_match_the_migration(empty_db):
-    """No drift: what `courier db upgrade` builds is exactly what app.models declares."""
+    """No drift: what `courier db upgrade` builds is exactly what courier.app.store.models declares."""
     command.upgrade(alembic_config(empty_db), "head")
     engine = make_engine(empty_db)
     try:

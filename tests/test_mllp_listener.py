@@ -3,7 +3,7 @@
 Clients: python-hl7's `mllp_send` console script (a blocking socket client), python-hl7's
 asyncio client (`hl7.mllp.open_hl7_connection`), and a raw socket client (tests/mllp_peers.py)
 for what well-behaved clients never do. Samples: every valid, batch and malformed file in
-shared/hl7, with the per-file decisions of tests/test_hl7v2.py.
+shared/hl7, with the per-file decisions of tests/test_er7.py.
 """
 from __future__ import annotations
 
@@ -24,10 +24,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import func, select
 
-from app import hl7v2
-from app.db import Store
-from app.mllp import END_BLOCK, START_BLOCK, Deframer, FrameTooLarge, frame
-from app.models import Message
+from courier.app.hl7 import er7
+from courier.app.store.db import Store
+from courier.app.hl7.listener import END_BLOCK, START_BLOCK, Deframer, FrameTooLarge, frame
+from courier.app.store.models import Message
 from tests.conftest import HL7_SAMPLES, settings_for
 from tests.mllp_peers import Client, listener_thread
 from tests.processes import VENV_BIN
@@ -93,11 +93,11 @@ def count(store) -> int:
 
 def acks(payload: bytes) -> list[tuple[str, str, str]]:
     """(code, MSA-2, text) of each ACK in an answer (one ACK, or a BHS ... BTS batch of them)."""
-    return [hl7v2.parse_ack(part) for part in hl7v2.split(hl7v2.decode(payload))]
+    return [er7.parse_ack(part) for part in er7.split(er7.decode(payload))]
 
 
 def expected_ids(name: str) -> list[str]:
-    return [m.control_id for m in hl7v2.parse_all(sample(name))]
+    return [m.control_id for m in er7.parse_all(sample(name))]
 
 
 def check_answers(answers: dict[str, bytes], store, every: list[str] = GOOD_FILES) -> None:
@@ -187,7 +187,7 @@ def test_every_malformed_sample_gets_ar_with_a_reason_and_the_listener_keeps_ser
     "microsoft-FHIR-Converter/ADT-A01-01.hl7",                        # v2.8, LF
 ])
 def test_ack_uses_the_messages_delimiters_version_and_swaps_sender_and_receiver(listener, name):
-    message = hl7v2.parse_all(sample(name))[0]
+    message = er7.parse_all(sample(name))[0]
     with Client(listener.port) as client:
         answer = client.exchange(sample(name)).decode()
     msh, msa = answer.split("\r")[:2]
@@ -587,7 +587,7 @@ def test_listener_survives_random_and_mutated_input_without_partial_store(listen
 # --- configuration ----------------------------------------------------------------------------
 
 def test_bad_mllp_senders_and_networks_are_refused_with_file_and_line(tmp_path):
-    from app.settings import ConfigError, load_routing
+    from courier.app.settings import ConfigError, load_routing
 
     path = tmp_path / "courier.yml"
     path.write_text("sources:\n"

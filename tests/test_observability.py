@@ -10,8 +10,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from app import create_app, observability, outbox, tokens
-from app.models import Message
+from courier.app import create_app, observability
+from courier.app.store import outbox, tokens
+from courier.app.store.models import Message
 from tests.conftest import settings_for, write_config
 from tests.sinks import HttpSink
 
@@ -57,8 +58,8 @@ def courier(tmp_path, store, queue_prefix):
 
 def deliver_due(flask_app, store):
     """What the relay and a worker do, in-process (as in tests/test_worker.py)."""
-    from tasks.celery_app import celery_init_app
-    from tasks.deliver import deliver
+    from courier.tasks.celery_app import celery_init_app
+    from courier.tasks.deliver import deliver
 
     celery_init_app(flask_app)
     with store.session() as s:
@@ -196,7 +197,7 @@ def test_sentry_gets_the_errors_but_no_body_segment_phi_or_local_variable(tmp_pa
                                                                         sentry, monkeypatch, lines):
     import sentry_sdk
 
-    from tasks import deliver as deliver_module
+    from courier.tasks import deliver as deliver_module
 
     with HttpSink() as sink:
         cfg = write_config(tmp_path / "courier.yml", {"billing": sink.url})
@@ -212,7 +213,7 @@ def test_sentry_gets_the_errors_but_no_body_segment_phi_or_local_variable(tmp_pa
             logging.getLogger("somelib").warning("parsing %s", segment)  # becomes a breadcrumb
             raise ValueError(f"cannot parse patient {PATIENT} ({MRN}): {segment}")
 
-        monkeypatch.setattr("app.api.ingest", buggy_ingest)
+        monkeypatch.setattr("courier.app.web.api.ingest", buggy_ingest)
         r = client.post("/api/v1/messages", data=BODY, content_type="application/json", headers=headers)
         assert r.status_code == 500
         monkeypatch.undo()

@@ -14,8 +14,8 @@ from hypothesis import HealthCheck, given, settings
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import response_schema_conformance
 
-from app import api
-from app.openapi import OPERATIONS, openapi_path
+from courier.app.web import api
+from courier.app.web.openapi import OPERATIONS, openapi_path
 from tests.test_operations import accepted
 
 METHODS = {"get", "post", "put", "patch", "delete"}
@@ -279,7 +279,7 @@ def test_a_nul_in_a_delivery_id_to_replay_is_a_400(client, make_token):
     ("/api/v1/deliveries/replay", {"destination": "erp", "status": "dead", "reason": "a\u0000"}),
 ])
 def test_a_nul_in_a_reason_is_a_field_error_and_nothing_changes(client, make_token, store, url, body):
-    from app.models import AuditRecord, Circuit
+    from courier.app.store.models import AuditRecord, Circuit
 
     r = client.post(url, json=body, headers=make_token(scope="operate"))  # NUL sent as \u0000 in the JSON
     assert r.status_code == 422, r.get_json()

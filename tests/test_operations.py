@@ -12,8 +12,8 @@ from datetime import datetime, timedelta, timezone
 import pytest
 from sqlalchemy import func, select
 
-from app import circuits, outbox
-from app.models import Attempt, AuditRecord, Circuit, Delivery, utcnow
+from courier.app.store import circuits, outbox
+from courier.app.store.models import Attempt, AuditRecord, Circuit, Delivery, utcnow
 from tests.test_cli import assert_clean_failure, courier
 
 EVENT = {"type": "service.completed", "data": {"service": "US-ABD", "patient": "P1"}}
@@ -82,7 +82,7 @@ def audit_rows(store, action=None) -> list[AuditRecord]:
 
 
 def token_id(store, scope):
-    from app.models import ApiToken
+    from courier.app.store.models import ApiToken
     with store.session() as s:
         return s.scalars(select(ApiToken.id).where(ApiToken.scope == scope)).one()
 
@@ -470,7 +470,7 @@ def test_cli_pause_errors(run, store):
 
 
 def test_actor_names_the_token_and_its_label(client, ingest, store, app):
-    from app import tokens
+    from courier.app.store import tokens
 
     ids = accepted(client, ingest, store, app)
     with store.session() as s:

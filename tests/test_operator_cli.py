@@ -8,8 +8,8 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import select
 
-from app import audit, circuits
-from app.models import DEAD, DELIVERED, PENDING, RETRYING, Attempt, AuditRecord, Delivery, utcnow
+from courier.app.store import audit, circuits
+from courier.app.store.models import DEAD, DELIVERED, PENDING, RETRYING, Attempt, AuditRecord, Delivery, utcnow
 from tests.test_cli import courier
 from tests.test_retention import add_message
 

@@ -13,11 +13,12 @@ import yaml
 from freezegun import freeze_time
 from sqlalchemy import event, select
 
-from app import hl7v2, ordering, outbox
-from app.db import Store
-from app.ingest import ingest
-from app.models import Delivery
-from app.settings import Destination, RetryPolicy, load_routing
+from courier.app.hl7 import er7
+from courier.app.store import ordering, outbox
+from courier.app.store.db import Store
+from courier.app.ingest import ingest
+from courier.app.store.models import Delivery
+from courier.app.settings import Destination, RetryPolicy, load_routing
 from tests.conftest import HL7_SAMPLES, settings_for
 
 T0 = datetime(2030, 1, 1, 12, 0, tzinfo=timezone.utc)  # after any real "now": everything accepted is due
@@ -28,8 +29,8 @@ EVENT = {"type": "patient.updated", "id": "e1", "data": {"patient_id": "P1", "mr
                                                           "ids": {"primary": "X9"}, "empty": "", "none": None}}
 
 
-def sample(name: str) -> hl7v2.Hl7Message:
-    [message] = hl7v2.parse_all((HL7_SAMPLES / name).read_bytes())
+def sample(name: str) -> er7.Hl7Message:
+    [message] = er7.parse_all((HL7_SAMPLES / name).read_bytes())
     return message
 
 
@@ -259,7 +260,8 @@ def test_batches_with_the_same_patients_in_opposite_order_do_not_deadlock(store,
 
 
 def test_end_to_end_hl7_adt_for_two_patients(tmp_path, store, queue_prefix):
-    from app import create_app, tokens
+    from courier.app import create_app
+    from courier.app.store import tokens
 
     cfg = tmp_path / "c.yml"
     cfg.write_text(yaml.safe_dump({

@@ -8,10 +8,10 @@ from datetime import datetime, timedelta, timezone
 from freezegun import freeze_time
 from sqlalchemy import select
 
-from app import outbox
-from app.db import Store
-from app.models import Attempt, Delivery
-from app.settings import Destination, RetryPolicy
+from courier.app.store import outbox
+from courier.app.store.db import Store
+from courier.app.store.models import Attempt, Delivery
+from courier.app.settings import Destination, RetryPolicy
 
 T0 = datetime(2030, 1, 1, 12, 0, tzinfo=timezone.utc)  # after any real "now": everything accepted is due
 POLICY = RetryPolicy(max_attempts=3, initial=10.0, max=60.0)

@@ -12,7 +12,7 @@ import time
 import pytest
 from sqlalchemy import select
 
-from app.models import Delivery
+from courier.app.store.models import Delivery
 from tests.processes import delivered_count, post_messages, running_courier, wait_all_delivered
 from tests.sinks import HttpSink
 

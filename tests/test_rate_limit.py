@@ -1,4 +1,4 @@
-"""Per-source rate limits (app.ratelimit): the GCRA's exact counts, the config checks, the HTTP
+"""Per-source rate limits (courier.app.store.ratelimit): the GCRA's exact counts, the config checks, the HTTP
 429 with Retry-After, and one limit shared by real gunicorn workers and a real MLLP listener.
 
 Limits here are per minute or per hour, so nothing depends on how fast the tests run: the
@@ -15,9 +15,10 @@ import pytest
 import yaml
 from sqlalchemy import func, select, text
 
-from app import create_app, ratelimit, tokens
-from app.models import Message
-from app.settings import ConfigError, RateLimit, load_routing
+from courier.app import create_app
+from courier.app.store import ratelimit, tokens
+from courier.app.store.models import Message
+from courier.app.settings import ConfigError, RateLimit, load_routing
 from tests.conftest import settings_for, write_config
 from tests.mllp_peers import Client
 from tests.processes import VENV_BIN, running_courier
@@ -35,7 +36,7 @@ def adt(control_id: str) -> bytes:
 def no_limit_rows(pg_url):
     """conftest's store fixture truncates its own tables; the rate-limit rows are ours to clear."""
     yield
-    from app.db import Store
+    from courier.app.store.db import Store
 
     s = Store(pg_url)
     with s.engine.begin() as conn:
@@ -82,7 +83,7 @@ def test_gcra_counts_a_batch_as_its_messages_and_refills_to_the_burst_only(any_s
 def test_charge_skips_the_flush_wait_only_for_itself(pg_url):
     """synchronous_commit off is the charge's alone: the next transaction on the same pooled
     connection (an ingest's) must still wait for its commit to be durable."""
-    from app.db import Store
+    from courier.app.store.db import Store
 
     one = Store(pg_url, pool_size=1, max_overflow=0)  # one connection: the ingest gets the charge's
     try:
@@ -94,8 +95,8 @@ def test_charge_skips_the_flush_wait_only_for_itself(pg_url):
 
 
 def test_store_down_during_the_check_is_503(tmp_path):
-    from app.db import Store
-    from app.ingest import IngestError, ingest
+    from courier.app.store.db import Store
+    from courier.app.ingest import IngestError, ingest
 
     _, routing = routing_with(tmp_path, {"rate_limit": "10/min"})
     down = Store("postgresql+psycopg://postgres@127.0.0.1:1/none")

@@ -10,8 +10,8 @@ import pytest
 from kombu import Connection
 from sqlalchemy import func, select
 
-from app.models import Circuit, Delivery
-from tasks.celery_app import DELIVERY_LIMIT, dead_letter_queues
+from courier.app.store.models import Circuit, Delivery
+from courier.tasks.queues import DELIVERY_LIMIT, dead_letter_queues
 from tests.conftest import BROKER_URL
 from tests.processes import post_messages, running_courier, wait_all_delivered
 from tests.sinks import HttpSink
@@ -140,7 +140,7 @@ def test_http_400_goes_dead_once_shows_in_the_dlq_and_replays(tmp_path, store, q
         assert all("HTTP 400" in m["reason"] for m in dead_letters)
 
         sink.status = 200  # the destination is fixed; the operator replays
-        from app import tokens
+        from courier.app.store import tokens
         with store.session() as s:
             _, op = tokens.create(s, scope="operate", source=None)
         for delivery_id in _delivery_ids(store):

@@ -10,10 +10,10 @@ from celery import Celery
 from sqlalchemy import select, text
 from sqlalchemy.exc import DBAPIError
 
-from app import audit, outbox, retention
-from app.cli import alembic_config
-from app.db import make_engine
-from app.models import (ACCEPTED, DEAD, DELIVERED, PENDING, RETRYING, UNROUTED, AuditRecord, Delivery, Message,
+from courier.app.store import audit, outbox, retention
+from courier.app.cli import alembic_config
+from courier.app.store.db import make_engine
+from courier.app.store.models import (ACCEPTED, DEAD, DELIVERED, PENDING, RETRYING, UNROUTED, AuditRecord, Delivery, Message,
                         utcnow)
 from tests.conftest import fresh_database
 from tests.test_cli import courier
@@ -185,17 +185,17 @@ def test_retention_is_off_unless_configured():
 
 
 def test_beat_schedule_and_task(app, store, monkeypatch):
-    import tasks.retention
+    import courier.tasks.retention
 
     settings = app.extensions["courier.settings"]
     celery = Celery("t")
     celery.conf.task_queues = []
-    tasks.retention.configure(celery, settings)
+    courier.tasks.retention.configure(celery, settings)
     assert not celery.conf.beat_schedule  # off by default: nothing scheduled
 
     monkeypatch.setenv("COURIER_RETENTION", "30d")
     monkeypatch.setenv("COURIER_RETENTION_INTERVAL", "15m")
-    tasks.retention.configure(celery, settings)
+    courier.tasks.retention.configure(celery, settings)
     entry = celery.conf.beat_schedule["courier-retention"]
     assert entry == {"task": "courier.purge", "schedule": 900.0}
     queue = f"{settings.queue_prefix}.maintenance"
@@ -204,8 +204,8 @@ def test_beat_schedule_and_task(app, store, monkeypatch):
 
     add_message(store, [DELIVERED])
     with app.app_context():
-        tasks.retention.purge_task.run()
-        tasks.retention.purge_task.run()  # nothing left: the beat writes no empty record
+        courier.tasks.retention.purge_task.run()
+        courier.tasks.retention.purge_task.run()  # nothing left: the beat writes no empty record
     [record] = purge_records(store)
     assert record.actor == "beat" and audit.details_of(record)["purged"] == 1
 

@@ -23,12 +23,12 @@ import yaml
 from click.testing import CliRunner
 from sqlalchemy import func, select
 
-import adapters
-from app import governance
-from app.models import Delivery, Message
-from app.settings import load_routing
-from app.transforms import LEDGER_COLUMNS
-from tasks.cli import cli
+from courier import adapters
+from courier.app.domain import governance
+from courier.app.store.models import Delivery, Message
+from courier.app.settings import load_routing
+from courier.app.domain.transforms import LEDGER_COLUMNS
+from courier.tasks.cli import cli
 from tests.conftest import HL7_SAMPLES
 
 REPO = Path(__file__).resolve().parents[1]

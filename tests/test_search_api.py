@@ -9,7 +9,7 @@ import pytest
 from freezegun import freeze_time
 from sqlalchemy import insert
 
-from app.models import Message, new_id
+from courier.app.store.models import Message, new_id
 
 T0 = datetime(2026, 11, 1, 12, 0, tzinfo=timezone.utc)
 
@@ -109,7 +109,7 @@ def test_paging_returns_each_message_once_in_order_when_many_share_a_time(client
 
 def test_the_status_filter_uses_an_index(client, store, app):
     """At millions of rows a Seq Scan plus sort of the whole table is what made a list slow."""
-    from app import api
+    from courier.app.web import api
 
     seed(store, [(f"s{i % 5}", f"t{i % 20}", "unrouted" if i % 50 == 0 else "accepted", f"k{i}",
                   T0 + timedelta(seconds=i // 3)) for i in range(4000)])
@@ -125,7 +125,8 @@ def test_the_status_filter_uses_an_index(client, store, app):
 
 def test_paging_on_sqlite(sqlite_store, config_file, queue_prefix, make_token):
     """SQLite gives times back without their zone: the cursor must still page (the hospital scenario's store)."""
-    from app import create_app, tokens
+    from courier.app import create_app
+    from courier.app.store import tokens
     from tests.conftest import settings_for
 
     app = create_app(settings_for(config_file, sqlite_store.url, queue_prefix), {"TESTING": True})

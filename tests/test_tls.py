@@ -21,10 +21,10 @@ import pytest
 import requests
 from sqlalchemy import func, select
 
-from app import tls
-from app.mllp import listener_options
-from app.models import Message
-from app.settings import ConfigError
+from courier.app import tls
+from courier.app.hl7.listener import listener_options
+from courier.app.store.models import Message
+from courier.app.settings import ConfigError
 from bench.infra import free_port, procfile_command
 from tests.mllp_peers import Client, listener_thread
 from tests.processes import VENV_BIN, running_courier
@@ -76,7 +76,7 @@ def handshake(port: int, context: ssl.SSLContext) -> str:
             return tls_sock.version()
 
 
-# --- app.tls: the settings both servers read ----------------------------------------------------
+# --- courier.app.tls: the settings both servers read ----------------------------------------------------
 
 @pytest.mark.parametrize("names, message", [
     (("CERT",), "COURIER_TLS_CERT is set but COURIER_TLS_KEY is not"),

@@ -6,7 +6,7 @@ canonical transform at every clearance, and no value of a field classified above
 clearance (canonical.walk) may occur in the output: as written, JSON-escaped, HL7-escaped,
 CSV-quoted or as an HL7 date, case-insensitively, line by line for free text, for values of
 at least 3 characters. A hypothesis test does the same for random charges. Then each
-transform's output is parsed back (app.hl7v2, csv, the SQL adapter), and each refusal of
+transform's output is parsed back (courier.app.hl7.er7, csv, the SQL adapter), and each refusal of
 the configuration check is shown with its message.
 """
 from __future__ import annotations
@@ -26,12 +26,13 @@ import sqlalchemy as sa
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import adapters
-from app import canonical, from_hl7, governance, transforms
-from app.canonical import walk
-from app.hl7v2 import parse, parse_all
-from app.settings import ConfigError, load_routing, load_settings, settings_from_config
-from app.transforms import Envelope, TransformError
+from courier import adapters
+from courier.app.domain import canonical, governance, transforms
+from courier.app.hl7 import to_canonical
+from courier.app.domain.canonical import walk
+from courier.app.hl7.er7 import parse, parse_all
+from courier.app.settings import ConfigError, load_routing, load_settings, settings_from_config
+from courier.app.domain.transforms import Envelope, TransformError
 from tests.test_canonical import (BATCH_MAPPING_REFUSED, BATCHES, EXPECTED_EVENT, EXTRA_SIU, MAPPING_REFUSED, VALID,
                                   dft_text, ft1, hl7_escape, read)
 from tests.conftest import ADMIN_URL
@@ -80,7 +81,7 @@ def corpus_messages() -> list:
             continue
         refused = BATCH_MAPPING_REFUSED.get(row["file"], {})
         for number, message in enumerate(parse_all(read(row["file"])), 1):
-            if number not in refused and message.message_type.removeprefix("HL7v2:") in from_hl7.MAPPINGS:
+            if number not in refused and message.message_type.removeprefix("HL7v2:") in to_canonical.MAPPINGS:
                 out.append(pytest.param(message, id=f"{row['file']}#{number}"))
     return out
 
@@ -391,7 +392,7 @@ def test_hl7_dft_p03_parses_back_to_the_same_charges():
     message = parse(body.decode("utf-8"))
     assert (message.message_type, message.version, message.control_id) == ("HL7v2:DFT^P03", "2.5",
                                                                          transforms.control_id(stored))
-    [back] = from_hl7.to_canonical(message)
+    [back] = to_canonical.to_canonical(message)
     original = example("charge.posted-ct-scan")["data"]
     # FT1 has no place for the cost centre, and FT1-13 (a code) none for the department's facility.
     expected = {k: v for k, v in original["charge"].items() if k != "cost_centre"}
@@ -408,8 +409,8 @@ def test_hl7_dft_p03_of_a_corpus_dft_keeps_one_ft1_per_charge():
     source = read("microsoft-FHIR-Converter/DFT-P03-01.hl7").decode("utf-8")
     stored = hl7_envelope(source)
     body, _ = transforms.hl7_dft_p03(stored)
-    assert [c["data"]["charge"] for c in from_hl7.to_canonical(parse(body.decode()))] == \
-        [c["data"]["charge"] for c in from_hl7.to_canonical(parse_all(source.encode())[0])]
+    assert [c["data"]["charge"] for c in to_canonical.to_canonical(parse(body.decode()))] == \
+        [c["data"]["charge"] for c in to_canonical.to_canonical(parse_all(source.encode())[0])]
 
 
 def test_hl7_dft_p03_below_phi_names_the_patient_by_pseudonym_only():
@@ -459,7 +460,7 @@ def test_erp_csv_takes_the_cost_centre_and_gl_account_of_each_event_type():
 
 
 def test_sql_row_goes_into_a_table_through_the_sql_adapter():
-    """Through adapters.sql into a real PostgreSQL table, amounts into NUMERIC columns."""
+    """Through courier.adapters.sql into a real PostgreSQL table, amounts into NUMERIC columns."""
     table = f"ledger_{secrets.token_hex(4)}"
     columns = {"event_id": "TEXT", "service_date": "TEXT", "cost_centre": "TEXT", "gl_account": "TEXT",
                "code": "TEXT", "quantity": "NUMERIC", "amount": "NUMERIC(12,2)", "currency": "TEXT",
@@ -541,11 +542,11 @@ def unminimised(envelope):
 # --- the HL7 mapping table the config check uses --------------------------------------------
 
 def test_hl7_event_types_follow_from_hl7():
-    assert set(transforms.HL7_EVENT_TYPES) == set(from_hl7.MAPPINGS)
+    assert set(transforms.HL7_EVENT_TYPES) == set(to_canonical.MAPPINGS)
     for param in CORPUS:
         message = param.values[0]
         kind = message.message_type.removeprefix("HL7v2:")
-        assert {e["type"] for e in from_hl7.to_canonical(message)} == {transforms.HL7_EVENT_TYPES[kind]}, param.id
+        assert {e["type"] for e in to_canonical.to_canonical(message)} == {transforms.HL7_EVENT_TYPES[kind]}, param.id
 
 
 # --- the configuration check ----------------------------------------------------------------
@@ -609,7 +610,7 @@ def test_a_governed_config_loads(tmp_path):
                  "destinations.billing.transform",
                  "clearance limited, but transform passthrough sends messages as they came, PHI and all: give it a "
                  "transform that minimises (canonical_json, erp_csv, hl7_dft_p03, sql_row, or your own made with "
-                 "app.transforms.canonical_transform), or, if billing may see PHI, clearance: phi", id="passthrough"),
+                 "courier.app.domain.transforms.canonical_transform), or, if billing may see PHI, clearance: phi", id="passthrough"),
     pytest.param("    clearance: phi\n", "", "archive:", "destinations.archive",
                  "clearance deidentified (the default), but transform passthrough (the default) sends messages as "
                  "they came, PHI and all", id="defaults"),

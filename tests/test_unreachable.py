@@ -26,7 +26,7 @@ import pytest
 from alembic import command
 from sqlalchemy.engine import make_url
 
-from app.cli import alembic_config
+from courier.app.cli import alembic_config
 from tests.conftest import BROKER_URL, fresh_database
 from tests.mllp_peers import Client
 from tests.processes import VENV_BIN
@@ -128,11 +128,11 @@ class Stack:
         argv = {
             "release": [f"{bin_}/courier", "db", "upgrade"],
             "web": [f"{bin_}/gunicorn", "-c", "deploy/gunicorn.conf.py", "--bind", f"127.0.0.1:{self.port}",
-                    "--workers", "2", "--threads", "4", "app:create_app()"],
-            "worker": [f"{bin_}/celery", "-A", "tasks.worker", "worker", "--pool", "threads", "--concurrency", "8",
+                    "--workers", "2", "--threads", "4", "courier.app:create_app()"],
+            "worker": [f"{bin_}/celery", "-A", "courier.tasks.worker", "worker", "--pool", "threads", "--concurrency", "8",
                        "--loglevel", "INFO", "-n", f"{self.prefix}@%h"],
             "relay": [f"{bin_}/courier", "relay"],
-            "beat": [f"{bin_}/celery", "-A", "tasks.worker", "beat", "--loglevel", "INFO", "--schedule",
+            "beat": [f"{bin_}/celery", "-A", "courier.tasks.worker", "beat", "--loglevel", "INFO", "--schedule",
                      str(self.tmp_path / "celerybeat-schedule")],
             "mllp": [f"{bin_}/courier", "mllp", "--host", "127.0.0.1"],
         }[name]

@@ -8,11 +8,13 @@ import time
 import pytest
 from kombu import Connection
 
-from app import create_app, outbox
-from app.models import Delivery
-from tasks.celery_app import celery_init_app, delivery_queues
-from tasks.deliver import deliver
-from tasks.relay import Relay
+from courier.app import create_app
+from courier.app.store import outbox
+from courier.app.store.models import Delivery
+from courier.tasks.celery_app import celery_init_app
+from courier.tasks.queues import delivery_queues
+from courier.tasks.deliver import deliver
+from courier.tasks.relay import Relay
 from tests.conftest import BROKER_URL, settings_for, write_config
 from tests.sinks import HttpSink
 
@@ -183,7 +185,7 @@ def test_a_stale_item_in_a_batch_is_skipped_and_the_others_go(courier, store, si
 
 
 def test_split_makes_even_batches_of_one_destination_each():
-    from tasks.relay import split
+    from courier.tasks.relay import split
 
     claimed = [outbox.Claimed(f"a{i}", "a", 1) for i in range(25)] + [outbox.Claimed(f"b{i}", "b", 1)
                                                                        for i in range(3)]

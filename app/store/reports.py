@@ -6,7 +6,7 @@ from datetime import datetime
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from app.models import OPEN_STATUSES, Delivery, Message
+from courier.app.store.models import OPEN_STATUSES, Delivery, Message
 
 
 def reconciliation(session: Session, since: datetime | None = None) -> dict[str, dict[str, int]]:

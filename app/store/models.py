@@ -1,6 +1,6 @@
 """The store's tables: messages, their deliveries, the attempt log, API tokens.
 
-Only `app.outbox` changes a delivery's status; everything else reads.
+Only `courier.app.store.outbox` changes a delivery's status; everything else reads.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from sqlalchemy import (BigInteger, DateTime, ForeignKey, Index, Integer, MetaDa
 from sqlalchemy.sql.elements import ColumnElement
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-from app.crypto import EncryptedBytes, EncryptedText
+from courier.app.store.crypto import EncryptedBytes, EncryptedText
 
 # Stable constraint names, so Alembic migrations can drop and alter them on every backend.
 NAMING = {
@@ -32,7 +32,7 @@ OPEN_STATUSES = (PENDING, IN_FLIGHT, RETRYING)
 # Message statuses: accepted with deliveries, or stored with none because no route matched.
 ACCEPTED, UNROUTED = "accepted", "unrouted"
 
-# Prefix of a delivery's last_error while a circuit breaker or a pause holds it back (app.circuits):
+# Prefix of a delivery's last_error while a circuit breaker or a pause holds it back (courier.app.store.circuits):
 # kept readable when last_error is encrypted, as outbox.wake selects by it.
 WAITING = "waiting: "
 
@@ -208,7 +208,7 @@ class ApiToken(Base):
 
 
 class RateLimitState(Base):
-    """One row per rate-limited source: its GCRA theoretical arrival time (app.ratelimit).
+    """One row per rate-limited source: its GCRA theoretical arrival time (courier.app.store.ratelimit).
 
     Shared by every web worker and MLLP listener through the store, so a source's limit holds
     however many processes or hosts take its messages. Created on the source's first message.

@@ -1,6 +1,6 @@
 """`courier keys rotate`: re-encrypt stored values under the first key of COURIER_ENCRYPTION_KEY.
 
-Every column of an encrypted type (app.crypto, used in app.models) whose stored value is
+Every column of an encrypted type (courier.app.store.crypto, used in courier.app.store.models) whose stored value is
 plaintext or under another key is read raw, decrypted with the process's key ring and written
 back through its column type, so it is sealed under the current key. Work goes in keyset
 batches on the primary key, each its own short transaction that locks its rows with
@@ -9,7 +9,7 @@ writers): ingest and the workers go on meanwhile, and a row they hold is picked 
 next pass. Passes repeat until one changes nothing (at most MAX_PASSES).
 
 Order keys (`ordered_by`) are not encrypted but stored as keyed pseudonyms while a key is set
-(app.ordering.stored); keys written in the clear before encryption was turned on are replaced
+(courier.app.store.ordering.stored); keys written in the clear before encryption was turned on are replaced
 by their pseudonyms here, in the same batches.
 
 Rotating a key: put the new key first and keep the old ones in every process's
@@ -24,9 +24,10 @@ from typing import Callable
 from sqlalchemy import Column, bindparam, func, literal, select, type_coerce, update
 from sqlalchemy.orm import Session
 
-from app import audit, crypto, governance, ordering
-from app.db import Store
-from app.models import Base, Delivery
+from courier.app.store import audit, crypto, ordering
+from courier.app.domain import governance
+from courier.app.store.db import Store
+from courier.app.store.models import Base, Delivery
 
 DEFAULT_BATCH = 500
 MAX_PASSES = 3
@@ -161,7 +162,7 @@ def rotate(store: Store, *, actor: str, batch: int = DEFAULT_BATCH, dry_run: boo
             store, column, _raw(column), _not_current(column, current),
             lambda stored, dialect, column=column: column.type.process_result_value(stored, dialect),
             name=name, **options)
-    order_key = Delivery.__table__.c.order_key  # not encrypted: a keyed pseudonym (app.ordering.stored)
+    order_key = Delivery.__table__.c.order_key  # not encrypted: a keyed pseudonym (courier.app.store.ordering.stored)
     result.columns[ORDER_KEYS] = _rewrite(
         store, order_key, order_key, [order_key.is_not(None), ~order_key.startswith(governance.PREFIX)],
         lambda stored, dialect: ordering.stored(stored), name=ORDER_KEYS, **options)

@@ -1,4 +1,4 @@
-"""HL7 v2 -> canonical events (app.canonical), version 1.
+"""HL7 v2 -> canonical events (courier.app.domain.canonical), version 1.
 
     ADT^A01          patient.admitted   kind 'admission'
     ADT^A04          patient.admitted   kind 'registration': an outpatient or emergency
@@ -37,8 +37,8 @@ from typing import Callable
 import hl7
 from marshmallow import ValidationError
 
-from app import canonical
-from app.hl7v2 import Hl7Message
+from courier.app.domain import canonical
+from courier.app.hl7.er7 import Hl7Message
 
 __all__ = ["MappingError", "MAPPINGS", "to_canonical"]
 

@@ -4,7 +4,7 @@ A destination with `ordered_by` gets each message's key at ingest (a dotted path
 the JSON event, or an HL7 v2 field like `PID-3` or `PID-3.1`). Deliveries with the same
 (destination, key) go out in acceptance order, which is delivery id order: the relay
 claims one only when no earlier open delivery of its key is left (`first_in_line`), and
-`app.outbox.accept` makes ids follow acceptance order (`lock`, `next_id`).
+`courier.app.store.outbox.accept` makes ids follow acceptance order (`lock`, `next_id`).
 
 A key is often PHI (PID-3.1 is an MRN), and SQL only ever compares keys for equality, so
 with encryption at rest on, Delivery.order_key holds a keyed pseudonym of it (`stored`).
@@ -23,11 +23,12 @@ from sqlalchemy import exists, func, select, text
 from sqlalchemy.orm import Session, aliased
 from sqlalchemy.sql.elements import ColumnElement
 
-from app import crypto, governance
-from app.models import Delivery, is_open, new_id
+from courier.app.store import crypto
+from courier.app.domain import governance
+from courier.app.store.models import Delivery, is_open, new_id
 
 if TYPE_CHECKING:  # HL7 v2 support is the optional [mllp] extra; a JSON-only install lacks it
-    from app.hl7v2 import Hl7Message
+    from courier.app.hl7.er7 import Hl7Message
 
 MAX_KEY = 255  # Delivery.order_key is VARCHAR(255)
 NAMESPACE = "order_key"  # governance.pseudonym's: an order key's pseudonym is no patient pseudonym sent out
@@ -55,7 +56,7 @@ def stored(key: str) -> str:
     (COURIER_ENCRYPTION_KEY) its keyed pseudonym, else as it is (`fit`).
 
     Keyed with COURIER_PSEUDONYM_KEY, not the Fernet keys: a waiting delivery's key must
-    still equal a new message's after an encryption key rotation. app.settings refuses to
+    still equal a new message's after an encryption key rotation. courier.app.settings refuses to
     start without it; should it be missing all the same, this raises MissingKey rather
     than store the key in the clear.
     """

@@ -1,6 +1,6 @@
 """The OpenAPI 3 document of the HTTP API (`GET /api/openapi.json`), built by apispec from marshmallow schemas.
 
-Request bodies are the schemas the handlers load with (app.ingest.EventSchema, app.api's
+Request bodies are the schemas the handlers load with (courier.app.ingest.EventSchema, courier.app.web.api's
 operator schemas); responses that the handlers build as dicts are described by the response
 schemas below, and tests/test_openapi.py checks real responses against them (every key, no
 extra key), so the two cannot drift apart silently.
@@ -15,8 +15,9 @@ from apispec.ext.marshmallow import MarshmallowPlugin
 from flask import current_app, request
 from marshmallow import Schema, fields, validate
 
-from app import outbox
-from app.ingest import HL7_TYPES, EventSchema
+from courier.app.store import outbox
+from courier.app.ingest import HL7_TYPES, EventSchema
+from courier.app.web.schemas import PauseSchema, ReasonSchema, ReplayFilterSchema
 
 # Statuses as SPEC.md names them; documentation only, the handlers decide what they accept.
 DELIVERY_STATUSES = ["pending", "in_flight", "retrying", "delivered", "dead"]
@@ -240,8 +241,8 @@ _ERRORS = {
 _AUTH = (401, 403, 503)
 _RETRY_AFTER = {"headers": {"Retry-After": {"schema": {"type": "integer", "minimum": 1},
                                             "description": "seconds until the source may send again"}}}
-# Which token scopes may call an operation, by the action `require(action)` checks (app.tokens.GRANTS).
-# "any" is app.api.ANY_SCOPE: any live token (the document itself).
+# Which token scopes may call an operation, by the action `require(action)` checks (courier.app.store.tokens.GRANTS).
+# "any" is courier.app.web.api.ANY_SCOPE: any live token (the document itself).
 _SCOPES = {"ingest": ["ingest", "admin"], "read": ["operate", "admin"], "replay": ["operate", "admin"],
            "any": ["ingest", "operate", "admin"]}
 
@@ -350,8 +351,6 @@ def openapi_path(rule: str) -> str:
 
 def document(blueprint_name: str = "courier") -> dict:
     """The document for the app serving this request: paths as mounted (blueprint prefix), server = script root."""
-    from app.api import PauseSchema, ReasonSchema, ReplayFilterSchema
-
     spec = APISpec(title="Courier", version="1", openapi_version="3.0.3", plugins=[MarshmallowPlugin()],
                    info={"description": "Durable message broker for hospital messages. Errors are always "
                                         '{"error": {"code", "message", "details"}}. Scopes: ingest (post '

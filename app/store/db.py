@@ -13,7 +13,7 @@ from sqlalchemy.engine import URL, Engine, make_url
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.observability import Outage
+from courier.app.observability import Outage
 
 # What the outage line tells an operator to do (README: Debian's PostgreSQL cluster of whatever version).
 POSTGRES_START = "start it with `pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start`"
@@ -160,7 +160,7 @@ def describe_url(url: str | URL) -> tuple[str, str]:
 
 
 def store_outage(log, url: str | URL, retry: str, note: str = "") -> Outage:
-    """The Outage reporter of the store at `url` (app.observability.Outage)."""
+    """The Outage reporter of the store at `url` (courier.app.observability.Outage)."""
     service, where = describe_url(url)
     return Outage(log, service, where, retry, note)
 

@@ -37,7 +37,7 @@ Pseudonymisation
     Identifiers that other systems join on (the patient's MR number, visit, account,
     transaction, order, appointment, invoice and claim numbers) also carry
     `metadata={"pseudonymise": namespace}`: where the destination's clearance is too low to
-    see them, app.governance replaces them by a keyed pseudonym (HMAC of namespace and
+    see them, courier.app.domain.governance replaces them by a keyed pseudonym (HMAC of namespace and
     value) instead of removing them, so an ERP can still join two events of one patient.
     Equal namespaces join (a charge's transaction_id and an invoice line's
     charge_transaction_id); different ones never produce equal pseudonyms.
@@ -65,7 +65,7 @@ CLEARANCES = {"phi": frozenset(CLASSIFICATIONS), "limited": frozenset({LIMITED, 
               "deidentified": frozenset({NONE})}
 # The envelope around `data`: occurred_at is a date of care like any other.
 ENVELOPE_CLASSIFICATION = {"type": NONE, "id": NONE, "version": NONE, "occurred_at": LIMITED}
-# Event ids as the ingest envelope accepts them (app.ingest._SAFE_ID; a test keeps the two in step).
+# Event ids as the ingest envelope accepts them (courier.app.ingest._SAFE_ID; a test keeps the two in step).
 EVENT_ID = re.compile(r"[A-Za-z0-9._:@/+=-]{1,255}\Z")
 
 

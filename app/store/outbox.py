@@ -27,10 +27,10 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session, defer
 
-from app import audit, circuits, crypto, ordering
-from app.models import (ACCEPTED, DEAD, DELIVERED, IN_FLIGHT, OPEN_STATUSES, PENDING, RETRYING, UNROUTED, is_open,
+from courier.app.store import audit, circuits, crypto, ordering
+from courier.app.store.models import (ACCEPTED, DEAD, DELIVERED, IN_FLIGHT, OPEN_STATUSES, PENDING, RETRYING, UNROUTED, is_open,
                         Attempt, Circuit, Delivery, Message, new_id, utcnow)
-from app.settings import Destination, RetryPolicy
+from courier.app.settings import Destination, RetryPolicy
 
 log = logging.getLogger("courier.outbox")
 NOTIFY_CHANNEL = "courier_outbox"
@@ -74,7 +74,7 @@ def accept(session: Session, new: NewMessage, destinations: list[str],
     of two concurrent duplicates the second waits for the first's commit and inserts nothing
     (no savepoint, no exception), and then reads the first's row.
 
-    `order_keys` maps ordered destinations to this message's key (app.ordering; stored as
+    `order_keys` maps ordered destinations to this message's key (courier.app.store.ordering; stored as
     `ordering.stored` makes it: a pseudonym under encryption at rest); the relay
     sends one key's deliveries in id order, so their ids must follow acceptance order.
     Core statements, not ORM objects: this is the hot path of every ingest.
@@ -84,7 +84,7 @@ def accept(session: Session, new: NewMessage, destinations: list[str],
     # one key could commit out of id order, and the relay could send the later one before
     # the earlier one is even visible. PostgreSQL: an advisory lock per (destination, key),
     # held until commit, makes them take turns, so an id is made only after every earlier
-    # delivery of its key has committed. SQLite needs none: BEGIN IMMEDIATE (app/db.py)
+    # delivery of its key has committed. SQLite needs none: BEGIN IMMEDIATE (app/store/db.py)
     # already runs one writing transaction at a time.
     ordering.lock(session, keys.items())
     now = utcnow()

@@ -6,7 +6,7 @@ permanent error for that delivery (it goes dead with the reason); retrying
 the same input through the same code cannot succeed.
 
 Built in (all but passthrough read the message as canonical events: a JSON event as
-posted, or an HL7 v2 message through app.from_hl7; then app.governance minimises each
+posted, or an HL7 v2 message through courier.app.hl7.to_canonical; then courier.app.domain.governance minimises each
 event by the destination's clearance, and only then is anything formatted):
 
     passthrough   any type        the message as received; only for clearance phi
@@ -44,7 +44,7 @@ from typing import Any, Callable
 
 from marshmallow import ValidationError
 
-from app import canonical, governance
+from courier.app.domain import canonical, governance
 
 
 @dataclass(frozen=True)
@@ -84,8 +84,8 @@ def spec_of(transform: Transform) -> Spec:
     return getattr(transform, "courier_spec", _RAW)
 
 
-# HL7 v2 message codes -> the canonical event type app.from_hl7 maps them to. Kept here, not
-# read from from_hl7, so a configuration check works without python-hl7 (the [mllp] extra);
+# HL7 v2 message codes -> the canonical event type courier.app.hl7.to_canonical maps them to. Kept here, not
+# read from hl7.to_canonical, so a configuration check works without python-hl7 (the [mllp] extra);
 # tests/test_transforms.py keeps the two in step.
 HL7_EVENT_TYPES = {
     "ADT^A01": "patient.admitted", "ADT^A04": "patient.admitted", "ADT^A03": "patient.discharged",
@@ -155,16 +155,16 @@ def _json_event(body: bytes) -> dict:
 
 def _hl7_events(body: bytes) -> list[dict]:
     try:
-        from app import from_hl7, hl7v2
+        from courier.app.hl7 import to_canonical, er7
     except ImportError:  # python-hl7 is the [mllp] extra, imported only when an HL7 message comes
         raise TransformError("HL7 v2 support is not installed here (pip install 'courier[mllp]')") from None
     try:
-        message = hl7v2.parse(body.decode("utf-8"))  # stored as UTF-8 whatever the sender used
-    except (UnicodeDecodeError, hl7v2.Hl7Error) as exc:
+        message = er7.parse(body.decode("utf-8"))  # stored as UTF-8 whatever the sender used
+    except (UnicodeDecodeError, er7.Hl7Error) as exc:
         raise TransformError(f"not a valid HL7 v2 message: {exc}") from None
     try:
-        return from_hl7.to_canonical(message)
-    except from_hl7.MappingError as exc:
+        return to_canonical.to_canonical(message)
+    except to_canonical.MappingError as exc:
         raise TransformError(f"cannot map {message.message_type} to canonical events: {exc}") from None
 
 
@@ -309,8 +309,8 @@ _FIELD, _ENCODING = "|", "^~\\&"
 
 
 def _hl7_text(value: Any) -> str:
-    """A value escaped for our delimiters; line breaks as \\.br\\ (app.hl7v2 escapes the rest)."""
-    from app.hl7v2 import _escape
+    """A value escaped for our delimiters; line breaks as \\.br\\ (courier.app.hl7.er7 escapes the rest)."""
+    from courier.app.hl7.er7 import _escape
     if value is None:
         return ""
     lines = str(value).replace("\r\n", "\n").replace("\r", "\n").split("\n")

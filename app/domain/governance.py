@@ -2,8 +2,8 @@
 
 `minimise(event, clearance, key)` returns a copy of a canonical envelope
 (`{"type", "version", "id", "occurred_at", "data"}`) in which every field classified
-above the clearance (app.canonical: phi > limited > none) is removed, except the join
-keys marked `pseudonymise` in app.canonical, which are replaced by `pseudonym()`:
+above the clearance (courier.app.domain.canonical: phi > limited > none) is removed, except the join
+keys marked `pseudonymise` in courier.app.domain.canonical, which are replaced by `pseudonym()`:
 
     psn:<24 lowercase base32 characters>     HMAC-SHA256(key, namespace NUL value), 120 bits
 
@@ -15,7 +15,7 @@ Fails closed: below phi, anything the schema does not classify (an unknown event
 version, an unknown key, a value of the wrong shape) is removed; a pseudonym needed
 without a key raises MissingKey rather than sending the raw value or silently dropping
 the join key. The key is COURIER_PSEUDONYM_KEY (at least 32 characters), read from the
-process environment by the transforms and checked at start by app.settings.
+process environment by the transforms and checked at start by courier.app.settings.
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ from typing import Any, Mapping
 
 from marshmallow import Schema, fields
 
-from app import canonical
+from courier.app.domain import canonical
 
 __all__ = ["KEY_VARIABLE", "MIN_KEY_LENGTH", "MissingKey", "PSEUDONYM", "is_pseudonym", "minimise",
            "parse_key", "process_key", "pseudonym"]

@@ -15,7 +15,7 @@ from datetime import datetime
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from app.models import ApiToken, AuditRecord, utcnow
+from courier.app.store.models import ApiToken, AuditRecord, utcnow
 
 TARGET_LIMIT = 255  # the column's width
 ACTOR_LIMIT = 128

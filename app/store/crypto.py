@@ -16,7 +16,7 @@ configured, or whose token fails its integrity check, raises Unreadable naming t
 never ciphertext or garbage in place of a body.
 
 The column types EncryptedBytes and EncryptedText apply this to every statement, ORM and
-Core alike, with the key ring that `install` set for the process (app.settings.load_settings
+Core alike, with the key ring that `install` set for the process (courier.app.settings.load_settings
 does, so the web, worker, relay, MLLP and CLI processes all have it).
 """
 from __future__ import annotations

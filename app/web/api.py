@@ -1,7 +1,7 @@
 """The HTTP API of SPEC.md: ingest, message traces, delivery lists, operator actions, health.
 
 Errors are always `{"error": {"code", "message", "details"}}`. Handlers stay
-thin: parsing and storing live in `app.ingest`, status changes in `app.outbox`.
+thin: parsing and storing live in `courier.app.ingest`, status changes in `courier.app.store.outbox`.
 """
 from __future__ import annotations
 
@@ -11,17 +11,18 @@ from datetime import datetime
 from functools import wraps
 
 from flask import Blueprint, Flask, current_app, g, jsonify, request, url_for
-from marshmallow import Schema, ValidationError, fields, validate, validates, validates_schema
+from marshmallow import Schema, ValidationError
 from sqlalchemy import select, tuple_
 from sqlalchemy.orm import defer
 from sqlalchemy.exc import SQLAlchemyError
 from werkzeug.exceptions import HTTPException
 
-from app import audit, circuits, models, outbox, reports, tokens
-from app.db import Store
-from app.ingest import IngestError, ingest, json_object
-from app.models import Attempt, AuditRecord, Delivery, Message, utcnow
-from app.settings import Settings, StrictSchema
+from courier.app.store import audit, circuits, models, outbox, reports, tokens
+from courier.app.store.db import Store
+from courier.app.ingest import IngestError, ingest, json_object
+from courier.app.store.models import Attempt, AuditRecord, Delivery, Message, utcnow
+from courier.app.settings import Settings
+from courier.app.web.schemas import PauseSchema, ReasonSchema, ReplayFilterSchema
 
 log = logging.getLogger("courier.api")
 bp = Blueprint("courier", __name__)
@@ -47,7 +48,7 @@ ANY_SCOPE = "any"  # require(ANY_SCOPE): a valid token of any scope will do
 
 def require(action: str):
     """Bearer-token check: 401 without a valid token, 403 when its scope does not grant `action`
-    (app.tokens.GRANTS; ANY_SCOPE: any live token)."""
+    (courier.app.store.tokens.GRANTS; ANY_SCOPE: any live token)."""
     def decorator(view):
         @wraps(view)
         def wrapper(*args, **kwargs):
@@ -327,38 +328,6 @@ def reconciliation():
 
 # --- operator actions: replay, pause, resume, audit ------------------------
 
-# PostgreSQL text cannot hold NUL: refused here (422) rather than by the store (a DataError, 503).
-_NO_NUL = validate.Regexp(r"[^\x00]*\Z", error="must not contain NUL characters")
-
-
-class ReasonSchema(StrictSchema):
-    reason = fields.String(load_default="", validate=[validate.Length(max=2000), _NO_NUL])
-
-
-class PauseSchema(StrictSchema):
-    # Pausing stops deliveries to a clinical system: the log must say why.
-    reason = fields.String(required=True, validate=[validate.Length(min=1, max=2000), _NO_NUL])
-
-
-class ReplayFilterSchema(StrictSchema):
-    destination = fields.String(required=True)
-    status = fields.String(required=True, validate=validate.OneOf(outbox.REPLAYABLE))
-    since = fields.AwareDateTime(load_default=None, allow_none=True)
-    until = fields.AwareDateTime(load_default=None, allow_none=True)
-    reason = fields.String(load_default="", validate=[validate.Length(max=2000), _NO_NUL])
-    limit = fields.Integer(load_default=outbox.REPLAY_LIMIT, validate=validate.Range(min=1, max=outbox.REPLAY_LIMIT))
-
-    @validates("destination")
-    def _known(self, value, **_):
-        if value not in settings().routing.destinations:
-            raise ValidationError(f"unknown destination {value!r}")
-
-    @validates_schema
-    def _window(self, data, **_):
-        if data.get("since") and data.get("until") and data["since"] >= data["until"]:
-            raise ValidationError("must be later than since", "until")
-
-
 def _body(schema: Schema) -> dict:
     """The JSON body validated by `schema`; an empty body counts as `{}` (every field optional or reported)."""
     raw = request.get_data(cache=True)
@@ -465,17 +434,17 @@ def healthz():
 @bp.get("/api/openapi.json")
 @require(ANY_SCOPE)
 def openapi():
-    """The OpenAPI 3 document (app.openapi), paths as this app mounts them. Every /api/ route needs a
+    """The OpenAPI 3 document (courier.app.web.openapi), paths as this app mounts them. Every /api/ route needs a
     token (issue 9): the document maps the attack surface, so any valid token, of any scope, reads it."""
-    from app.openapi import document
+    from courier.app.web.openapi import document
 
     return jsonify(document(bp.name))
 
 
 @bp.get("/metrics")
 def metrics_view():
-    """Prometheus text: every process's counters and the store's gauges (app.metrics); no PHI."""
-    from app import metrics
+    """Prometheus text: every process's counters and the store's gauges (courier.app.metrics); no PHI."""
+    from courier.app import metrics
 
     body, content_type = metrics.exposition(store(), settings())
     return body, 200, {"Content-Type": content_type}
@@ -577,7 +546,7 @@ def _unexpected_error(exc: Exception):
     # A bug, not the caller's mistake. Flask's own answer was an HTML page; this one has the usual
     # shape and nothing of the exception (its text may quote the body); the log has the traceback.
     log.error("unexpected %s in %s %s", type(exc).__name__, request.method, request.path, exc_info=exc)
-    from app.observability import current_correlation_id
+    from courier.app.observability import current_correlation_id
 
     return error(500, "internal_error", "an internal error, logged under this request's correlation id",
                  {"correlation_id": current_correlation_id()})

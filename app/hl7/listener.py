@@ -10,7 +10,7 @@ asyncio serves the sockets; the blocking parse + ingest runs in a thread pool so
 slow database never stalls other connections. Peers are admitted by address
 (`mllp_allow`) and within two connection limits (in all, and per peer address);
 among the sources a peer may speak for, MSH-3/MSH-4 (`mllp_senders`) pick one.
-With TLS (COURIER_MLLP_TLS_*, app.tls) the handshake follows admission, so a refused
+With TLS (COURIER_MLLP_TLS_*, courier.app.tls) the handshake follows admission, so a refused
 or surplus peer costs no cryptography, and must finish within a timeout. Garbage,
 oversized frames, frames without an end block, failed handshakes, slow or idle peers
 cost a log line and the connection, never the listener.
@@ -32,11 +32,11 @@ from typing import Mapping
 import click
 from flask import current_app
 
-from app import tls
-from app.cli import with_appcontext
-from app.db import StoreWatch
-from app.observability import current_correlation_id, with_new_correlation
-from app.settings import ConfigError, env_duration, env_int
+from courier.app import tls
+from courier.app.cli import with_appcontext
+from courier.app.store.db import StoreWatch
+from courier.app.observability import current_correlation_id, with_new_correlation
+from courier.app.settings import ConfigError, env_duration, env_int
 
 log = logging.getLogger("courier.mllp")
 
@@ -138,11 +138,11 @@ class MllpListener:
                  idle_timeout: float = 600.0, frame_timeout: float = 60.0, ingest_timeout: float = 30.0,
                  write_timeout: float = 30.0, max_connections: int = 200, max_per_peer: int = 20,
                  workers: int = 8, stop_grace: float = 20.0, tls=None, handshake_timeout: float = 10.0):
-        """`tls`: an app.tls.ServerTls, or None for plain TCP. `max_per_peer` counts connections per
+        """`tls`: an courier.app.tls.ServerTls, or None for plain TCP. `max_per_peer` counts connections per
         peer IP address, so one engine's connection leak cannot take every slot of `max_connections`."""
-        from app import hl7v2  # python-hl7 (the [mllp] extra) is needed only when a listener runs
+        from courier.app.hl7 import er7  # python-hl7 (the [mllp] extra) is needed only when a listener runs
 
-        self.hl7v2 = hl7v2
+        self.er7 = er7
         self.settings, self.store = settings, store
         self.host, self.port = host, settings.mllp_port if port is None else port
         self.idle_timeout, self.frame_timeout = idle_timeout, frame_timeout
@@ -273,7 +273,7 @@ class MllpListener:
                             self.handshake_timeout)
             else:
                 log.info("MLLP connection from %s lost during the TLS handshake: %s", where, exc)
-        except ConfigError as exc:  # files that never loaded (app.tls keeps the last good context after a start)
+        except ConfigError as exc:  # files that never loaded (courier.app.tls keeps the last good context after a start)
             log.error("MLLP connection from %s: cannot load TLS files: %s; closed", where, "; ".join(exc.problems))
         return False
 
@@ -348,19 +348,19 @@ class MllpListener:
                                  "207", f"AE (store did not answer within {self.ingest_timeout:g}s)")
 
     def _reject_frame(self, reason: str, error_code: str) -> bytes:
-        return self.hl7v2.build_ack(None, "AR", text=reason, error_code=error_code).encode("ascii", "replace")
+        return self.er7.build_ack(None, "AR", text=reason, error_code=error_code).encode("ascii", "replace")
 
     # --- one frame (runs in the thread pool) ---------------------------------------------
 
     @with_new_correlation  # one correlation id per frame: its log lines and its messages share it
     def process(self, payload: bytes, where: str, candidates: list) -> Answer:
         """Parse, pick the source, ingest; the ACK for the whole frame. Never raises."""
-        from app.ingest import IngestError, ingest
+        from courier.app.ingest import IngestError, ingest
 
-        hl7v2 = self.hl7v2
+        er7 = self.er7
         try:
-            messages = hl7v2.parse_all(payload)
-        except hl7v2.Hl7Error as exc:
+            messages = er7.parse_all(payload)
+        except er7.Hl7Error as exc:
             return self._refusal(payload, "AR", str(exc), exc.error_code, f"AR ({exc})")
         except Exception as exc:  # the parser's bug is this frame's refusal, not the listener's end
             log.exception("MLLP from %s: parser failed", where)
@@ -394,31 +394,31 @@ class MllpListener:
 
     def _answer_messages(self, payload: bytes, messages: list, code: str, reason: str, error_code: str | None,
                          summary: str) -> Answer:
-        hl7v2 = self.hl7v2
-        acks = [hl7v2.build_ack(m, code, text=reason, error_code=error_code) for m in messages]
+        er7 = self.er7
+        acks = [er7.build_ack(m, code, text=reason, error_code=error_code) for m in messages]
         batch = len(messages) > 1 or payload.lstrip(b" \t\r\n\xef\xbb\xbf").startswith((b"FHS", b"BHS"))
-        text = hl7v2.build_batch_ack(acks) if batch else acks[0]
-        return Answer(_encode(text, payload, hl7v2), code, summary)
+        text = er7.build_batch_ack(acks) if batch else acks[0]
+        return Answer(_encode(text, payload, er7), code, summary)
 
     def _refusal(self, payload: bytes, code: str, reason: str, error_code: str, summary: str) -> Answer:
         """An ACK for a frame that did not parse, addressed from whatever MSH can be salvaged;
         a batch that still splits gets a batch of them, one per message, all with the reason."""
-        hl7v2 = self.hl7v2
+        er7 = self.er7
         try:
-            parts = hl7v2.split(hl7v2.decode(payload))
+            parts = er7.split(er7.decode(payload))
             batch = len(parts) > 1 or payload.lstrip(b" \t\r\n\xef\xbb\xbf").startswith((b"FHS", b"BHS"))
         except Exception:  # not even splittable: one ACK for the frame
             parts, batch = [payload], False
-        acks = [hl7v2.build_ack(hl7v2.salvage_header(part), code, text=reason, error_code=error_code)
+        acks = [er7.build_ack(er7.salvage_header(part), code, text=reason, error_code=error_code)
                 for part in parts]
-        text = hl7v2.build_batch_ack(acks) if batch else acks[0]
-        return Answer(_encode(text, payload, hl7v2), code, summary)
+        text = er7.build_batch_ack(acks) if batch else acks[0]
+        return Answer(_encode(text, payload, er7), code, summary)
 
 
-def _encode(text: str, payload: bytes, hl7v2) -> bytes:
+def _encode(text: str, payload: bytes, er7) -> bytes:
     """The ACK in the charset the message came in (its MSH-3..6 are echoed), else UTF-8."""
     try:
-        codec = hl7v2.decode_with_codec(payload)[1]
+        codec = er7.decode_with_codec(payload)[1]
     except Exception:  # undecodable input: the ACK is ours, UTF-8 it is
         codec = "utf-8"
     return text.encode(codec, errors="replace")
@@ -434,7 +434,7 @@ def pick_source(candidates: list, application: str, facility: str):
 
 
 def listener_options(env: Mapping[str, str] | None = None) -> dict:
-    """MllpListener's operator settings from the environment (COURIER_MLLP_*, app.tls for TLS).
+    """MllpListener's operator settings from the environment (COURIER_MLLP_*, courier.app.tls for TLS).
 
     Raises ConfigError listing every unusable variable, so `courier mllp` refuses to start with all of them named.
     """

@@ -10,7 +10,7 @@ from datetime import timedelta
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from app.models import ApiToken, utcnow
+from courier.app.store.models import ApiToken, utcnow
 
 SCOPES = ("ingest", "operate", "admin")
 # What each scope may do; admin may do everything.

@@ -1,0 +1,57 @@
+"""RabbitMQ's side of delivery: one quorum queue per destination (a bulkhead) and its dead-letter queue.
+
+Shared by the Celery app (consumes the queues), the relay (declares the DLQs) and the delivery task (mirrors
+dead deliveries into them); it imports only Celery, kombu and the settings.
+"""
+from __future__ import annotations
+
+from celery import Celery
+from kombu import Exchange, Queue
+
+from courier.app.settings import Settings
+
+# Broker redeliveries of one task (its worker died while running it) before RabbitMQ parks it in
+# the destination's dead-letter queue instead of handing it out again: a poison task cannot loop.
+DELIVERY_LIMIT = 5
+
+
+def _exchange(settings: Settings, kind: str) -> Exchange:
+    return Exchange(f"{settings.queue_prefix}.{kind}", type="direct", durable=True)
+
+
+def delivery_queues(settings: Settings) -> list[Queue]:
+    """One quorum queue per destination (a bulkhead), dead-lettering into the destination's DLQ."""
+    return [Queue(settings.queue_for(name), _exchange(settings, "deliver"), routing_key=name, durable=True,
+                  queue_arguments={"x-queue-type": "quorum", "x-delivery-limit": DELIVERY_LIMIT,
+                                   "x-dead-letter-exchange": f"{settings.queue_prefix}.dead",
+                                   "x-dead-letter-routing-key": name})
+            for name in settings.routing.destinations]
+
+
+def dead_letter_queues(settings: Settings) -> list[Queue]:
+    """`<prefix>.dead.<destination>`: what operators see in Flower and the RabbitMQ UI as dead."""
+    return [Queue(f"{settings.queue_prefix}.dead.{name}", _exchange(settings, "dead"), routing_key=name,
+                  durable=True, queue_arguments={"x-queue-type": "quorum"})
+            for name in settings.routing.destinations]
+
+
+def declare_dead_letter_queues(celery: Celery, settings: Settings, retries: int | None = None) -> None:
+    """Declare the DLQs (idempotent); they must exist before RabbitMQ dead-letters into them.
+
+    `retries`: connection attempts after the first (kombu's default when None; 0 for one attempt, as the
+    relay does: its own loop paces the retries and says when the broker is down)."""
+    with celery.connection_for_write() as conn:
+        if retries is not None:
+            conn.ensure_connection(max_retries=retries)
+        channel = conn.default_channel
+        for queue in dead_letter_queues(settings):
+            queue.bind(channel).declare()
+
+
+def publish_dead_letter(celery: Celery, settings: Settings, record: dict) -> None:
+    """Mirror a dead delivery into its destination's DLQ (ids and reason only, never the body: PHI)."""
+    with celery.producer_or_acquire() as producer:
+        producer.publish(record, exchange=_exchange(settings, "dead"), routing_key=record["destination"],
+                         serializer="json", delivery_mode=2, headers={"courier-dead": "1"},
+                         declare=[q for q in dead_letter_queues(settings)
+                                  if q.routing_key == record["destination"]], retry=True)
