@@ -1,4 +1,4 @@
-# Two commands (SPEC.md): `make run` and `make test`. Everything else is a convenience.
+# Two commands (README.md): `make run` and `make test`. Everything else is a convenience.
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 # The standalone product: every optional part (setup.cfg extras) plus the test tools.

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from flask import Flask
 
-from courier.app.settings import Settings, load_settings
+from courier.app.settings import Settings
+from courier.app.config import load_settings
 
 __all__ = ["create_app"]
 
@@ -26,7 +27,7 @@ def create_app(settings: Settings | None = None, test_config: dict | None = None
     if test_config:
         flask_app.config.update(test_config)
     flask_app.extensions["courier.settings"] = settings
-    flask_app.extensions["courier.store"] = db.Store(settings.database_url)
+    flask_app.extensions["courier.store"] = db.Store.from_settings(settings)
     api.init_app(flask_app)
     observability.init_app(flask_app, settings)  # JSON logs, Sentry, a correlation id per request
     return flask_app

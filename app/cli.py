@@ -28,7 +28,8 @@ from courier.app import ingest
 from courier.app.domain import transforms
 from courier.app.store import tokens as token_store
 from courier.app.store.db import make_engine, store_outage, store_problem
-from courier.app.settings import DEFAULT_DATABASE_URL, ConfigError, RoutingConfig, load_settings, parse_duration
+from courier.app.settings import DEFAULT_DATABASE_URL, ConfigError, RoutingConfig, parse_duration
+from courier.app.config import load_settings
 
 
 def alembic_config(url: str):

@@ -18,9 +18,10 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session
 
 from courier.app import metrics
-from courier.app.store import ordering, outbox, ratelimit
+from courier.app.store import crypto, ordering, outbox, ratelimit
 from courier.app.store.db import Store
-from courier.app.settings import RateLimit, RoutingConfig, StrictSchema
+from courier.app.settings import RateLimit, RoutingConfig
+from courier.app.config import StrictSchema
 
 JSON_TYPES = {"application/json"}
 HL7_TYPES = {"application/hl7-v2", "x-application/hl7-v2+er7"}
@@ -237,7 +238,8 @@ def store_plans(session: Session, plans: list[Plan], *, source: str,
         # A batch locks all its keys up front, in one sorted pass: locking message by
         # message, two batches holding the same patients in opposite order would deadlock.
         # Named by their stored form, as outbox.accept names them.
-        ordering.lock(session, [(d, ordering.stored(k)) for p in plans for d, k in p.order_keys.items()])
+        ring = crypto.ring_for(session)
+        ordering.lock(session, [(d, ordering.stored(k, ring)) for p in plans for d, k in p.order_keys.items()])
     results = []
     for p in plans:
         message, created = outbox.accept(session, outbox.NewMessage(

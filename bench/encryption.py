@@ -40,7 +40,7 @@ def main() -> None:
     seal_costs(rings["keyed"])
     with scratch("encryption", {"free": {}}, max(args.threads)) as (store, routing):
         def ingest_under(name: str, n: int, threads: int, tag: str) -> float:
-            crypto.install(rings[name])
+            crypto.attach(store.engine, rings[name], replace=True)
             return accepts_per_second(store, routing, "free", n, threads, tag)
 
         for name in rings:  # warm: connections, prepared statements
@@ -52,7 +52,6 @@ def main() -> None:
                 name, args.messages, threads, f"t{threads}-{tag}") for name in rings}, args.rounds)
             p, k = medians["plain"], medians["keyed"]
             print(f"{threads:>7} {p:>8.0f} {k:>8.0f} {100 * (k / p - 1):>+6.0f}%")
-        crypto.install(rings["plain"])
 
 
 if __name__ == "__main__":

@@ -23,7 +23,8 @@ from alembic import command  # noqa: E402
 from courier.app.cli import alembic_config  # noqa: E402
 from courier.app.store.db import Store  # noqa: E402
 from courier.app.ingest import ingest  # noqa: E402
-from courier.app.settings import RoutingConfig, load_routing  # noqa: E402
+from courier.app.settings import RoutingConfig
+from courier.app.config import load_routing  # noqa: E402
 from bench.infra import Stack  # noqa: E402
 
 

@@ -539,7 +539,7 @@ def write_report(path: Path, res: Results, args, info: dict, loads: tuple, start
                         "p50/p95/p99 ms", "lost", "dup", "drain s", "client errors", "store after"],
                        phase_rows(res)), "",
         "### Raw limits of this machine (same client libraries)", "",
-        markdown_table(["what", "ops/s", "DESIGN.md reference"], raw_rows(res.raw)), "",
+        markdown_table(["what", "ops/s", "machine's raw limit (docs/benchmarks.md)"], raw_rows(res.raw)), "",
         "### CPU by component", "",
         "From /proc; 'client' is the harness (load client, wrk, py-spy), 'other' is everything else on the "
         "machine (other people's work).", "",

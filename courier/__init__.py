@@ -49,7 +49,8 @@ class Courier:
         """Mount the API under COURIER_URL_PREFIX and add `flask courier ...`; validates the config now."""
         from courier.app.web import api
         from courier.app.store.db import Store
-        from courier.app.settings import ConfigError, settings_from_config
+        from courier.app.settings import ConfigError
+        from courier.app.config import settings_from_config
         from courier.tasks.cli import host_cli
 
         if settings is None:
@@ -58,10 +59,12 @@ class Courier:
         source = app.config.get("COURIER_SOURCE")
         if source is not None and source not in settings.routing.sources:
             raise ConfigError([f"app.config: COURIER_SOURCE: {source!r} is not a source in {settings.config_path}"])
-        app.extensions.update({
-            "courier": self, "courier.settings": settings, "courier.source": source,
-            "courier.store": Store(engine if engine is not None else settings.database_url),
-        })
+        try:
+            store = Store.from_settings(settings, engine)
+        except ValueError as exc:  # the host's engine carries another Courier app's keys
+            raise ConfigError([f"app.config: COURIER_ENCRYPTION_KEY: {exc}"]) from None
+        app.extensions.update({"courier": self, "courier.settings": settings, "courier.source": source,
+                               "courier.store": store})
         api.init_app(app, app.config.get("COURIER_URL_PREFIX", "/courier"), own_app=False)
         app.cli.add_command(host_cli)
         self._app = app

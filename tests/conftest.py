@@ -20,7 +20,7 @@ from sqlalchemy.engine import make_url
 
 from courier.app import create_app
 from courier.app.store.db import Store
-from courier.app.settings import load_routing, load_settings
+from courier.app.config import load_routing, load_settings
 
 ADMIN_URL = os.environ.get("TEST_DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 BROKER_URL = os.environ.get("TEST_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672//")

@@ -688,7 +688,8 @@ def test_registered_versions_are_compatible_with_their_predecessors():
 def test_config_check_refuses_an_incompatible_registered_version(tmp_path, monkeypatch):
     """A version 2 that drops a field of version 1 (say, registered by an operator's transform
     module) stops the configuration from loading, naming the event and the field."""
-    from courier.app.settings import ConfigError, load_routing
+    from courier.app.settings import ConfigError
+    from courier.app.config import load_routing
     from tests.conftest import write_config
 
     config = write_config(tmp_path / "courier.yml", {"billing": "http://127.0.0.1:9/x"})

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from courier.app.settings import ConfigError, Source, load_routing, load_settings, parse_duration
+from courier.app.settings import ConfigError, Source, parse_duration
+from courier.app.config import load_routing, load_settings
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -15,10 +15,12 @@ from sqlalchemy import text
 
 from courier.app import create_app
 from courier.app.store import crypto, ordering, outbox, rotation
+from courier.app.store.db import Store, make_engine
 from courier.app.domain import governance
 from courier.app.ingest import ingest
 from courier.app.store.models import RETRYING, Attempt, Circuit, Delivery, Message
-from courier.app.settings import ConfigError, load_routing, load_settings
+from courier.app.settings import ConfigError
+from courier.app.config import load_routing, load_settings
 from courier.tasks.deliver import run_batch
 from tests.conftest import HL7_SAMPLES, settings_for, write_config
 from tests.test_cli import courier
@@ -32,16 +34,9 @@ EVENT = {"type": "service.completed", "id": "evt-enc-1", "occurred_at": "2026-11
 OLD, NEW, OTHER = (Fernet.generate_key().decode() for _ in range(3))
 
 
-@pytest.fixture(autouse=True)
-def restore_ring():
-    """Each test installs the keys it needs; the process goes back to its own ring afterwards."""
-    before = crypto.ring()
-    yield
-    crypto.install(before)
-
-
-def use(*keys: str) -> None:
-    crypto.install(crypto.parse_keys(",".join(keys)))
+def use(store, *keys: str) -> None:
+    """Give `store` these keys, as a restart with another COURIER_ENCRYPTION_KEY would."""
+    crypto.attach(store.engine, crypto.parse_keys(",".join(keys)), replace=True)
 
 
 def raw(store, sql: str) -> list:
@@ -92,10 +87,12 @@ ALL_ENCRYPTED = ("SELECT body FROM courier_messages", "SELECT detail FROM courie
 def test_api_and_worker_write_nothing_readable(tmp_path, store, queue_prefix, make_token, closed_port):
     cfg = write_config(tmp_path / "courier.yml", {"billing": f"http://127.0.0.1:{closed_port}/billing"},
                        circuit={"failure_threshold": 1, "open_for": "1h"})
-    settings = settings_for(cfg, store.url, queue_prefix, encryption_key=NEW)  # installs the ring, as every process
+    settings = settings_for(cfg, store.url, queue_prefix, encryption_key=NEW)
     flask_app = create_app(settings, {"TESTING": True})
+    assert flask_app.extensions["courier.store"].keys.current_id == kid(NEW)  # the app's store has the key
     flask_app.extensions["courier.store"].dispose()
     flask_app.extensions["courier.store"] = store
+    use(store, NEW)
     client, token = flask_app.test_client(), make_token()
 
     r = client.post("/api/v1/messages", data=json.dumps(EVENT), headers=token, content_type="application/json")
@@ -146,7 +143,7 @@ def test_plaintext_rows_still_read_and_rotation_moves_everything_to_the_first_ke
     settings = settings_for(cfg, store.url, queue_prefix)  # no key: plaintext, as before this feature
     plain_id = accept(store, b'{"name": "plain"}')
     fail_once(store, settings, "plain detail: 500 from billing")
-    use(OLD)
+    use(store, OLD)
     old_id = accept(store, b'{"name": "old"}')
     fail_once(store, settings, "old detail: 502 from billing")
     accept(store, b'{"name": "held"}', destinations=("erp",))
@@ -159,7 +156,7 @@ def test_plaintext_rows_still_read_and_rotation_moves_everything_to_the_first_ke
                                     lease_margin=5) == "waiting"
     assert key_ids(raw(store, ALL_ENCRYPTED[0])) == {None: 1, kid(OLD): 2}
 
-    use(NEW, OLD)
+    use(store, NEW, OLD)
     with store.session() as s:
         assert s.get(Message, plain_id).body == b'{"name": "plain"}'
         assert s.get(Message, old_id).body == b'{"name": "old"}'
@@ -173,7 +170,7 @@ def test_plaintext_rows_still_read_and_rotation_moves_everything_to_the_first_ke
     for sql in ALL_ENCRYPTED:
         assert set(key_ids(raw(store, sql))) == {kid(NEW)}, sql
     assert any(v.startswith(f"waiting: fernet:{kid(NEW)}:") for v in raw(store, ALL_ENCRYPTED[2]) if v)
-    use(NEW)  # the old key can go: everything reads with the new one alone, unchanged
+    use(store, NEW)  # the old key can go: everything reads with the new one alone, unchanged
     with store.session() as s:
         assert {sql: sorted(str(v) for v in _read(s, sql)) for sql in ALL_ENCRYPTED} == before
         record = s.execute(text("SELECT details FROM courier_audit WHERE action = 'key_rotate'")).scalar_one()
@@ -194,8 +191,9 @@ def _read(session, sql: str) -> list:
 
 def test_a_value_under_a_missing_key_is_a_clear_error_and_the_worker_waits(store, config_file, queue_prefix):
     settings = settings_for(config_file, store.url, queue_prefix, encryption_key=OTHER)
+    use(store, OTHER)
     message_id = accept(store, b'{"secret": 1}')
-    use(NEW)
+    use(store, NEW)
     with store.session() as s, pytest.raises(crypto.Unreadable, match=f"key id {kid(OTHER)}") as caught:
         s.get(Message, message_id).body
     assert OTHER not in str(caught.value) and caught.value.key_id == kid(OTHER)
@@ -212,16 +210,16 @@ def test_a_value_under_a_missing_key_is_a_clear_error_and_the_worker_waits(store
     assert rotated.columns["courier_messages.body"].unreadable == {kid(OTHER): 1}
     assert rotated.left == 1
 
-    use(NEW, OTHER)  # the key is back: the body reads again
+    use(store, NEW, OTHER)  # the key is back: the body reads again
     with store.session() as s:
         assert s.get(Message, message_id).body == b'{"secret": 1}'
 
 
 def test_the_message_list_and_trace_work_without_the_bodys_key(store, client, make_token):
     """They never show a body, so they must not need its key: one unreadable body must not break a page."""
-    use(OTHER)
+    use(store, OTHER)
     message_id = accept(store, b'{"secret": 1}')
-    use(NEW)
+    use(store, NEW)
     admin = make_token("admin")
     page = client.get("/api/v1/messages", headers=admin)
     assert page.status_code == 200, page.get_json()
@@ -230,7 +228,7 @@ def test_the_message_list_and_trace_work_without_the_bodys_key(store, client, ma
 
 
 def test_an_altered_value_is_an_error_not_garbage(store):
-    use(NEW)
+    use(store, NEW)
     message_id = accept(store, b'{"x": 1}')
     (stored,) = raw(store, ALL_ENCRYPTED[0])
     altered = stored[:40] + (b"B" if stored[40:41] == b"A" else b"A") + stored[41:]  # one character of the token
@@ -241,9 +239,9 @@ def test_an_altered_value_is_an_error_not_garbage(store):
 
 
 def test_rotation_while_ingest_goes_on(store):
-    use(OLD)
+    use(store, OLD)
     bodies = {accept(store, f'{{"n": {i}, "name": "Ann Example {i}"}}'.encode(), key=f"o{i}"): i for i in range(120)}
-    use(NEW, OLD)
+    use(store, NEW, OLD)
     stop, added, errors = threading.Event(), {}, []
 
     def ingest():
@@ -265,7 +263,7 @@ def test_rotation_while_ingest_goes_on(store):
         worker.join(30)
     assert not errors, errors
     assert result.columns["courier_messages.body"].rotated == 120 and result.left == 0
-    use(NEW)
+    use(store, NEW)
     with store.session() as s:
         read = {m.id: json.loads(m.body)["n"] for m in s.query(Message)}
     assert read == {**bodies, **added}  # none lost, none altered
@@ -286,8 +284,8 @@ def test_bad_key_names_its_position_never_the_key(config_file):
 
 def test_cli_generate_and_rotate(run_env, store):
     generated = courier("keys", "generate", **run_env).stdout.strip()
-    use(generated)  # a working key
-    use(OLD)
+    use(store, generated)  # a working key
+    use(store, OLD)
     accept(store, b'{"cli": 1}')
     result = courier("keys", "rotate", "--batch", "10", **run_env, COURIER_ENCRYPTION_KEY=f"{NEW},{OLD}")
     assert result.returncode == 0, result.stderr
@@ -307,7 +305,7 @@ def run_env(config_file, store):
 
 
 def test_sqlite_store_encrypts_purges_and_rotates(sqlite_store):
-    use(OLD)
+    use(sqlite_store, OLD)
     message_id = accept(sqlite_store, b'{"name": "Sqlite Patient"}')
     other_id = accept(sqlite_store, b'{"name": "Purged Patient"}')
     with sqlite_store.session() as s:
@@ -315,9 +313,9 @@ def test_sqlite_store_encrypts_purges_and_rotates(sqlite_store):
     with sqlite_store.engine.connect() as conn:
         stored = dict(conn.execute(text("SELECT id, body FROM courier_messages")).all())
     assert stored[other_id] == b"" and b"Sqlite" not in stored[message_id]
-    use(NEW, OLD)
+    use(sqlite_store, NEW, OLD)
     assert rotation.rotate(sqlite_store, actor="test").columns["courier_messages.body"].rotated == 1
-    use(NEW)
+    use(sqlite_store, NEW)
     with sqlite_store.session() as s:
         assert s.get(Message, message_id).body == b'{"name": "Sqlite Patient"}' and s.get(Message, other_id).body == b""
 
@@ -345,11 +343,11 @@ def send(store, routing, *messages: str) -> list[str]:
 
 def test_order_keys_are_pseudonyms_that_keep_the_line_across_a_key_rotation(store, tmp_path, monkeypatch):
     monkeypatch.setenv(governance.KEY_VARIABLE, PSEUDONYM_KEY)
-    use(OLD)
+    use(store, OLD)
     routing = ordered_routing(tmp_path, {"COURIER_ENCRYPTION_KEY": OLD, governance.KEY_VARIABLE: PSEUDONYM_KEY})
     [a1] = send(store, routing, adt("M1", "A01", MRN))
     [b1, a2] = send(store, routing, adt("M2", "A01", "MRN-2"), adt("M3", "A08", MRN))  # a batch: locked up front
-    use(NEW, OLD)  # an encryption key rotation must not change a key's pseudonym
+    use(store, NEW, OLD)  # an encryption key rotation must not change a key's pseudonym
     [a3] = send(store, routing, adt("M4", "A08", MRN))
 
     stored = dict(raw_rows(store, "SELECT id, order_key FROM courier_deliveries"))
@@ -369,10 +367,10 @@ def test_order_keys_are_pseudonyms_that_keep_the_line_across_a_key_rotation(stor
 
 def test_without_encryption_order_keys_are_stored_as_they_are(store, tmp_path, monkeypatch):
     monkeypatch.setenv(governance.KEY_VARIABLE, PSEUDONYM_KEY)  # a pseudonym key alone changes nothing
-    use()
+    use(store)
     [d] = send(store, ordered_routing(tmp_path, {}), adt("M1", "A01", MRN))
     assert raw_rows(store, "SELECT id, order_key FROM courier_deliveries") == [(d, MRN)]
-    assert ordering.stored(MRN) == MRN and ordering.stored("K" * 400) == ordering.fit("K" * 400)
+    assert ordering.stored(MRN, store.keys) == MRN and ordering.stored("K" * 400, store.keys) == ordering.fit("K" * 400)
 
 
 def test_encryption_and_ordered_by_need_a_pseudonym_key(tmp_path, store, monkeypatch):
@@ -393,7 +391,7 @@ def test_encryption_and_ordered_by_need_a_pseudonym_key(tmp_path, store, monkeyp
 
     # Should a process store with encryption on and no pseudonym key all the same, nothing is stored.
     monkeypatch.delenv(governance.KEY_VARIABLE, raising=False)
-    use(NEW)
+    use(store, NEW)
     with pytest.raises(governance.MissingKey, match="COURIER_PSEUDONYM_KEY"):
         send(store, routing, adt("M1", "A01", MRN))
     assert raw_rows(store, "SELECT id FROM courier_messages") == []
@@ -406,7 +404,7 @@ def raw_rows(store, sql: str) -> list[tuple]:
 
 def test_an_embedding_hosts_encryption_key_in_app_config_also_needs_a_pseudonym_key(tmp_path, monkeypatch):
     """A host sets Courier's keys in app.config; the check must see that key, not only os.environ's."""
-    from courier.app.settings import settings_from_config
+    from courier.app.config import settings_from_config
 
     monkeypatch.delenv(governance.KEY_VARIABLE, raising=False)
     monkeypatch.delenv("COURIER_ENCRYPTION_KEY", raising=False)
@@ -422,14 +420,49 @@ def test_rotate_replaces_order_keys_stored_before_encryption_by_their_pseudonyms
     """Turned on later, encryption leaves clear MRNs in order_key until `keys rotate` replaces them;
     after that a waiting delivery and a new one of the same patient share a key again."""
     monkeypatch.setenv(governance.KEY_VARIABLE, PSEUDONYM_KEY)
-    use()  # no encryption yet: keys stored as they are
+    use(store)  # no encryption yet: keys stored as they are
     [first, waiting] = send(store, ordered_routing(tmp_path, {}), adt("R1", "A01", MRN), adt("R2", "A08", MRN))
-    use(NEW)
+    use(store, NEW)
     assert rotation.rotate(store, actor="test", dry_run=True).columns[rotation.ORDER_KEYS].rotated == 2
     done = rotation.rotate(store, actor="test")
     assert (done.columns[rotation.ORDER_KEYS].rotated, done.columns[rotation.ORDER_KEYS].left) == (2, 0)
     [later] = send(store, ordered_routing(tmp_path, {"COURIER_ENCRYPTION_KEY": NEW,
                                                      governance.KEY_VARIABLE: PSEUDONYM_KEY}), adt("R3", "A08", MRN))
     stored = dict(raw_rows(store, "SELECT id, order_key FROM courier_deliveries"))
-    assert stored[first] == stored[waiting] == stored[later] == ordering.stored(MRN)
+    assert stored[first] == stored[waiting] == stored[later] == ordering.stored(MRN, store.keys)
     assert set(claim(store)) == {first}  # the line holds: the other two wait for the first
+
+
+def test_two_apps_in_one_process_keep_their_own_keys(store, config_file, queue_prefix):
+    """Loading settings installs nothing: each app's store encrypts and reads with its own settings' keys."""
+    first = create_app(settings_for(config_file, store.url, queue_prefix, encryption_key=OLD))
+    second = create_app(settings_for(config_file, store.url, queue_prefix, encryption_key=NEW))
+    plain = create_app(settings_for(config_file, store.url, queue_prefix))
+    one, two = first.extensions["courier.store"], second.extensions["courier.store"]
+    try:
+        ids = {kid(OLD): accept(one, b'{"app": 1}'), kid(NEW): accept(two, b'{"app": 2}')}
+        assert key_ids(raw(store, ALL_ENCRYPTED[0])) == {kid(OLD): 1, kid(NEW): 1}
+        with one.session() as s:
+            assert s.get(Message, ids[kid(OLD)]).body == b'{"app": 1}'
+            with pytest.raises(crypto.Unreadable, match=f"key id {kid(NEW)}"):
+                s.get(Message, ids[kid(NEW)]).body
+        with two.session() as s:
+            assert s.get(Message, ids[kid(NEW)]).body == b'{"app": 2}'
+        assert plain.extensions["courier.store"].keys.current_id is None and store.keys.current_id is None
+    finally:
+        for app in (first, second, plain):
+            app.extensions["courier.store"].dispose()
+
+
+def test_a_shared_engine_refuses_a_second_set_of_keys(store):
+    """Two Courier apps on one host engine must agree on the keys (Store attaches its ring to the engine)."""
+    host_engine = make_engine(store.url)  # a host's engine (PostgreSQL): shared by the stores, not copied
+    try:
+        first = Store(host_engine, keys=crypto.parse_keys(OLD))
+        Store(host_engine, keys=crypto.parse_keys(OLD))  # the same keys again: fine
+        for other in (crypto.parse_keys(NEW), crypto.NO_KEYS):
+            with pytest.raises(ValueError, match=f"already carries other COURIER_ENCRYPTION_KEY keys \\(key ids {kid(OLD)}\\)"):
+                Store(host_engine, keys=other)
+        assert first.keys.current_id == kid(OLD)
+    finally:
+        host_engine.dispose()

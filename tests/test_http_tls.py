@@ -17,7 +17,7 @@ from courier.adapters.base import TlsFiles
 from courier.adapters.http import HttpAdapter
 from courier.app import create_app
 from courier.app.store import outbox
-from courier.app.settings import load_routing
+from courier.app.config import load_routing
 from courier.tasks.deliver import run_batch
 from tests.conftest import settings_for, write_config
 from tests.test_config import BASE, line_of, problems_of, write

@@ -587,7 +587,8 @@ def test_listener_survives_random_and_mutated_input_without_partial_store(listen
 # --- configuration ----------------------------------------------------------------------------
 
 def test_bad_mllp_senders_and_networks_are_refused_with_file_and_line(tmp_path):
-    from courier.app.settings import ConfigError, load_routing
+    from courier.app.settings import ConfigError
+    from courier.app.config import load_routing
 
     path = tmp_path / "courier.yml"
     path.write_text("sources:\n"

@@ -18,7 +18,8 @@ from courier.app.store import ordering, outbox
 from courier.app.store.db import Store
 from courier.app.ingest import ingest
 from courier.app.store.models import Delivery
-from courier.app.settings import Destination, RetryPolicy, load_routing
+from courier.app.settings import Destination, RetryPolicy
+from courier.app.config import load_routing
 from tests.conftest import HL7_SAMPLES, settings_for
 
 T0 = datetime(2030, 1, 1, 12, 0, tzinfo=timezone.utc)  # after any real "now": everything accepted is due

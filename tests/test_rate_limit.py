@@ -18,7 +18,8 @@ from sqlalchemy import func, select, text
 from courier.app import create_app
 from courier.app.store import ratelimit, tokens
 from courier.app.store.models import Message
-from courier.app.settings import ConfigError, RateLimit, load_routing
+from courier.app.settings import ConfigError, RateLimit
+from courier.app.config import load_routing
 from tests.conftest import settings_for, write_config
 from tests.mllp_peers import Client
 from tests.processes import VENV_BIN, running_courier

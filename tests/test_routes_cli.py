@@ -26,7 +26,7 @@ from sqlalchemy import func, select
 from courier import adapters
 from courier.app.domain import governance
 from courier.app.store.models import Delivery, Message
-from courier.app.settings import load_routing
+from courier.app.config import load_routing
 from courier.app.domain.transforms import LEDGER_COLUMNS
 from courier.tasks.cli import cli
 from tests.conftest import HL7_SAMPLES

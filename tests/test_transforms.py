@@ -31,7 +31,8 @@ from courier.app.domain import canonical, governance, transforms
 from courier.app.hl7 import to_canonical
 from courier.app.domain.canonical import walk
 from courier.app.hl7.er7 import parse, parse_all
-from courier.app.settings import ConfigError, load_routing, load_settings, settings_from_config
+from courier.app.settings import ConfigError
+from courier.app.config import load_routing, load_settings, settings_from_config
 from courier.app.domain.transforms import Envelope, TransformError
 from tests.test_canonical import (BATCH_MAPPING_REFUSED, BATCHES, EXPECTED_EVENT, EXTRA_SIU, MAPPING_REFUSED, VALID,
                                   dft_text, ft1, hl7_escape, read)

@@ -16,8 +16,9 @@ configured, or whose token fails its integrity check, raises Unreadable naming t
 never ciphertext or garbage in place of a body.
 
 The column types EncryptedBytes and EncryptedText apply this to every statement, ORM and
-Core alike, with the key ring that `install` set for the process (courier.app.settings.load_settings
-does, so the web, worker, relay, MLLP and CLI processes all have it).
+Core alike, with the key ring `attach`ed to the engine that runs it: each Store carries the ring of
+its own settings (courier.app.store.db.Store.from_settings), so two Courier apps in one process keep
+their own keys, and a process without a store has none.
 """
 from __future__ import annotations
 
@@ -26,11 +27,13 @@ import re
 from dataclasses import dataclass, field
 
 from cryptography.fernet import Fernet, InvalidToken
-from sqlalchemy import LargeBinary, Text
+from sqlalchemy import Connection, Engine, LargeBinary, Text
+from sqlalchemy.engine import Dialect
+from sqlalchemy.orm import Session
 from sqlalchemy.types import TypeDecorator
 
 __all__ = ["KEY_VARIABLE", "PREFIX", "KeyRing", "Unreadable", "EncryptedBytes", "EncryptedText", "parse_keys",
-           "install", "ring", "key_id", "stored_key_id"]
+           "attach", "ring_of", "ring_for", "key_id", "stored_key_id"]
 
 KEY_VARIABLE = "COURIER_ENCRYPTION_KEY"
 PREFIX = "fernet:"
@@ -122,37 +125,49 @@ def parse_keys(text: str | None) -> KeyRing:
     return KeyRing(keys)
 
 
-_ring = KeyRing()  # no key until settings install one: values are stored as they are
+NO_KEYS = KeyRing()  # an engine without a ring stores values as they are
+_ATTRIBUTE = "courier_key_ring"  # on the engine's dialect, the one object every statement's types are given
 
 
-def install(new: KeyRing) -> None:
-    """Make `new` the key ring of every store access in this process."""
-    global _ring
-    _ring = new
+def attach(engine: Engine, keys: KeyRing, *, replace: bool = False) -> None:
+    """Make `keys` the ring of every Courier column read or written through `engine`.
+
+    An engine shared with a host (or with a second Courier app) keeps one ring: other keys are
+    refused unless `replace` (a key change in tests and benchmarks) says they are meant."""
+    held = getattr(engine.dialect, _ATTRIBUTE, None)
+    if held is not None and not replace and list(held.keys) != list(keys.keys):
+        raise ValueError(f"this database engine already carries other {KEY_VARIABLE} keys (key ids "
+                         f"{', '.join(held.keys) or 'none'}): every Courier app on one engine must use the same keys")
+    setattr(engine.dialect, _ATTRIBUTE, keys)
 
 
-def ring() -> KeyRing:
-    return _ring
+def ring_of(dialect: Dialect) -> KeyRing:
+    return getattr(dialect, _ATTRIBUTE, NO_KEYS)
+
+
+def ring_for(session: Session | Connection) -> KeyRing:
+    """The ring of the engine `session` (or a connection) works on."""
+    return ring_of(session.get_bind().dialect if isinstance(session, Session) else session.dialect)
 
 
 class EncryptedBytes(TypeDecorator):
-    """A LargeBinary column stored encrypted under the process's key ring (message bodies)."""
+    """A LargeBinary column stored encrypted under its engine's key ring (message bodies)."""
 
     impl = LargeBinary
     cache_ok = True
 
     def process_bind_param(self, value, dialect):
-        return None if value is None else _ring.seal(bytes(value))
+        return None if value is None else ring_of(dialect).seal(bytes(value))
 
     def process_result_value(self, value, dialect):
-        return None if value is None else _ring.unseal(bytes(value))
+        return None if value is None else ring_of(dialect).unseal(bytes(value))
 
     def coerce_compared_value(self, op, value):
         return self.impl_instance  # a comparison's literal is not encrypted (it would never match)
 
 
 class EncryptedText(TypeDecorator):
-    """A Text column stored encrypted under the process's key ring (attempt details, last errors).
+    """A Text column stored encrypted under its engine's key ring (attempt details, last errors).
 
     `clear_prefix`: a value starting with it keeps it readable, so SQL can still select by it
     (a fixed word such as "waiting: ", never data); the rest is encrypted.
@@ -174,13 +189,13 @@ class EncryptedText(TypeDecorator):
         if value is None:
             return None
         head, rest = self._split(value)
-        return head + _ring.seal_text(rest)
+        return head + ring_of(dialect).seal_text(rest)
 
     def process_result_value(self, value, dialect):
         if value is None:
             return None
         head, rest = self._split(value)
-        return head + _ring.unseal_text(rest)
+        return head + ring_of(dialect).unseal_text(rest)
 
     def coerce_compared_value(self, op, value):
         return self.impl_instance  # startswith("waiting: ") compares the clear prefix as it is

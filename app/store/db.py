@@ -14,6 +14,8 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
 from courier.app.observability import Outage
+from courier.app.settings import Settings
+from courier.app.store import crypto
 
 # What the outage line tells an operator to do (README: Debian's PostgreSQL cluster of whatever version).
 POSTGRES_START = "start it with `pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start`"
@@ -54,9 +56,9 @@ def make_engine(url: str, **kwargs) -> Engine:
 
 
 class Store:
-    """One engine and session factory per process."""
+    """One engine and session factory per app, with the encryption key ring of its settings (crypto.attach)."""
 
-    def __init__(self, url: str | Engine, **engine_kwargs):
+    def __init__(self, url: str | Engine, *, keys: crypto.KeyRing = crypto.NO_KEYS, **engine_kwargs):
         if isinstance(url, Engine) and url.dialect.name != "sqlite":
             self.engine = url  # a host application's engine: share its pool
         else:  # SQLite gets Courier's own engine on the same file: it needs WAL and BEGIN IMMEDIATE
@@ -64,6 +66,18 @@ class Store:
             self.engine = make_engine(url, **engine_kwargs)
         self.url = self.engine.url.render_as_string(hide_password=False)
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
+        crypto.attach(self.engine, keys)
+
+    @property
+    def keys(self) -> crypto.KeyRing:
+        """The encryption key ring of this store's engine (crypto.attach)."""
+        return crypto.ring_of(self.engine.dialect)
+
+    @classmethod
+    def from_settings(cls, settings: Settings, engine: Engine | None = None, **engine_kwargs) -> Store:
+        """The store of `settings` (DATABASE_URL, or a host's `engine`) under COURIER_ENCRYPTION_KEY's ring."""
+        return cls(engine if engine is not None else settings.database_url,
+                   keys=crypto.parse_keys(settings.encryption_key), **engine_kwargs)
 
     @property
     def is_postgres(self) -> bool:

@@ -25,7 +25,7 @@ NAMING = {
     "pk": "pk_%(table_name)s",
 }
 
-# Delivery statuses (SPEC.md). The first three are "open": the relay may still act on them.
+# Delivery statuses (docs/api.md). The first three are "open": the relay may still act on them.
 PENDING, IN_FLIGHT, RETRYING, DELIVERED, DEAD = "pending", "in_flight", "retrying", "delivered", "dead"
 OPEN_STATUSES = (PENDING, IN_FLIGHT, RETRYING)
 

@@ -51,17 +51,17 @@ def fit(key: str) -> str:
     return key if len(key) <= MAX_KEY else hashlib.sha256(key.encode("utf-8")).hexdigest()
 
 
-def stored(key: str) -> str:
-    """`key` as Delivery.order_key holds it and `lock` names it: with encryption at rest
-    (COURIER_ENCRYPTION_KEY) its keyed pseudonym, else as it is (`fit`).
+def stored(key: str, keys: crypto.KeyRing) -> str:
+    """`key` as Delivery.order_key holds it and `lock` names it: with encryption at rest (the store's
+    `keys` hold a COURIER_ENCRYPTION_KEY) its keyed pseudonym, else as it is (`fit`).
 
     Keyed with COURIER_PSEUDONYM_KEY, not the Fernet keys: a waiting delivery's key must
-    still equal a new message's after an encryption key rotation. courier.app.settings refuses to
+    still equal a new message's after an encryption key rotation. courier.app.config refuses to
     start without it; should it be missing all the same, this raises MissingKey rather
     than store the key in the clear.
     """
     key = fit(key)
-    if crypto.ring().current_id is None:
+    if keys.current_id is None:
         return key
     secret = governance.process_key()
     if secret is None:

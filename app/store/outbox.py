@@ -79,8 +79,9 @@ def accept(session: Session, new: NewMessage, destinations: list[str],
     sends one key's deliveries in id order, so their ids must follow acceptance order.
     Core statements, not ORM objects: this is the hot path of every ingest.
     """
-    keys = {d: ordering.stored(k) for d, k in (order_keys or {}).items() if d in destinations and k is not None}
-    # Pitfall 8 for ordered keys: ids are made before commit, so two concurrent ingests of
+    ring = crypto.ring_for(session)
+    keys = {d: ordering.stored(k, ring) for d, k in (order_keys or {}).items() if d in destinations and k is not None}
+    # docs/design.md, pitfall 8, for ordered keys: ids are made before commit, so two concurrent ingests of
     # one key could commit out of id order, and the relay could send the later one before
     # the earlier one is even visible. PostgreSQL: an advisory lock per (destination, key),
     # held until commit, makes them take turns, so an id is made only after every earlier
@@ -293,7 +294,7 @@ def begin_attempts(session: Session, items: list[tuple[str, int]], destinations:
             refused[row.id] = DEAD
             continue
         try:
-            body = crypto.ring().unseal(row.body)
+            body = crypto.ring_for(session).unseal(row.body)
         except crypto.Unreadable as exc:
             log.error("delivery %s: cannot decrypt its message's body: %s", row.id, exc)
             _set(session, row.id, status=RETRYING, due_at=now + KEY_RECHECK, updated_at=now,

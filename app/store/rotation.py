@@ -149,7 +149,7 @@ def rotate(store: Store, *, actor: str, batch: int = DEFAULT_BATCH, dry_run: boo
     A dry run counts what would be rewritten and changes nothing. Values under a key that
     is not configured are left as they are and counted by key id.
     """
-    current = crypto.ring().current_id
+    current = store.keys.current_id
     if current is None:
         raise ValueError(f"{crypto.KEY_VARIABLE} is not set: there is no key to re-encrypt under")
     if batch < 1:
@@ -165,7 +165,7 @@ def rotate(store: Store, *, actor: str, batch: int = DEFAULT_BATCH, dry_run: boo
     order_key = Delivery.__table__.c.order_key  # not encrypted: a keyed pseudonym (courier.app.store.ordering.stored)
     result.columns[ORDER_KEYS] = _rewrite(
         store, order_key, order_key, [order_key.is_not(None), ~order_key.startswith(governance.PREFIX)],
-        lambda stored, dialect: ordering.stored(stored), name=ORDER_KEYS, **options)
+        lambda stored, dialect: ordering.stored(stored, crypto.ring_of(dialect)), name=ORDER_KEYS, **options)
     if not dry_run:
         with store.session() as session:
             audit.record(session, actor=actor, action="key_rotate", target=f"stored values, to key id {current}",

@@ -1,4 +1,4 @@
-"""The HTTP API of SPEC.md: ingest, message traces, delivery lists, operator actions, health.
+"""The HTTP API (docs/api.md): ingest, message traces, delivery lists, operator actions, health.
 
 Errors are always `{"error": {"code", "message", "details"}}`. Handlers stay
 thin: parsing and storing live in `courier.app.ingest`, status changes in `courier.app.store.outbox`.

@@ -19,7 +19,7 @@ from courier.app.store import outbox
 from courier.app.ingest import HL7_TYPES, EventSchema
 from courier.app.web.schemas import PauseSchema, ReasonSchema, ReplayFilterSchema
 
-# Statuses as SPEC.md names them; documentation only, the handlers decide what they accept.
+# Statuses as docs/api.md names them; documentation only, the handlers decide what they accept.
 DELIVERY_STATUSES = ["pending", "in_flight", "retrying", "delivered", "dead"]
 MESSAGE_STATUSES = ["accepted", "unrouted"]
 

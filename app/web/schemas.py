@@ -4,7 +4,7 @@ from __future__ import annotations
 from flask import current_app
 from marshmallow import ValidationError, fields, validate, validates, validates_schema
 
-from courier.app.settings import StrictSchema
+from courier.app.config import StrictSchema
 from courier.app.store import outbox
 
 # PostgreSQL text cannot hold NUL: refused here (422) rather than by the store (a DataError, 503).
