@@ -26,7 +26,7 @@ from sqlalchemy import create_engine, func, select, text  # noqa: E402
 from sqlalchemy.engine import make_url  # noqa: E402
 
 from courier.app.store import outbox  # noqa: E402
-from courier.app.cli import alembic_config  # noqa: E402
+from courier.app.store.schema import alembic_config  # noqa: E402
 from courier.app.store.db import Store  # noqa: E402
 from courier.app.store.models import Delivery  # noqa: E402
 from tests.conftest import ADMIN_URL, BROKER_URL, write_config  # noqa: E402

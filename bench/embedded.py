@@ -28,7 +28,7 @@ from sqlalchemy.orm import Session
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from courier.app.cli import migrate  # noqa: E402
+from courier.app.store.schema import migrate  # noqa: E402
 from courier.app.store.models import Delivery  # noqa: E402
 from bench.infra import free_port  # noqa: E402
 from courier import Courier  # noqa: E402

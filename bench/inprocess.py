@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import yaml  # noqa: E402
 from alembic import command  # noqa: E402
 
-from courier.app.cli import alembic_config  # noqa: E402
+from courier.app.store.schema import alembic_config  # noqa: E402
 from courier.app.store.db import Store  # noqa: E402
 from courier.app.ingest import ingest  # noqa: E402
 from courier.app.settings import RoutingConfig

@@ -30,7 +30,7 @@ from sqlalchemy import text  # noqa: E402
 from courier.app.web import api
 from courier.app import create_app
 from courier.app.store import tokens  # noqa: E402
-from courier.app.cli import alembic_config  # noqa: E402
+from courier.app.store.schema import alembic_config  # noqa: E402
 from courier.app.store.db import Store  # noqa: E402
 from courier.app.store.models import Delivery, Message  # noqa: E402
 from tests.conftest import fresh_database, settings_for, write_config  # noqa: E402

@@ -53,7 +53,7 @@ if context.is_offline_mode():
     context.configure(url=config.get_main_option("sqlalchemy.url"), literal_binds=True, **OPTIONS)
     with context.begin_transaction():
         context.run_migrations()
-elif config.attributes.get("connection") is not None:  # a host's engine, shared (courier.app.cli.migrate)
+elif config.attributes.get("connection") is not None:  # a host's engine, shared (courier.app.store.schema.migrate)
     run_on(config.attributes["connection"])
 else:
     engine = make_engine(config.get_main_option("sqlalchemy.url"))

@@ -8,7 +8,8 @@ from flask import current_app
 from flask.cli import FlaskGroup
 
 from courier.app import create_app
-from courier.app.cli import COMMANDS, with_appcontext
+from courier.app.cli import actions, config, db, keys, purge, routes, tokens, views
+from courier.app.cli.common import with_appcontext
 from courier.app.hl7.listener import mllp_command  # imports python-hl7 only when a listener starts
 from courier.tasks.flower import flower_command
 from courier.tasks.install import install_group
@@ -50,6 +51,9 @@ cli = CourierGroup(name="courier", create_app=_create_app, add_version_option=Fa
                    help="Courier: durable message delivery for healthcare integration.")
 # The same commands under `flask --app HOST courier ...`, configured by the host's COURIER_* keys.
 host_cli = click.Group("courier", help="Courier's commands, configured by this app's COURIER_* settings.")
+COMMANDS = (db.db_group, config.config_group, tokens.tokens_group, actions.replay_command,
+            actions.destinations_group, actions.audit_command, routes.routes_group, views.messages_group,
+            views.deliveries_group, views.stats_command, purge.purge_command, keys.keys_group)
 for command in COMMANDS + (relay_command, mllp_command):
     cli.add_command(command)
     host_cli.add_command(command)

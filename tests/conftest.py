@@ -55,7 +55,7 @@ def pg_url():
     """A fresh database for this test run, at Alembic head; dropped afterwards."""
     from alembic import command
 
-    from courier.app.cli import alembic_config
+    from courier.app.store.schema import alembic_config
 
     with fresh_database("courier_test") as url:
         command.upgrade(alembic_config(url), "head")
@@ -101,7 +101,7 @@ def sqlite_store(tmp_path):
     """A SQLite store in tmp_path, migrated by Alembic: for the tests about SQLite support."""
     from alembic import command
 
-    from courier.app.cli import alembic_config
+    from courier.app.store.schema import alembic_config
 
     url = f"sqlite:///{tmp_path}/courier.db"
     command.upgrade(alembic_config(url), "head")

@@ -338,7 +338,7 @@ except IngestError as exc:
 
 def test_a_host_on_sqlite_commits_and_rolls_back_with_its_events(tmp_path, sink, queue_prefix):
     """pysqlite's default mode commits at a savepoint's RELEASE; emit must not use one there."""
-    from courier.app.cli import migrate
+    from courier.app.store.schema import migrate
 
     app = create_app({"DATABASE_URL": f"sqlite:///{tmp_path}/supplyroom.db", "COURIER_QUEUE_PREFIX": queue_prefix})
     engine = app.extensions["supplyroom.engine"]

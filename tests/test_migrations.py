@@ -16,7 +16,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import inspect, text
 
-from courier.app.cli import alembic_config
+from courier.app.store.schema import alembic_config
 from courier.app.store.db import make_engine
 from courier.app.store.models import Base
 from tests.conftest import fresh_database
@@ -32,7 +32,7 @@ def head_revision() -> str:
     """The newest revision in migrations/versions."""
     from alembic.script import ScriptDirectory
 
-    from courier.app.cli import alembic_config
+    from courier.app.store.schema import alembic_config
     return ScriptDirectory.from_config(alembic_config("sqlite://")).get_current_head()
 DUE_WHERE_STATUSES = ("'pending'", "'in_flight'", "'retrying'")
 

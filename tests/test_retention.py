@@ -11,7 +11,7 @@ from sqlalchemy import select, text
 from sqlalchemy.exc import DBAPIError
 
 from courier.app.store import audit, outbox, retention
-from courier.app.cli import alembic_config
+from courier.app.store.schema import alembic_config
 from courier.app.store.db import make_engine
 from courier.app.store.models import (ACCEPTED, DEAD, DELIVERED, PENDING, RETRYING, UNROUTED, AuditRecord, Delivery, Message,
                         utcnow)

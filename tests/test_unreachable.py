@@ -26,7 +26,7 @@ import pytest
 from alembic import command
 from sqlalchemy.engine import make_url
 
-from courier.app.cli import alembic_config
+from courier.app.store.schema import alembic_config
 from tests.conftest import BROKER_URL, fresh_database
 from tests.mllp_peers import Client
 from tests.processes import VENV_BIN

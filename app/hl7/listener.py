@@ -33,7 +33,7 @@ import click
 from flask import current_app
 
 from courier.app import tls
-from courier.app.cli import with_appcontext
+from courier.app.cli.common import with_appcontext
 from courier.app.store.db import StoreWatch
 from courier.app.observability import current_correlation_id, with_new_correlation
 from courier.app.settings import ConfigError, env_duration, env_int

@@ -1,4 +1,5 @@
-"""Read-only operator reports shared by the HTTP API and the `courier` CLI, so both say the same."""
+"""Read-only operator reports shared by the HTTP API and the `courier` CLI, so both say the same: the
+reconciliation counts, and the documents of a message, a delivery and an attempt."""
 from __future__ import annotations
 
 from datetime import datetime
@@ -6,7 +7,7 @@ from datetime import datetime
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from courier.app.store.models import OPEN_STATUSES, Delivery, Message
+from courier.app.store.models import OPEN_STATUSES, Attempt, Delivery, Message
 
 
 def reconciliation(session: Session, since: datetime | None = None) -> dict[str, dict[str, int]]:
@@ -26,4 +27,33 @@ def reconciliation(session: Session, since: datetime | None = None) -> dict[str,
     return totals
 
 
-__all__ = ["reconciliation"]
+def iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value else None
+
+
+def delivery_doc(d: Delivery, with_log: bool = False) -> dict:
+    body = {"id": d.id, "message_id": d.message_id, "destination": d.destination, "status": d.status,
+            "attempts": d.attempts, "last_error": d.last_error,
+            "next_attempt_at": iso(d.due_at) if d.status in ("pending", "retrying") else None,
+            "lease_expires_at": iso(d.due_at) if d.status == "in_flight" else None,
+            "delivered_at": iso(d.delivered_at), "created_at": iso(d.created_at),
+            "updated_at": iso(d.updated_at)}
+    if with_log:
+        body["attempt_log"] = [attempt_doc(a) for a in d.attempt_log]
+    return body
+
+
+def attempt_doc(a: Attempt) -> dict:
+    return {"number": a.number, "started_at": iso(a.started_at), "duration_ms": a.duration_ms,
+            "outcome": a.outcome, "status_code": a.status_code, "detail": a.detail}
+
+
+def message_doc(m: Message) -> dict:
+    return {"id": m.id, "source": m.source, "type": m.type, "status": m.status,
+            "content_type": m.content_type, "size": m.size, "idempotency_key": m.dedup_key,
+            "correlation_id": m.correlation_id, "received_at": iso(m.received_at),
+            # Retention removed the body (it is no longer stored); the metadata and trace remain.
+            "body_purged": m.purged_at is not None, "purged_at": iso(m.purged_at)}
+
+
+__all__ = ["reconciliation", "iso", "message_doc", "delivery_doc", "attempt_doc"]

@@ -20,7 +20,7 @@ from werkzeug.exceptions import HTTPException
 from courier.app.store import audit, circuits, models, outbox, reports, tokens
 from courier.app.store.db import Store
 from courier.app.ingest import IngestError, ingest, json_object
-from courier.app.store.models import Attempt, AuditRecord, Delivery, Message, utcnow
+from courier.app.store.models import AuditRecord, Delivery, Message, utcnow
 from courier.app.settings import Settings
 from courier.app.web.schemas import PauseSchema, ReasonSchema, ReplayFilterSchema
 
@@ -112,35 +112,6 @@ def _accepted(message: outbox.Stored, deliveries: list[dict], created: bool) -> 
 
 
 # --- read side ------------------------------------------------------------
-
-def _iso(value: datetime | None) -> str | None:
-    return value.isoformat() if value else None
-
-
-def _delivery(d: Delivery, with_log: bool = False) -> dict:
-    body = {"id": d.id, "message_id": d.message_id, "destination": d.destination, "status": d.status,
-            "attempts": d.attempts, "last_error": d.last_error,
-            "next_attempt_at": _iso(d.due_at) if d.status in ("pending", "retrying") else None,
-            "lease_expires_at": _iso(d.due_at) if d.status == "in_flight" else None,
-            "delivered_at": _iso(d.delivered_at), "created_at": _iso(d.created_at),
-            "updated_at": _iso(d.updated_at)}
-    if with_log:
-        body["attempt_log"] = [_attempt(a) for a in d.attempt_log]
-    return body
-
-
-def _attempt(a: Attempt) -> dict:
-    return {"number": a.number, "started_at": _iso(a.started_at), "duration_ms": a.duration_ms,
-            "outcome": a.outcome, "status_code": a.status_code, "detail": a.detail}
-
-
-def _message(m: Message) -> dict:
-    return {"id": m.id, "source": m.source, "type": m.type, "status": m.status,
-            "content_type": m.content_type, "size": m.size, "idempotency_key": m.dedup_key,
-            "correlation_id": m.correlation_id, "received_at": _iso(m.received_at),
-            # Retention removed the body (it is no longer stored); the metadata and trace remain.
-            "body_purged": m.purged_at is not None, "purged_at": _iso(m.purged_at)}
-
 
 def _since(name: str = "since") -> datetime | None:
     raw = request.args.get(name)
@@ -253,7 +224,7 @@ def messages_query():
 @require("read")
 def list_messages():
     """Messages newest first, filtered by status, source, type, idempotency_key and a [since, until) window."""
-    return _page(messages_query(), Message.id, _message, Message.received_at)
+    return _page(messages_query(), Message.id, reports.message_doc, Message.received_at)
 
 
 @bp.get("/api/v1/messages/<message_id>")
@@ -263,8 +234,8 @@ def get_message(message_id: str):
         message = outbox.trace(session, message_id)
         if message is None:
             return error(404, "not_found", f"no message {message_id!r}")
-        body = _message(message)
-        body["deliveries"] = [_delivery(d, with_log=True) for d in message.deliveries]
+        body = reports.message_doc(message)
+        body["deliveries"] = [reports.delivery_doc(d, with_log=True) for d in message.deliveries]
     return jsonify(body)
 
 
@@ -272,7 +243,7 @@ def get_message(message_id: str):
 @require("read")
 def list_deliveries():
     """Deliveries newest first (time-ordered ids), filtered by status and destination."""
-    return _page(deliveries_query(), Delivery.id, _delivery)
+    return _page(deliveries_query(), Delivery.id, reports.delivery_doc)
 
 
 def deliveries_query():
@@ -305,12 +276,12 @@ def _destinations(only: str | None = None) -> list[dict]:
         row = rows.get(name)
         items.append({
             "name": name, "owner": dest.owner, "clearance": dest.clearance,
-            "backlog": counts["backlog"], "dead": counts["dead"], "last_success_at": _iso(counts["last_success_at"]),
+            "backlog": counts["backlog"], "dead": counts["dead"], "last_success_at": reports.iso(counts["last_success_at"]),
             "circuit": circuits.shown_state(row, now),
-            "circuit_open_until": _iso(row.open_until) if row and row.state != circuits.CLOSED else None,
-            "circuit_changed_at": _iso(row.changed_at) if row else None,
+            "circuit_open_until": reports.iso(row.open_until) if row and row.state != circuits.CLOSED else None,
+            "circuit_changed_at": reports.iso(row.changed_at) if row else None,
             "consecutive_failures": row.failures if row else 0,
-            "paused": bool(row and row.paused_at), "paused_at": _iso(row.paused_at) if row else None,
+            "paused": bool(row and row.paused_at), "paused_at": reports.iso(row.paused_at) if row else None,
             "paused_by": row.paused_by if row else None, "pause_reason": row.pause_reason if row else None,
         })
     return items
@@ -323,7 +294,7 @@ def reconciliation():
     since = _since()
     with store().session() as session:
         totals = reports.reconciliation(session, since)
-    return jsonify({"since": _iso(since), "destinations": totals})
+    return jsonify({"since": reports.iso(since), "destinations": totals})
 
 
 # --- operator actions: replay, pause, resume, audit ------------------------
@@ -356,7 +327,7 @@ def replay_delivery(delivery_id: str):
                          "delivered deliveries can be replayed", {"status": delivery.status})
         outbox.replay(session, [delivery_id], actor=_actor(), reason=body["reason"])
         session.refresh(delivery)
-        return jsonify(_delivery(delivery, with_log=True))
+        return jsonify(reports.delivery_doc(delivery, with_log=True))
 
 
 @bp.post("/api/v1/deliveries/replay")
@@ -400,7 +371,7 @@ def resume_destination(name: str):
 
 
 def _audit(r: AuditRecord) -> dict:
-    return {"id": str(r.id), "at": _iso(r.at), "actor": r.actor, "action": r.action, "target": r.target,
+    return {"id": str(r.id), "at": reports.iso(r.at), "actor": r.actor, "action": r.action, "target": r.target,
             "reason": r.reason, "details": audit.details_of(r)}
 
 
