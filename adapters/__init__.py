@@ -4,22 +4,15 @@
 is one line here plus its module. Classes are imported only when resolved, so
 importing this package does not pull in requests or a database driver.
 
-This package knows nothing of `app` or `tasks`: it sends and classifies
-failures (TemporaryError / PermanentError); the caller decides about retries.
+This package (courier.adapters) imports nothing of courier.app or courier.tasks (an import
+contract in pyproject.toml): it sends and classifies failures (TemporaryError / PermanentError);
+the caller decides about retries.
 """
 from __future__ import annotations
 
 import importlib
 
-from courier.adapters.base import (
-    Adapter,
-    DeliveryError,
-    Outgoing,
-    PermanentError,
-    Sent,
-    TemporaryError,
-    scheme_of,
-)
+from courier.adapters.base import Adapter, DeliveryError, Outgoing, PermanentError, Sent, TemporaryError, scheme_of
 
 __all__ = [
     "SCHEMES", "UnknownScheme", "scheme_of", "resolve", "open_adapter",

@@ -79,7 +79,8 @@ from urllib.parse import urlsplit
 
 import requests
 
-from courier.adapters.base import Adapter, DeliveryError, Outgoing, PermanentError, Sent, TemporaryError, TlsFiles, scheme_of
+from courier.adapters.base import (Adapter, DeliveryError, Outgoing, PermanentError, Sent, TemporaryError, TlsFiles,
+                                   scheme_of)
 
 try:
     _VERSION = metadata.version("courier")

@@ -1,25 +1,34 @@
-"""Courier's web side: the Flask app factory, settings, store, outbox and API.
+"""Courier's web side (courier.app): the Flask app factory, and everything a message meets before a worker.
 
-`create_app()` builds the app from the same `Settings` that `courier.tasks.celery_app`
-uses, so the web process, the relay and the workers can never disagree about
-the database, the broker or the routes (the pattern of pypi/warehouse's
+    settings    what a process runs with (plain data); config reads and validates it
+    web/        the JSON API, its schemas and OpenAPI document
+    hl7/        HL7 v2 text (er7), HL7 -> canonical (to_canonical), the MLLP listener
+    ingest      the one way in (HTTP, MLLP, `emit`): validate, route, store
+    store/      tables, outbox, ordering, circuits, rate limits, tokens, audit, retention, encryption
+    domain/     canonical models, transforms, governance (no I/O)
+    cli/        the operator commands
+    metrics, observability, tls: shared by every process
+
+Imports nothing of courier.tasks (import contracts in pyproject.toml). `create_app()` builds the app
+from the same `Settings` that `courier.tasks.celery_app` uses, so the web process, the relay and the
+workers can never disagree about the database, the broker or the routes (the pattern of pypi/warehouse's
 `configure()`).
 """
 from __future__ import annotations
 
 from flask import Flask
 
-from courier.app.settings import Settings
 from courier.app.config import load_settings
+from courier.app.settings import Settings
 
 __all__ = ["create_app"]
 
 
 def create_app(settings: Settings | None = None, test_config: dict | None = None) -> Flask:
     """Build the Flask app; `settings` defaults to the environment and COURIER_CONFIG."""
-    from courier.app.web import api
-    from courier.app.store import db
     from courier.app import observability
+    from courier.app.store import db
+    from courier.app.web import api
 
     settings = settings or load_settings()
     flask_app = Flask(__name__, instance_relative_config=False)

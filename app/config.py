@@ -25,9 +25,9 @@ from marshmallow import RAISE, Schema, ValidationError, fields, post_load, valid
 from courier import adapters
 from courier.adapters.base import TlsFiles
 from courier.app.domain import canonical, governance, transforms
-from courier.app.settings import (DEFAULT_DATABASE_URL, CircuitPolicy, ConfigError, Destination, RateLimit,
-                                  RetryPolicy, Route, RoutingConfig, Settings, Source, env_duration, env_int,
-                                  parse_duration, parse_rate)
+from courier.app.settings import (DEFAULT_DATABASE_URL, CircuitPolicy, ConfigError, Destination, RateLimit, RetryPolicy,
+                                  Route, RoutingConfig, Settings, Source, env_duration, env_int, parse_duration,
+                                  parse_rate)
 from courier.app.store import crypto
 
 

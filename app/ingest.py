@@ -18,10 +18,10 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session
 
 from courier.app import metrics
+from courier.app.config import StrictSchema
+from courier.app.settings import RateLimit, RoutingConfig
 from courier.app.store import crypto, ordering, outbox, ratelimit
 from courier.app.store.db import Store
-from courier.app.settings import RateLimit, RoutingConfig
-from courier.app.config import StrictSchema
 
 JSON_TYPES = {"application/json"}
 HL7_TYPES = {"application/hl7-v2", "x-application/hl7-v2+er7"}

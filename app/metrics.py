@@ -33,8 +33,8 @@ if _dir:
     except OSError as exc:  # metrics must not stop a process from starting: the hooks log their failures
         logging.getLogger("courier.metrics").error("metrics directory %s unusable: %s", _dir, exc)
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest  # noqa: E402
-from prometheus_client import multiprocess, values  # noqa: E402
+from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram,  # noqa: E402
+                               generate_latest, multiprocess, values)
 from prometheus_client.core import GaugeMetricFamily  # noqa: E402
 from sqlalchemy import func, select  # noqa: E402
 from sqlalchemy.exc import SQLAlchemyError  # noqa: E402

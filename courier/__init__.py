@@ -47,10 +47,10 @@ class Courier:
 
     def init_app(self, app: Flask, *, engine: Engine | None = None, settings: Settings | None = None) -> None:
         """Mount the API under COURIER_URL_PREFIX and add `flask courier ...`; validates the config now."""
-        from courier.app.web import api
-        from courier.app.store.db import Store
-        from courier.app.settings import ConfigError
         from courier.app.config import settings_from_config
+        from courier.app.settings import ConfigError
+        from courier.app.store.db import Store
+        from courier.app.web import api
         from courier.tasks.cli import host_cli
 
         if settings is None:

@@ -23,9 +23,9 @@ from celery.worker.consumer import Consumer as CeleryConsumer
 from celery.worker.consumer.consumer import CONNECTION_ERROR
 from flask import Flask
 
-from courier.app.store.db import StoreWatch
 from courier.app.observability import Outage
 from courier.app.settings import Settings
+from courier.app.store.db import StoreWatch
 from courier.tasks.queues import declare_dead_letter_queues, delivery_queues
 
 log = logging.getLogger("courier.broker")
@@ -37,7 +37,8 @@ CHECK_BROKER_URL = "check BROKER_URL's user, password and virtual host"
 def broker_problem(exc: BaseException) -> tuple[str, str] | None:
     """(reason, hint) if `exc` is the broker unreachable, refusing the login or losing the connection; None
     for anything else. kombu re-raises socket errors as its OperationalError `from` the original."""
-    from amqp.exceptions import AccessRefused, ConnectionError as AmqpConnectionError
+    from amqp.exceptions import AccessRefused
+    from amqp.exceptions import ConnectionError as AmqpConnectionError
     from kombu.exceptions import OperationalError
 
     seen: set[int] = set()

@@ -14,12 +14,12 @@ from flask import current_app
 
 from courier import adapters
 from courier.app import metrics
-from courier.app.store import outbox
 from courier.app.domain import transforms
-from courier.app.store.models import DEAD, Delivery, utcnow
 from courier.app.observability import correlation
-from courier.app.store.db import Store
 from courier.app.settings import Destination, Settings
+from courier.app.store import outbox
+from courier.app.store.db import Store
+from courier.app.store.models import DEAD, Delivery, utcnow
 from courier.tasks.queues import publish_dead_letter
 
 log = logging.getLogger("courier.deliver")

@@ -20,9 +20,9 @@ import threading
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
+from courier.app.settings import Settings
 from courier.app.store import outbox
 from courier.app.store.db import Store
-from courier.app.settings import Settings
 from courier.tasks.deliver import run_batch
 from courier.tasks.relay import Relay
 

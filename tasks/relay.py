@@ -21,9 +21,9 @@ from typing import Callable, Iterator
 
 from celery import Celery
 
+from courier.app.settings import Settings
 from courier.app.store import outbox
 from courier.app.store.db import Store, store_outage, store_problem
-from courier.app.settings import Settings
 from courier.tasks.celery_app import broker_outage, broker_problem
 from courier.tasks.queues import declare_dead_letter_queues
 

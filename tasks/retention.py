@@ -9,8 +9,8 @@ from celery import Celery, shared_task
 from flask import current_app
 from kombu import Queue
 
-from courier.app.store import retention
 from courier.app.settings import Settings
+from courier.app.store import retention
 
 log = logging.getLogger("courier.retention")
 BEAT_PAUSE = 0.05  # seconds between batches: a scheduled purge yields the disk to live traffic

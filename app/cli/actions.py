@@ -1,12 +1,11 @@
 """`courier replay`, `courier destinations` and `courier audit`: the operator actions, each in the audit log."""
 from __future__ import annotations
 
-
 import click
 from flask import current_app
 
-from courier.app.store import audit, circuits, outbox
 from courier.app.cli.common import ISO_TIME, check_destination, store, with_appcontext
+from courier.app.store import audit, circuits, outbox
 
 
 @click.command("replay")

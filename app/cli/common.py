@@ -11,8 +11,8 @@ import click
 from flask import current_app
 from flask.cli import ScriptInfo
 
-from courier.app.store import audit
 from courier.app.settings import ConfigError
+from courier.app.store import audit
 
 
 def with_appcontext(f):

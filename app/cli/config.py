@@ -5,8 +5,8 @@ import sys
 
 import click
 
-from courier.app.settings import ConfigError
 from courier.app.config import load_settings
+from courier.app.settings import ConfigError
 
 
 @click.group("config")

@@ -8,9 +8,9 @@ from contextlib import ExitStack, contextmanager
 import click
 from flask import current_app
 
-from courier.app.store.schema import migrate
-from courier.app.store.db import make_engine, store_outage, store_problem
 from courier.app.settings import DEFAULT_DATABASE_URL, parse_duration
+from courier.app.store.db import make_engine, store_outage, store_problem
+from courier.app.store.schema import migrate
 
 
 @contextmanager

@@ -1,11 +1,10 @@
 """`courier purge`: retention by hand (the beat task does the same on COURIER_RETENTION)."""
 from __future__ import annotations
 
-
 import click
 
-from courier.app.settings import parse_duration
 from courier.app.cli.common import actor_option, cli_actor, store, with_appcontext
+from courier.app.settings import parse_duration
 
 
 @click.command("purge")

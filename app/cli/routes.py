@@ -11,11 +11,10 @@ import click
 from flask import current_app
 
 from courier.app import ingest
+from courier.app.cli.common import CONTROL
+from courier.app.config import load_settings
 from courier.app.domain import transforms
 from courier.app.settings import ConfigError, RoutingConfig
-from courier.app.config import load_settings
-from courier.app.cli.common import CONTROL
-
 
 DRY_RUN_DEAD = 3  # exit status: the message would be accepted, but a delivery would be dead at once
 def guess_content_type(body: bytes) -> str | None:

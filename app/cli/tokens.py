@@ -1,13 +1,12 @@
 """`courier tokens`: create and revoke API tokens (only their hashes are stored)."""
 from __future__ import annotations
 
-
 import click
 from flask import current_app
 
+from courier.app.cli.common import actor_option, cli_actor, with_appcontext
 from courier.app.store import audit
 from courier.app.store import tokens as token_store
-from courier.app.cli.common import actor_option, cli_actor, with_appcontext
 
 
 @click.group("tokens")

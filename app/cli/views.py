@@ -1,12 +1,11 @@
 """`courier messages show`, `courier deliveries list`, `courier stats`: where messages are, as the API says it."""
 from __future__ import annotations
 
-
 import click
 from flask import current_app
 
-from courier.app.store import circuits, outbox, reports  # reports: the API's documents, so both show the same
 from courier.app.cli.common import ISO_TIME, clean, echo_json, echo_table, json_option, store, with_appcontext
+from courier.app.store import circuits, outbox, reports  # reports: the API's documents, so both show the same
 
 
 @click.group("messages")

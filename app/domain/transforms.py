@@ -155,7 +155,7 @@ def _json_event(body: bytes) -> dict:
 
 def _hl7_events(body: bytes) -> list[dict]:
     try:
-        from courier.app.hl7 import to_canonical, er7
+        from courier.app.hl7 import er7, to_canonical
     except ImportError:  # python-hl7 is the [mllp] extra, imported only when an HL7 message comes
         raise TransformError("HL7 v2 support is not installed here (pip install 'courier[mllp]')") from None
     try:

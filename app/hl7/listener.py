@@ -34,9 +34,9 @@ from flask import current_app
 
 from courier.app import tls
 from courier.app.cli.common import with_appcontext
-from courier.app.store.db import StoreWatch
 from courier.app.observability import current_correlation_id, with_new_correlation
 from courier.app.settings import ConfigError, env_duration, env_int
+from courier.app.store.db import StoreWatch
 
 log = logging.getLogger("courier.mllp")
 

@@ -22,8 +22,8 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
-from courier.app.store.models import WAITING, Circuit, utcnow
 from courier.app.settings import Destination
+from courier.app.store.models import WAITING, Circuit, utcnow
 
 log = logging.getLogger("courier.circuit")
 CLOSED, OPEN, HALF_OPEN = "closed", "open", "half_open"

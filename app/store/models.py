@@ -9,10 +9,10 @@ import time
 import uuid
 from datetime import datetime, timezone
 
-from sqlalchemy import (BigInteger, DateTime, ForeignKey, Index, Integer, MetaData, String,
-                        Text, TypeDecorator, UniqueConstraint, literal_column, text)
-from sqlalchemy.sql.elements import ColumnElement
+from sqlalchemy import (BigInteger, DateTime, ForeignKey, Index, Integer, MetaData, String, Text, TypeDecorator,
+                        UniqueConstraint, literal_column, text)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy.sql.elements import ColumnElement
 
 from courier.app.store.crypto import EncryptedBytes, EncryptedText
 

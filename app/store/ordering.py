@@ -23,8 +23,8 @@ from sqlalchemy import exists, func, select, text
 from sqlalchemy.orm import Session, aliased
 from sqlalchemy.sql.elements import ColumnElement
 
-from courier.app.store import crypto
 from courier.app.domain import governance
+from courier.app.store import crypto
 from courier.app.store.models import Delivery, is_open, new_id
 
 if TYPE_CHECKING:  # HL7 v2 support is the optional [mllp] extra; a JSON-only install lacks it

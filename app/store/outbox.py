@@ -18,8 +18,8 @@ import logging
 import random
 import time
 from dataclasses import dataclass
-from functools import lru_cache
 from datetime import datetime, timedelta
+from functools import lru_cache
 from typing import Mapping
 
 from sqlalchemy import LargeBinary, and_, bindparam, func, insert, or_, select, text, type_coerce, update
@@ -27,10 +27,10 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session, defer
 
-from courier.app.store import audit, circuits, crypto, ordering
-from courier.app.store.models import (ACCEPTED, DEAD, DELIVERED, IN_FLIGHT, OPEN_STATUSES, PENDING, RETRYING, UNROUTED, is_open,
-                        Attempt, Circuit, Delivery, Message, new_id, utcnow)
 from courier.app.settings import Destination, RetryPolicy
+from courier.app.store import audit, circuits, crypto, ordering
+from courier.app.store.models import (ACCEPTED, DEAD, DELIVERED, IN_FLIGHT, OPEN_STATUSES, PENDING, RETRYING, UNROUTED,
+                                      Attempt, Circuit, Delivery, Message, is_open, new_id, utcnow)
 
 log = logging.getLogger("courier.outbox")
 NOTIFY_CHANNEL = "courier_outbox"

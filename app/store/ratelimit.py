@@ -16,8 +16,8 @@ from contextlib import contextmanager
 from sqlalchemy import text
 from sqlalchemy.engine import Engine
 
-from courier.app.store.db import Store
 from courier.app.settings import RateLimit
+from courier.app.store.db import Store
 
 US = 1_000_000  # tat and costs are integer microseconds: exact arithmetic in SQL, no float drift
 

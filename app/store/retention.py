@@ -22,10 +22,10 @@ from typing import Callable, Mapping
 from sqlalchemy import exists, func, select, update
 from sqlalchemy.orm import Session
 
+from courier.app.settings import parse_duration
 from courier.app.store import audit
 from courier.app.store.db import Store
 from courier.app.store.models import ACCEPTED, DELIVERED, Delivery, Message, utcnow
-from courier.app.settings import parse_duration
 
 DEFAULT_BATCH = 500
 DEFAULT_INTERVAL = 3600.0  # how often the beat task runs when retention is on

@@ -24,8 +24,8 @@ from typing import Callable
 from sqlalchemy import Column, bindparam, func, literal, select, type_coerce, update
 from sqlalchemy.orm import Session
 
-from courier.app.store import audit, crypto, ordering
 from courier.app.domain import governance
+from courier.app.store import audit, crypto, ordering
 from courier.app.store.db import Store
 from courier.app.store.models import Base, Delivery
 

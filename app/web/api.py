@@ -13,15 +13,15 @@ from functools import wraps
 from flask import Blueprint, Flask, current_app, g, jsonify, request, url_for
 from marshmallow import Schema, ValidationError
 from sqlalchemy import select, tuple_
-from sqlalchemy.orm import defer
 from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import defer
 from werkzeug.exceptions import HTTPException
 
+from courier.app.ingest import IngestError, ingest, json_object
+from courier.app.settings import Settings
 from courier.app.store import audit, circuits, models, outbox, reports, tokens
 from courier.app.store.db import Store
-from courier.app.ingest import IngestError, ingest, json_object
 from courier.app.store.models import AuditRecord, Delivery, Message, utcnow
-from courier.app.settings import Settings
 from courier.app.web.schemas import PauseSchema, ReasonSchema, ReplayFilterSchema
 
 log = logging.getLogger("courier.api")

@@ -15,8 +15,8 @@ from apispec.ext.marshmallow import MarshmallowPlugin
 from flask import current_app, request
 from marshmallow import Schema, fields, validate
 
-from courier.app.store import outbox
 from courier.app.ingest import HL7_TYPES, EventSchema
+from courier.app.store import outbox
 from courier.app.web.schemas import PauseSchema, ReasonSchema, ReplayFilterSchema
 
 # Statuses as docs/api.md names them; documentation only, the handlers decide what they accept.

@@ -7,9 +7,8 @@ Create Date: 2026-11-21
 The due index is partial: it holds only open deliveries, so the relay's query stays
 fast however many delivered rows accumulate.
 """
-from alembic import op
 import sqlalchemy as sa
-
+from alembic import op
 
 revision = '0001'
 down_revision = None

@@ -7,9 +7,8 @@ Create Date: 2026-11-21
 The circuit table is the breaker shared by every worker process; the audit log is
 append-only; order_key serialises deliveries of one key on ordered destinations.
 """
-from alembic import op
 import sqlalchemy as sa
-
+from alembic import op
 
 revision = '0002'
 down_revision = '0001'

@@ -9,9 +9,8 @@ On PostgreSQL a trigger refuses UPDATE and DELETE on courier_audit, so the log s
 append-only whatever connects to the database; TRUNCATE (tests, a deliberate reset) is
 not a row operation and stays possible for the table's owner.
 """
-from alembic import op
 import sqlalchemy as sa
-
+from alembic import op
 
 revision = '0003'
 down_revision = '0002'

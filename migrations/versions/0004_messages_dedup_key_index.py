@@ -9,7 +9,6 @@ GET /api/v1/messages?idempotency_key=... may come without a source; the unique i
 """
 from alembic import op
 
-
 revision = '0004'
 down_revision = '0003'
 branch_labels = None

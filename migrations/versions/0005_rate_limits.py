@@ -7,9 +7,8 @@ Create Date: 2026-11-21
 One row per rate-limited source holding its GCRA theoretical arrival time, so every web
 worker and MLLP listener counts against the same limit (courier.app.store.ratelimit).
 """
-from alembic import op
 import sqlalchemy as sa
-
+from alembic import op
 
 revision = '0005'
 down_revision = '0004'
