@@ -26,7 +26,7 @@ ADMIN_URL = os.environ.get("TEST_DATABASE_URL", "postgresql+psycopg://postgres@1
 BROKER_URL = os.environ.get("TEST_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672//")
 TABLES = ("courier_attempts", "courier_deliveries", "courier_messages", "courier_api_tokens", "courier_circuits",
           "courier_audit", "courier_rate_limits")
-HL7_SAMPLES = Path(__file__).resolve().parents[1].parent / "shared" / "hl7"
+HL7_SAMPLES = Path(__file__).resolve().parent / "data" / "hl7"
 
 
 def _admin_engine():

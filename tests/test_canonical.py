@@ -1,6 +1,6 @@
 """courier.app.domain.canonical (versioned, classified models) and courier.app.hl7.to_canonical (HL7 v2 -> canonical events).
 
-The real samples in shared/hl7 drive the mapping tests: every `valid` sample of a mapped
+The real samples in tests/data/hl7 drive the mapping tests: every `valid` sample of a mapped
 type goes through to_canonical, and what comes out is checked against values read from
 the file by plain string splitting (not by python-hl7, which the mapping itself uses),
 plus exact values picked by hand per message type.
@@ -28,7 +28,7 @@ from courier.app.hl7.to_canonical import MAPPINGS, MappingError, to_canonical
 from courier.app.hl7.er7 import Hl7Error, parse, parse_all
 from tests.test_hl7v2 import VALID_BUT_REFUSED
 
-SAMPLES = Path(__file__).resolve().parents[1].parent / "shared" / "hl7"
+SAMPLES = Path(__file__).resolve().parent / "data" / "hl7"
 ROWS = list(csv.DictReader((SAMPLES / "SOURCES.tsv").open(encoding="utf-8"), delimiter="\t")) \
     if (SAMPLES / "SOURCES.tsv").exists() else []
 

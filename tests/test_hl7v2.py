@@ -1,4 +1,4 @@
-"""courier.app.hl7.er7 against the real samples in shared/hl7 (driven by SOURCES.tsv), unit cases and fuzzing.
+"""courier.app.hl7.er7 against the real samples in tests/data/hl7 (driven by SOURCES.tsv), unit cases and fuzzing.
 
 Where SOURCES.tsv's `kind` and Courier's reading of a file differ, the file is listed
 below with the reason; every other file must behave exactly as its row says.
@@ -29,7 +29,7 @@ from courier.app.hl7.er7 import (
     split,
 )
 
-SAMPLES = Path(__file__).resolve().parents[1].parent / "shared" / "hl7"
+SAMPLES = Path(__file__).resolve().parent / "data" / "hl7"
 ROWS = list(csv.DictReader((SAMPLES / "SOURCES.tsv").open(encoding="utf-8"), delimiter="\t")) \
     if (SAMPLES / "SOURCES.tsv").exists() else []
 BAD_INPUTS = sorted(p for p in (SAMPLES / "nHapi" / "BadInputs").rglob("*") if p.is_file())

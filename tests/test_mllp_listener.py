@@ -3,7 +3,7 @@
 Clients: python-hl7's `mllp_send` console script (a blocking socket client), python-hl7's
 asyncio client (`hl7.mllp.open_hl7_connection`), and a raw socket client (tests/mllp_peers.py)
 for what well-behaved clients never do. Samples: every valid, batch and malformed file in
-shared/hl7, with the per-file decisions of tests/test_er7.py.
+tests/data/hl7, with the per-file decisions of tests/test_hl7v2.py.
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Transforms and data governance (issue 7, points 3 and 4, and the config check of point 5).
 
-The governance proof: every mapped corpus message (shared/hl7, selected as in
+The governance proof: every mapped corpus message (tests/data/hl7, selected as in
 test_canonical.py) and every example event (examples/events/) goes through every
 canonical transform at every clearance, and no value of a field classified above the
 clearance (canonical.walk) may occur in the output: as written, JSON-escaped, HL7-escaped,
