@@ -34,8 +34,8 @@ REPO = Path(__file__).resolve().parents[1]
 HOST_DIR = REPO / "examples" / "embedded_host"
 sys.path.insert(0, str(HOST_DIR))
 
-from supplyroom import courier, create_app  # noqa: E402
-from supplyroom.models import Base as HostBase, StockIssue, StockItem  # noqa: E402
+from app import courier, create_app  # noqa: E402
+from app.models import Base as HostBase, StockIssue, StockItem  # noqa: E402
 
 HOST_TABLES = {"stock_items", "stock_issues", "alembic_version"}
 COURIER_TABLES = {"courier_messages", "courier_deliveries", "courier_attempts", "courier_api_tokens",
@@ -60,7 +60,7 @@ def migrate_both(database_url: str) -> None:
     """What a host's deploy runs: its own migrations, then Courier's, each with its own version table."""
     env = host_env(database_url)
     run([str(VENV_BIN / "alembic"), "upgrade", "head"], env)
-    run([str(VENV_BIN / "flask"), "--app", "supplyroom", "courier", "db", "upgrade"], env)
+    run([str(VENV_BIN / "flask"), "--app", "app", "courier", "db", "upgrade"], env)
 
 
 def table_names(engine) -> set[str]:
@@ -229,7 +229,7 @@ def test_courier_downgrade_leaves_the_host_untouched(host_db):
     """On a second database: dropping Courier entirely keeps every host table and row."""
     with fresh_database("supplyroom_down") as url:
         migrate_both(url)
-        run([str(VENV_BIN / "flask"), "--app", "supplyroom", "courier", "db", "downgrade", "base"], host_env(url))
+        run([str(VENV_BIN / "flask"), "--app", "app", "courier", "db", "downgrade", "base"], host_env(url))
         engine = create_engine(url)
         try:
             assert table_names(engine) == HOST_TABLES | {"courier_alembic_version"}
@@ -267,7 +267,7 @@ def test_host_killed_after_commit_delivers_after_restart(host, sink, host_db, tm
     log = tmp_path / "host.log"
     port = free_port()
     # First life: the web app alone (its delivery runs elsewhere, or not yet): commit, then SIGKILL.
-    web = start([str(VENV_BIN / "flask"), "--app", "supplyroom", "run", "--port", str(port)], env, log)
+    web = start([str(VENV_BIN / "flask"), "--app", "app", "run", "--port", str(port)], env, log)
     try:
         wait_http(port, log)
         assert post_issue(port, 2) == 201
@@ -276,7 +276,7 @@ def test_host_killed_after_commit_delivers_after_restart(host, sink, host_db, tm
         web.wait(10)
     assert counts(host) == (1, 1, 1) and sink.received == []
     # Second life: the small-install mode, delivery threads inside the app process.
-    embedded = start([str(VENV_BIN / "python"), "-m", "supplyroom", str(port)], env, log)
+    embedded = start([str(VENV_BIN / "python"), "-m", "app", str(port)], env, log)
     try:
         sink.wait_for(1, timeout=30)
         wait_http(port, log)
@@ -294,8 +294,8 @@ def test_relay_and_worker_run_from_the_host_config(host, sink, host_db, queue_pr
     """The full deployment, started by the host's process manager: `flask courier relay` + a Celery worker."""
     env = host_env(host_db, ERP_URL=sink.url, FLASK_COURIER_BROKER_URL=BROKER_URL,
                    FLASK_COURIER_QUEUE_PREFIX=queue_prefix)
-    procs = [start([str(VENV_BIN / "flask"), "--app", "supplyroom", "courier", "relay"], env, tmp_path / "relay.log"),
-             start([str(VENV_BIN / "celery"), "-A", "supplyroom.worker", "worker", "--pool", "threads",
+    procs = [start([str(VENV_BIN / "flask"), "--app", "app", "courier", "relay"], env, tmp_path / "relay.log"),
+             start([str(VENV_BIN / "celery"), "-A", "tasks", "worker", "--pool", "threads",
                     "--concurrency", "2", "--without-mingle", "--without-gossip", "-n", f"host-{os.getpid()}@%h"],
                    env, tmp_path / "worker.log")]
     try:

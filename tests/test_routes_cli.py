@@ -221,12 +221,12 @@ def test_dry_run_stores_nothing_and_sends_nothing(store, tmp_path):
 
 
 def test_a_host_apps_cli_dry_runs_with_the_hosts_settings(tmp_path):
-    """`flask --app supplyroom courier routes test`: the host's routing file (COURIER_CONFIG is unset), and
+    """`flask --app app courier routes test`: the host's routing file (COURIER_CONFIG is unset), and
     the host's database is not even created."""
     host = REPO / "examples" / "embedded_host"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("COURIER_", "FLASK_", "DATABASE_URL"))}
     env.update(SUPPLYROOM_DATABASE_URL=f"sqlite:///{tmp_path}/host.db", PYTHONPATH=f"{host}{os.pathsep}{REPO}")
-    result = subprocess.run([str(Path(sys.executable).with_name("flask")), "--app", "supplyroom", "courier", "routes",
+    result = subprocess.run([str(Path(sys.executable).with_name("flask")), "--app", "app", "courier", "routes",
                              "test", str(EVENTS / "supply.consumed-gauze.json")], cwd=host, env=env,
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr

@@ -1,5 +1,9 @@
 """A tiny supply-room app embedding Courier: recording a stock issue also emits `supply.consumed`.
 
+The host's own top-level packages are `app` (this one), `tasks` (its Celery worker) and `migrations`
+(its Alembic history): the same names as the folders of Courier's source tree, which installs them
+as courier.app, courier.tasks and courier.migrations, so neither side ever sees the other's.
+
 The stock issue, the shelf's new count and the event for the ERP commit in one
 transaction, through the app's own SQLAlchemy session: either all of it happened
 and the ERP will hear of it, or none of it did.
@@ -14,7 +18,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from courier import Courier
-from supplyroom.models import StockIssue, StockItem
+from app.models import StockIssue, StockItem
 
 courier = Courier()
 

@@ -1,4 +1,4 @@
-"""`python -m supplyroom [PORT]`: the app with Courier's embedded delivery threads (no RabbitMQ, no worker).
+"""`python -m app [PORT]`: the app with Courier's embedded delivery threads (no RabbitMQ, no worker).
 
 For a small install: one process serves the app and delivers its events. A crash loses
 nothing: on restart the outbox still holds every committed event that was not delivered.
@@ -6,7 +6,7 @@ nothing: on restart the outbox still holds every committed event that was not de
 import signal
 import sys
 
-from supplyroom import courier, create_app
+from app import courier, create_app
 
 # SIGTERM (a process manager stopping us) unwinds like Ctrl-C, so the delivery threads stop cleanly.
 signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))

@@ -5,7 +5,7 @@ from alembic import context
 from sqlalchemy import create_engine
 
 import courier
-from supplyroom.models import Base
+from app.models import Base
 
 url = os.environ.get("SUPPLYROOM_DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 engine = create_engine(url)
