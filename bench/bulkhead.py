@@ -29,9 +29,10 @@ from courier.app.store import outbox  # noqa: E402
 from courier.app.store.schema import alembic_config  # noqa: E402
 from courier.app.store.db import Store  # noqa: E402
 from courier.app.store.models import Delivery  # noqa: E402
-from tests.conftest import ADMIN_URL, BROKER_URL, write_config  # noqa: E402
-from tests.processes import Processes  # noqa: E402
-from tests.sinks import HttpSink  # noqa: E402
+from tests.support.config import write_config  # noqa: E402
+from tests.support.services import ADMIN_URL, BROKER_URL  # noqa: E402
+from tests.support.processes import Processes  # noqa: E402
+from tests.support.sinks import HttpSink  # noqa: E402
 
 
 def drain_rate(destinations: dict[str, str], n: int, workdir: Path) -> float:

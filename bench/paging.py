@@ -33,7 +33,8 @@ from courier.app.store import tokens  # noqa: E402
 from courier.app.store.schema import alembic_config  # noqa: E402
 from courier.app.store.db import Store  # noqa: E402
 from courier.app.store.models import Delivery, Message  # noqa: E402
-from tests.conftest import fresh_database, settings_for, write_config  # noqa: E402
+from tests.support.config import settings_for, write_config  # noqa: E402
+from tests.support.services import fresh_database  # noqa: E402
 
 BATCH = 1_000_000
 END = datetime(2026, 11, 21, tzinfo=timezone.utc)

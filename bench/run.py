@@ -48,7 +48,7 @@ from sqlalchemy.exc import OperationalError  # noqa: E402
 from bench import load, measure, mllp_load, profile, raw  # noqa: E402
 from bench.infra import (BROKER_URL, ROOT, VENV_BIN, Stack, free_port, install_signal_handlers,  # noqa: E402
                          procfile_command, run_cli, stop, wait_http, wait_log)
-from tests.conftest import write_config  # noqa: E402
+from tests.support.config import write_config  # noqa: E402
 
 DESTINATIONS = ("a", "b")
 FIXED_RATE = 200
