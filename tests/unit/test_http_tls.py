@@ -3,6 +3,8 @@
 A real HTTPS server on loopback (http.server in a thread, TLS 1.2+ from the ssl module) that
 requires a client certificate from a throwaway CA (tests/support/tls_ca.py); the adapter is the client.
 The config side (where `tls` is allowed) is tested through load_routing, as in test_config.py.
+The end to end run (config -> the worker's run_batch -> mutual TLS) stores in PostgreSQL:
+tests/integration/test_http_tls.py.
 """
 from __future__ import annotations
 
@@ -15,11 +17,7 @@ import pytest
 from courier.adapters import Outgoing, TemporaryError
 from courier.adapters.base import TlsFiles
 from courier.adapters.http import HttpAdapter
-from courier.app import create_app
-from courier.app.store import outbox
 from courier.app.config import load_routing
-from courier.tasks.deliver import run_batch
-from tests.support.config import settings_for, write_config
 from tests.unit.test_config import BASE, line_of, problems_of, write
 from tests.support.tls_ca import ThrowawayCA
 
@@ -216,23 +214,3 @@ def test_key_without_cert_is_refused_naming_the_line(tmp_path):
     # Reported at the tls line: courier.app.settings._flatten reads a "key" level as a Dict field's keys.
     assert problems_of(path) == [f"{path}:{line_of(text, 'tls:')}: destinations.billing.tls: "
                                  "key needs cert (the client certificate it belongs to)"]
-
-
-# --- end to end: config -> worker's run_batch -> mutual TLS ----------------------------------
-
-
-def test_run_batch_delivers_over_mutual_tls_from_the_config(tmp_path, ca, server, store, queue_prefix, make_token):
-    client_cert = ca.client("courier-worker")
-    cfg = write_config(tmp_path / "courier.yml", {"billing": server.url},
-                       tls={"ca": str(ca.cert), "cert": str(client_cert.cert), "key": str(client_cert.key)})
-    flask_app = create_app(settings_for(cfg, store.url, queue_prefix), {"TESTING": True})
-    flask_app.extensions["courier.store"].dispose()
-    flask_app.extensions["courier.store"] = store
-    r = flask_app.test_client().post("/api/v1/messages", data=BODY, content_type="application/json",
-                                     headers=make_token())
-    assert r.status_code == 202, r.get_json()
-    with store.session() as s:
-        claimed = outbox.claim_due(s, lease=60, limit=10)
-    statuses = run_batch(flask_app.extensions["courier.settings"], store, [(c.delivery_id, c.dispatch) for c in claimed])
-    assert list(statuses.values()) == ["delivered"], statuses
-    assert [cn for _, cn in server.received] == ["courier-worker"]

@@ -6,8 +6,9 @@ canonical transform at every clearance, and no value of a field classified above
 clearance (canonical.walk) may occur in the output: as written, JSON-escaped, HL7-escaped,
 CSV-quoted or as an HL7 date, case-insensitively, line by line for free text, for values of
 at least 3 characters. A hypothesis test does the same for random charges. Then each
-transform's output is parsed back (courier.app.hl7.er7, csv, the SQL adapter), and each refusal of
-the configuration check is shown with its message.
+transform's output is parsed back (courier.app.hl7.er7, csv; the SQL adapter into PostgreSQL in
+tests/integration/test_transforms.py), and each refusal of the configuration check is shown
+with its message.
 """
 from __future__ import annotations
 
@@ -15,18 +16,14 @@ import csv
 import io
 import json
 import re
-import secrets
 import textwrap
 from datetime import date
-from decimal import Decimal
 from pathlib import Path
 
 import pytest
-import sqlalchemy as sa
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from courier import adapters
 from courier.app.domain import canonical, governance, transforms
 from courier.app.hl7 import to_canonical
 from courier.app.domain.canonical import walk
@@ -36,7 +33,6 @@ from courier.app.config import load_routing, load_settings, settings_from_config
 from courier.app.domain.transforms import Envelope, TransformError
 from tests.unit.test_canonical import (BATCH_MAPPING_REFUSED, BATCHES, EXPECTED_EVENT, EXTRA_SIU, MAPPING_REFUSED, VALID,
                                   dft_text, ft1, hl7_escape, read)
-from tests.support.services import ADMIN_URL
 from tests.unit.test_hl7v2 import VALID_BUT_REFUSED
 
 REPO = Path(__file__).resolve().parents[2]
@@ -458,39 +454,6 @@ def test_erp_csv_takes_the_cost_centre_and_gl_account_of_each_event_type():
     for name, values in expected.items():
         [row] = csv.DictReader(io.StringIO(transforms.erp_csv(json_envelope(example(name), "limited"))[0].decode()))
         assert (row["cost_centre"], row["gl_account"], row["code"], row["amount"], row["service_date"]) == values
-
-
-def test_sql_row_goes_into_a_table_through_the_sql_adapter():
-    """Through courier.adapters.sql into a real PostgreSQL table, amounts into NUMERIC columns."""
-    table = f"ledger_{secrets.token_hex(4)}"
-    columns = {"event_id": "TEXT", "service_date": "TEXT", "cost_centre": "TEXT", "gl_account": "TEXT",
-               "code": "TEXT", "quantity": "NUMERIC", "amount": "NUMERIC(12,2)", "currency": "TEXT",
-               "patient_ref": "TEXT"}
-    engine = sa.create_engine(ADMIN_URL)
-    with engine.begin() as conn:
-        conn.exec_driver_sql(f"CREATE TABLE {table} (delivery_id TEXT PRIMARY KEY, "
-                             + ", ".join(f"{c} {t}" for c, t in columns.items()) + ")")
-    try:
-        url = f"sql+{ADMIN_URL}?table={table}&" + "&".join(f"column.{c}=json:{c}" for c in columns)
-        adapter = adapters.open_adapter(url, timeout=5)
-        for number, name in enumerate(["supply.consumed-implant", "charge.posted-ct-scan"]):
-            stored = json_envelope(example(name), "deidentified")
-            body, content_type = transforms.sql_row(stored)
-            assert list(json.loads(body)) == list(transforms.LEDGER_COLUMNS)
-            adapter.send(adapters.Outgoing(f"d-{number}", stored.message_id, "c", body, content_type,
-                                           stored.message_type))
-        with engine.connect() as conn:
-            got = [tuple(r) for r in conn.exec_driver_sql(f"SELECT {', '.join(columns)} FROM {table} "
-                                                           "ORDER BY delivery_id")]
-    finally:
-        with engine.begin() as conn:
-            conn.exec_driver_sql(f"DROP TABLE {table}")
-        engine.dispose()
-    assert got == [
-        ("sup-OR-20240611-3", None, "CC-6120", "6120-400", "MDT-PM-ADAPTA-01", Decimal("1"), None, None,
-         governance.pseudonym("MRN-0010452", "patient", KEY.encode())),
-        ("chg-TXN-884120", None, "CC-4100", "4100-310", "74177", Decimal("1"), Decimal("1250.00"), "USD",
-         governance.pseudonym("MRN-0048213", "patient", KEY.encode()))]
 
 
 def test_what_a_transform_cannot_format_is_refused_with_the_reason():
