@@ -12,7 +12,7 @@ Two control paths, for the harness:
 It runs in its own process (so it never shares the harness's GIL) on asyncio
 with a hand-rolled parser instead of http.server, because on a 2-core machine
 the sink's CPU is taken from the system under test: a thread per connection and
-BaseHTTPRequestHandler cost several times more per request. tests/sinks.py is
+BaseHTTPRequestHandler cost several times more per request. tests/support/sinks.py is
 the full-featured sink for tests (scripted answers, delays, bodies kept); this
 one keeps only keys, so a 300 s run does not hold every body in memory.
 """

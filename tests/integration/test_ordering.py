@@ -114,7 +114,7 @@ def test_a_key_too_long_for_the_column_is_stored_hashed(store):
 
 
 def test_concurrent_ingests_of_one_key_are_claimed_in_commit_order(store, pg_url, tmp_path):
-    """Pitfall 8: an id made before a slow commit must never let a later id of its key go first.
+    """docs/design.md, pitfall 8: an id made before a slow commit must never let a later id of its key go first.
 
     Two threads ingest 50 messages each with the same patient while a relay claims and
     delivers one at a time. Commits are slowed after the rows are written (up to 20 ms):
