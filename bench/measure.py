@@ -124,7 +124,12 @@ class CpuAccount:
 
     def __init__(self, roots: dict[str, int]):
         self.roots = roots
-        self.result: dict[str, float] = {}
+        self.result: dict[str, float] = {}  # % of one core
+        self.seconds: dict[str, float] = {}  # CPU seconds used
+
+    def per_message(self, messages: int) -> dict[str, float]:
+        """CPU-ms per message of each component (none if no message went through)."""
+        return {label: 1000 * sec / messages for label, sec in self.seconds.items()} if messages else {}
 
     def _snapshot(self) -> dict[int, tuple[str, float]]:
         kids, labels = children_map(), {}
@@ -149,6 +154,7 @@ class CpuAccount:
             used[label] = used.get(label, 0.0) + cpu - self._before.get(pid, (label, 0.0))[1]
         busy = busy_cpu_seconds() - self._busy0
         used["other"] = max(busy - sum(used.values()), 0.0)
+        self.seconds = used
         self.result = {label: 100 * seconds / wall for label, seconds in used.items()}
         self.result["idle"] = max(100 * os.cpu_count() - 100 * busy / wall, 0.0)
 

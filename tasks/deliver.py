@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from datetime import timedelta
 
 from celery import shared_task
 from flask import current_app
@@ -23,7 +24,6 @@ from courier.app.store.models import DEAD, Delivery, utcnow
 from courier.tasks.queues import publish_dead_letter
 
 log = logging.getLogger("courier.deliver")
-LEASE_MARGIN = 30.0  # seconds beyond the destination timeout before another dispatch may take over
 
 # One adapter per destination per thread: adapters keep connections open between sends.
 _local = threading.local()
@@ -94,22 +94,28 @@ def run_batch(settings: Settings, store: Store, items: list[tuple[str, int]]) ->
     """Attempts at a batch of one destination's deliveries, recorded; {delivery id: status}.
 
     Shared by the Celery task and the embedded delivery threads. Two transactions for the
-    batch (begin, finish), the sends one after the other in between. After a temporary
+    batch (a read, then the outcomes), the sends one after the other in between. After a temporary
     failure the rest are not sent (given back, due at once): the destination is in trouble,
-    and the circuit breaker, fed with that failure, decides what happens next.
+    and the circuit breaker, fed with that failure, decides what happens next. Nor is a ticket
+    whose claim's lease would run out before its send could time out: by then another dispatch
+    may have taken it.
     """
     destinations = settings.routing.destinations
     with store.session() as session:
-        tickets, statuses = outbox.begin_attempts(session, items, destinations, lease_margin=LEASE_MARGIN)
+        tickets, statuses = outbox.begin_attempts(session, items, destinations)
     if not tickets:
         metrics.delivered(store, {}, statuses)
         return statuses
     results: dict[str, list[tuple[outbox.Ticket, outbox.Outcome | None]]] = {}  # per destination
     for ticket in tickets:
         sent = results.setdefault(ticket.destination, [])
+        destination = destinations[ticket.destination]
         failed = any(o is None or o.result == "temporary" for _, o in sent)
+        if failed or _lease_short(ticket, destination):
+            sent.append((ticket, None))
+            continue
         with correlation(ticket.correlation_id):  # the message's id in this attempt's logs and Sentry events
-            sent.append((ticket, None if failed else attempt(ticket, destinations[ticket.destination])))
+            sent.append((ticket, attempt(ticket, destination)))
     with store.session() as session:
         for name, sent in results.items():
             statuses.update(outbox.finish_attempts(session, destinations[name], sent))
@@ -123,6 +129,11 @@ def run_batch(settings: Settings, store: Store, items: list[tuple[str, int]]) ->
                             "destination": ticket.destination, "correlation_id": ticket.correlation_id})
     metrics.delivered(store, results, statuses)  # after the finish transaction committed
     return statuses
+
+
+def _lease_short(ticket: outbox.Ticket, destination: Destination) -> bool:
+    """Would the claim's lease run out before a send that starts now could time out?"""
+    return ticket.lease_until is not None and utcnow() + timedelta(seconds=destination.timeout) > ticket.lease_until
 
 
 def dead_letter(delivery_id: str) -> None:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,7 +11,7 @@ from typing import Iterator
 
 from sqlalchemy import create_engine, event, text
 from sqlalchemy.engine import URL, Engine, make_url
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, DisconnectionError
 from sqlalchemy.orm import Session, sessionmaker
 
 from courier.app.observability import Outage
@@ -23,7 +24,7 @@ CHECK_URL = "check DATABASE_URL"
 
 
 def make_engine(url: str, **kwargs) -> Engine:
-    """An engine tuned for the outbox: pre-ping (databases restart), WAL and a busy timeout on SQLite."""
+    """An engine tuned for the outbox: idle connections pinged (databases restart), WAL and a busy timeout on SQLite."""
     parsed = make_url(url)
     kwargs.setdefault("hide_parameters", True)  # SQL errors in logs and Sentry must not carry bodies (PHI)
     if parsed.get_backend_name() == "sqlite":
@@ -49,10 +50,38 @@ def make_engine(url: str, **kwargs) -> Engine:
         return engine
     if parsed.drivername == "postgresql":
         url = parsed.set(drivername="postgresql+psycopg")
-    kwargs.setdefault("pool_pre_ping", True)
     kwargs.setdefault("pool_size", 10)
     kwargs.setdefault("max_overflow", 10)
-    return create_engine(url, **kwargs)
+    engine = create_engine(url, **kwargs)
+    if not kwargs.get("pool_pre_ping"):
+        _ping_when_idle(engine)
+    return engine
+
+
+IDLE_PING = 1.0  # seconds: a pooled connection idle longer than this is pinged before use
+
+
+def _ping_when_idle(engine: Engine) -> None:
+    """Pre-ping only the connections that sat idle in the pool (the database may have restarted since).
+
+    SQLAlchemy's pool_pre_ping pings at every checkout: under load that is a round trip and a
+    statement for the database per transaction, for connections used a millisecond ago. A
+    connection that fails its ping is replaced (DisconnectionError: the pool retries the checkout
+    with a fresh one); one that breaks in use is invalidated with every older one, as usual.
+    """
+    @event.listens_for(engine, "checkin")
+    def _idle_from(_dbapi_conn, record):
+        record.info["idle_from"] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def _ping(dbapi_conn, record, _proxy):
+        idle_from = record.info.get("idle_from")
+        if idle_from is None or time.monotonic() - idle_from <= IDLE_PING:
+            return  # new, or back in the pool a moment ago
+        try:
+            engine.dialect.do_ping(dbapi_conn)
+        except engine.dialect.loaded_dbapi.Error as exc:
+            raise DisconnectionError(str(exc)) from exc
 
 
 class Store:

@@ -86,7 +86,9 @@ class Message(Base):
         UniqueConstraint("source", "dedup_key", name="uq_courier_messages_source_dedup_key"),
         Index("ix_courier_messages_received_at", "received_at"),
         Index("ix_courier_messages_source_received_at", "source", "received_at"),
-        Index("ix_courier_messages_status_received_at", "status", "received_at"),
+        # Two statuses, and accepted ones are found by received_at: only the unrouted ones need an index.
+        Index("ix_courier_messages_unrouted", "received_at", postgresql_where=text("status = 'unrouted'"),
+              sqlite_where=text("status = 'unrouted'")),
         Index("ix_courier_messages_type_received_at", "type", "received_at"),
         # GET /api/v1/messages?idempotency_key=... without a source: the unique index leads with source.
         Index("ix_courier_messages_dedup_key", "dedup_key"),
@@ -117,7 +119,7 @@ class Delivery(Base):
         Index("ix_courier_deliveries_due", "due_at",
               postgresql_where=text("status IN ('pending', 'in_flight', 'retrying')"),
               sqlite_where=text("status IN ('pending', 'in_flight', 'retrying')")),
-        Index("ix_courier_deliveries_destination_status", "destination", "status", "updated_at"),
+        Index("ix_courier_deliveries_destination_status", "destination", "status"),
         Index("ix_courier_deliveries_message_id", "message_id"),
         # Ordered destinations: the relay asks "is there an earlier open delivery with my key?"
         Index("ix_courier_deliveries_order", "destination", "order_key", "id",

@@ -11,6 +11,11 @@ that, a delivery moves only through the functions below:
 `due_at` is the one clock of an open delivery: the next attempt's time while
 pending or retrying, the lease's end while in flight. The relay selects by
 status and due time, never "id > last seen" (ids commit out of order).
+
+What each delivery costs the database (docs/design.md, "The hot path"): three row
+versions: the insert at ingest, the claim (which also counts the attempt and sets
+the lease, so the worker's first transaction only reads), and the outcome, written
+for a whole batch by one statement, with one attempt-log row.
 """
 from __future__ import annotations
 
@@ -178,6 +183,9 @@ class Claimed:
 def claim_due(session: Session, *, lease: float, limit: int, now: datetime | None = None) -> list[Claimed]:
     """Mark up to `limit` due deliveries in flight for `lease` seconds and return them.
 
+    The claim counts the attempt it dispatches (a dispatch that is never sent gives it back:
+    `release`, `begin_attempts`), so the worker's first transaction only reads; and a message
+    that kills its worker every time still runs out of attempts.
     PostgreSQL: FOR UPDATE SKIP LOCKED, so several relays share the work and never take the
     same row. SQLite: the store opens every transaction with BEGIN IMMEDIATE, one writer at a time.
 
@@ -205,18 +213,29 @@ def _claim_statement():
     return (update(Delivery)
             .where(Delivery.id.in_(due.scalar_subquery()))
             .values(status=IN_FLIGHT, due_at=bindparam("lease_end"), dispatches=Delivery.dispatches + 1,
-                    updated_at=now)
+                    attempts=Delivery.attempts + 1, updated_at=now)
             .returning(Delivery.id, Delivery.destination, Delivery.dispatches)
             .execution_options(synchronize_session=False))
 
 
 def release(session: Session, claimed: list[Claimed], now: datetime | None = None) -> None:
-    """Make claimed deliveries due again at once (their publish failed)."""
-    now = now or utcnow()
-    for c in claimed:
-        session.execute(update(Delivery).where(
-            Delivery.id == c.delivery_id, Delivery.status == IN_FLIGHT, Delivery.dispatches == c.dispatch,
-        ).values(due_at=now, updated_at=now))
+    """Make claimed deliveries due again at once, their attempt given back (their publish failed)."""
+    if claimed:
+        now = now or utcnow()
+        session.execute(_give_back(), [{"b_id": c.delivery_id, "b_dispatch": c.dispatch, "b_due": now,
+                                        "b_now": now, "b_error": None} for c in claimed])
+
+
+@lru_cache(maxsize=None)
+def _give_back():
+    """Back to retrying, due at `b_due`, the claim's attempt not spent; fenced by the dispatch (no row lock)."""
+    table = Delivery.__table__
+    return (update(table)
+            .where(table.c.id == bindparam("b_id"), table.c.status == IN_FLIGHT,
+                   table.c.dispatches == bindparam("b_dispatch"))
+            .values(status=RETRYING, attempts=table.c.attempts - 1, due_at=bindparam("b_due"),
+                    last_error=func.coalesce(bindparam("b_error", type_=Delivery.last_error.type), table.c.last_error),
+                    updated_at=bindparam("b_now")))
 
 
 @dataclass(frozen=True)
@@ -235,31 +254,31 @@ class Ticket:
     correlation_id: str
     order_key: str | None = None
     received_at: datetime | None = None  # the message's acceptance: the latency metric's start
+    lease_until: datetime | None = None  # the claim's lease: after it, another dispatch may take the delivery
 
 
 def begin_attempt(session: Session, delivery_id: str, dispatch: int, destinations: Mapping[str, Destination],
-                  *, lease_margin: float, now: datetime | None = None) -> Ticket | str:
+                  *, now: datetime | None = None) -> Ticket | str:
     """`begin_attempts` for one delivery: its Ticket, or why not ("skipped", "waiting", "dead")."""
-    tickets, refused = begin_attempts(session, [(delivery_id, dispatch)], destinations,
-                                      lease_margin=lease_margin, now=now)
+    tickets, refused = begin_attempts(session, [(delivery_id, dispatch)], destinations, now=now)
     return tickets[0] if tickets else refused[delivery_id]
 
 
 def begin_attempts(session: Session, items: list[tuple[str, int]], destinations: Mapping[str, Destination],
-                   *, lease_margin: float, now: datetime | None = None) -> tuple[list[Ticket], dict[str, str]]:
-    """Start an attempt at each (delivery id, dispatch) that this dispatch still owns and whose circuit lets it go.
+                   *, now: datetime | None = None) -> tuple[list[Ticket], dict[str, str]]:
+    """The Tickets of the (delivery id, dispatch) pairs that this dispatch still owns and whose circuit lets go.
 
     Returns the Tickets to send, in id order, and for the others why not: "skipped" (not ours),
-    "waiting" (circuit open or destination paused: back to retrying until then, no attempt
-    spent; also a body this worker cannot decrypt, see below) or "dead" (budget spent). One
-    locking read and one update for the whole batch.
+    "waiting" (circuit open or destination paused: back to retrying until then, the claim's
+    attempt given back; also a body this worker cannot decrypt, see below) or "dead" (budget
+    spent). One read for the whole batch, and no write unless one is refused: the claim already
+    counted the attempt and set the lease (`claim_due`).
 
     A task whose delivery is finished, or that a newer dispatch superseded, is a no-op: that
-    is what makes a redelivered or duplicated task harmless. The attempt is counted before
-    sending, so a message that kills its worker every time still runs out of attempts: when
-    the budget is spent by attempts that never finished, the delivery goes dead here.
-    The i-th ticket's lease is i+1 destination timeouts (plus the margin): the batch is sent
-    one after the other, and a send that takes longer than the timeout is cut off by it.
+    is what makes a redelivered or duplicated task harmless. No row lock is needed for it:
+    every write after this one is fenced by (status, dispatch). A message that kills its
+    worker every time still runs out of attempts, as each claim counted one: when the budget
+    is spent by attempts that never finished, the delivery goes dead here.
 
     A body encrypted under a key this worker lacks (COURIER_ENCRYPTION_KEY differs between
     processes, e.g. mid-rotation) is the worker's fault, not the message's or the destination's:
@@ -268,41 +287,36 @@ def begin_attempts(session: Session, items: list[tuple[str, int]], destinations:
     """
     now = now or utcnow()
     dispatch_of = dict(items)
-    rows = session.execute(
-        select(Delivery.id, Delivery.dispatches, Delivery.status, Delivery.attempts, Delivery.destination,
-               Delivery.order_key, Message.id.label("message_id"), Message.source, Message.type, Message.content_type,
-               # Raw: decrypted row by row below, so one unreadable body does not fail the batch.
-               type_coerce(Message.body, LargeBinary).label("body"), Message.correlation_id, Message.received_at)
-        .join(Message, Delivery.message_id == Message.id)
-        .where(Delivery.id.in_(list(dispatch_of)))
-        .order_by(Delivery.id)
-        .with_for_update(of=Delivery)).all()
+    rows = session.execute(_tickets_statement(), {"ids": list(dispatch_of)}).all()
     refused = {delivery_id: "skipped" for delivery_id in dispatch_of}
     candidates: dict[str, list] = {}
+    given_back = []  # (row, due, reason): back to retrying, attempt not spent
+
+    def dead(row, reason):
+        _fenced(session, row.id, row.dispatches, status=DEAD, due_at=None, updated_at=now, last_error=reason,
+                attempts=row.attempts - 1)
+        refused[row.id] = DEAD
+
     for row in rows:
         if row.status != IN_FLIGHT or row.dispatches != dispatch_of[row.id]:
             continue
         destination = destinations.get(row.destination)
-        reason = None
         if destination is None:
-            reason = f"destination {row.destination!r} is no longer configured"
-        elif row.attempts >= destination.retry.max_attempts:
-            reason = (f"gave up: attempt {row.attempts} of {destination.retry.max_attempts} never finished "
+            dead(row, f"destination {row.destination!r} is no longer configured")
+            continue
+        if row.attempts > destination.retry.max_attempts:
+            dead(row, f"gave up: attempt {row.attempts - 1} of {destination.retry.max_attempts} never finished "
                       "(the worker died or lost the store while sending)")
-        if reason:
-            _set(session, row.id, status=DEAD, due_at=None, updated_at=now, last_error=reason)
-            refused[row.id] = DEAD
             continue
         try:
             body = crypto.ring_for(session).unseal(row.body)
         except crypto.Unreadable as exc:
             log.error("delivery %s: cannot decrypt its message's body: %s", row.id, exc)
-            _set(session, row.id, status=RETRYING, due_at=now + KEY_RECHECK, updated_at=now,
-                 last_error=f"{circuits.WAITING}this worker cannot decrypt the message body: {exc}"[:DETAIL_LIMIT])
-            refused[row.id] = "waiting"
+            given_back.append((row, now + KEY_RECHECK,
+                               f"{circuits.WAITING}this worker cannot decrypt the message body: {exc}"))
             continue
         candidates.setdefault(row.destination, []).append((row, body))
-    tickets, leases = [], []
+    tickets = []
     for name, group in candidates.items():
         destination = destinations[name]
         admission = None
@@ -312,25 +326,36 @@ def begin_attempts(session: Session, items: list[tuple[str, int]], destinations:
             if admission is not circuits.GO:
                 admission = circuits.admit(session, destination, row.id, now)
             if admission.verdict == "wait":  # held back by the breaker or a pause: no attempt is spent
-                _set(session, row.id, status=RETRYING, due_at=admission.until, updated_at=now,
-                     last_error=admission.reason[:DETAIL_LIMIT])
-                refused[row.id] = "waiting"
+                given_back.append((row, admission.until, admission.reason))
                 continue
             refused.pop(row.id)
-            leases.append({"b_id": row.id, "b_due": now + timedelta(
-                seconds=destination.timeout * (len(leases) + 1) + lease_margin)})
-            tickets.append(Ticket(row.id, row.dispatches, row.attempts + 1, name, row.message_id, row.source,
+            tickets.append(Ticket(row.id, row.dispatches, row.attempts, name, row.message_id, row.source,
                                   row.type, row.content_type, body, row.correlation_id, order_key=row.order_key,
-                                  received_at=row.received_at))
-    if leases:
-        table = Delivery.__table__
-        session.execute(update(table).where(table.c.id == bindparam("b_id")).values(
-            attempts=table.c.attempts + 1, due_at=bindparam("b_due"), updated_at=now), leases)
+                                  received_at=row.received_at, lease_until=row.due_at))
+    if given_back:
+        session.execute(_give_back(), [{"b_id": row.id, "b_dispatch": row.dispatches, "b_due": due, "b_now": now,
+                                        "b_error": reason[:DETAIL_LIMIT]} for row, due, reason in given_back])
+        refused.update({row.id: "waiting" for row, _, _ in given_back})
     return tickets, refused
 
 
-def _set(session: Session, delivery_id: str, **values) -> None:
-    session.execute(update(Delivery).where(Delivery.id == delivery_id).values(**values)
+@lru_cache(maxsize=None)
+def _tickets_statement():
+    """begin_attempts' read: the deliveries and what their attempt needs of their messages (built once)."""
+    return (select(Delivery.id, Delivery.dispatches, Delivery.status, Delivery.attempts, Delivery.destination,
+                   Delivery.order_key, Delivery.due_at, Message.id.label("message_id"), Message.source, Message.type,
+                   Message.content_type,
+                   # Raw: decrypted row by row, so one unreadable body does not fail the batch.
+                   type_coerce(Message.body, LargeBinary).label("body"), Message.correlation_id, Message.received_at)
+            .join(Message, Delivery.message_id == Message.id)
+            .where(Delivery.id.in_(bindparam("ids", expanding=True)))
+            .order_by(Delivery.id))
+
+
+def _fenced(session: Session, delivery_id: str, dispatch: int, **values) -> None:
+    """Update a delivery only if it is still in flight under `dispatch` (no row lock is held)."""
+    session.execute(update(Delivery).where(Delivery.id == delivery_id, Delivery.status == IN_FLIGHT,
+                                           Delivery.dispatches == dispatch).values(**values)
                     .execution_options(synchronize_session=False))
 
 

@@ -63,7 +63,7 @@ def fail_once(store, settings, detail: str) -> None:
         claimed = outbox.claim_due(s, lease=60, limit=100)
     for c in claimed:
         with store.session() as s:
-            ticket = outbox.begin_attempt(s, c.delivery_id, c.dispatch, destinations, lease_margin=5)
+            ticket = outbox.begin_attempt(s, c.delivery_id, c.dispatch, destinations)
         assert isinstance(ticket, outbox.Ticket), ticket
         with store.session() as s:
             outbox.finish_attempt(s, ticket, outbox.Outcome("temporary", detail, outbox.utcnow(), 3),
@@ -153,8 +153,7 @@ def test_plaintext_rows_still_read_and_rotation_moves_everything_to_the_first_ke
     with store.session() as s:  # paused once claimed: held back, its last_error keeps its clear prefix
         outbox.pause_destination(s, "erp", actor="test", reason="maintenance")
     with store.session() as s:
-        assert outbox.begin_attempt(s, c.delivery_id, c.dispatch, settings.routing.destinations,
-                                    lease_margin=5) == "waiting"
+        assert outbox.begin_attempt(s, c.delivery_id, c.dispatch, settings.routing.destinations) == "waiting"
     assert key_ids(raw(store, ALL_ENCRYPTED[0])) == {None: 1, kid(OLD): 2}
 
     use(store, NEW, OLD)
@@ -201,7 +200,7 @@ def test_a_value_under_a_missing_key_is_a_clear_error_and_the_worker_waits(store
 
     with store.session() as s:
         (c,) = outbox.claim_due(s, lease=60, limit=10)
-        status = outbox.begin_attempt(s, c.delivery_id, c.dispatch, settings.routing.destinations, lease_margin=5)
+        status = outbox.begin_attempt(s, c.delivery_id, c.dispatch, settings.routing.destinations)
     assert status == "waiting"
     with store.session() as s:
         d = s.get(Delivery, c.delivery_id)

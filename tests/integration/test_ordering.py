@@ -50,7 +50,7 @@ def claim(store, now=T0, limit=10):
 
 def attempt(store, c, result, now=T0):
     with store.session() as s:
-        ticket = outbox.begin_attempt(s, c.delivery_id, c.dispatch, DESTS, lease_margin=30, now=now)
+        ticket = outbox.begin_attempt(s, c.delivery_id, c.dispatch, DESTS, now=now)
     assert isinstance(ticket, outbox.Ticket)
     with store.session() as s:
         return outbox.finish_attempt(s, ticket, outbox.Outcome(result, "x", now, 5), DESTS["adt"], now=now)
@@ -161,7 +161,7 @@ def test_concurrent_ingests_of_one_key_are_claimed_in_commit_order(store, pg_url
             for c in got:
                 claimed.append(c.delivery_id)
                 with store.session() as s:
-                    ticket = outbox.begin_attempt(s, c.delivery_id, c.dispatch, DESTS, lease_margin=30)
+                    ticket = outbox.begin_attempt(s, c.delivery_id, c.dispatch, DESTS)
                 with store.session() as s:
                     outbox.finish_attempt(s, ticket, outbox.Outcome("delivered", "ok", T0, 1), DESTS["adt"])
     finally:

@@ -44,7 +44,7 @@ def claim_one(store, now=T0, lease=60.0):
 
 def begin(store, c, now=T0):
     with store.session() as s:
-        return outbox.begin_attempt(s, c.delivery_id, c.dispatch, DESTS, lease_margin=30, now=now)
+        return outbox.begin_attempt(s, c.delivery_id, c.dispatch, DESTS, now=now)
 
 
 def finish(store, ticket, result, now=T0, **kw):
@@ -107,11 +107,12 @@ def test_stale_dispatch_is_ignored_but_its_success_still_counts(store):
     accept(store, 1, destinations=("billing",))
     first = claim_one(store)
     ticket1 = begin(store, first)
-    # The attempt's lease (timeout 10 + margin 30) runs out; the relay dispatches again.
-    second = claim_one(store, now=T0 + timedelta(seconds=41))
+    # The claim's lease (60 s) runs out; the relay dispatches again.
+    later = T0 + timedelta(seconds=61)
+    second = claim_one(store, now=later)
     assert second.dispatch == first.dispatch + 1
-    assert begin(store, first, now=T0 + timedelta(seconds=41)) == "skipped"  # the old task, redelivered
-    ticket2 = begin(store, second, now=T0 + timedelta(seconds=41))
+    assert begin(store, first, now=later) == "skipped"  # the old task, redelivered
+    ticket2 = begin(store, second, now=later)
     assert finish(store, ticket1, "delivered") == "delivered"  # the slow first attempt did get through
     assert finish(store, ticket2, "temporary") == "superseded"
     with store.session() as s:
@@ -154,7 +155,7 @@ def test_attempts_that_never_finish_still_exhaust_the_budget(store):
     for _ in range(POLICY.max_attempts):
         c = claim_one(store, now=now)
         assert isinstance(begin(store, c, now=now), outbox.Ticket)  # ...and the worker dies here
-        now += timedelta(seconds=41)  # the attempt's lease runs out
+        now += timedelta(seconds=61)  # the claim's lease runs out
     c = claim_one(store, now=now)
     assert begin(store, c, now=now) == "dead"
     d = deliveries(store)[c.delivery_id]

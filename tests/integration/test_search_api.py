@@ -120,7 +120,7 @@ def test_the_status_filter_uses_an_index(client, store, app):
     with store.engine.connect() as conn:
         conn.exec_driver_sql("ANALYZE courier_messages")
         plan = "\n".join(row[0] for row in conn.exec_driver_sql(f"EXPLAIN {sql}"))
-    assert "ix_courier_messages_status_received_at" in plan and "Seq Scan" not in plan, plan
+    assert "ix_courier_messages_unrouted" in plan and "Seq Scan" not in plan, plan
 
 
 def test_paging_on_sqlite(sqlite_store, config_file, queue_prefix, make_token):
