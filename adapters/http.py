@@ -11,8 +11,8 @@ URL
 The URL is used as is: the query string is sent unchanged (it is the
 destination's, not ours), and user info becomes HTTP Basic auth. Proxy
 settings come from the usual environment variables (HTTPS_PROXY, NO_PROXY,
-REQUESTS_CA_BUNDLE), read once when the adapter is made (requests would read
-them again on every request).
+REQUESTS_CA_BUNDLE), resolved once, as requests resolves them, when the
+adapter is made.
 
 Options
 =======
@@ -60,8 +60,10 @@ Outcome
 Error details carry the status and the first line of the destination's
 answer (at most 200 characters), never our body.
 
-Threads: an instance holds one ``requests.Session`` (kept-alive connections)
-and is not thread-safe; use one adapter per thread.
+Threads: an instance holds one urllib3 connection pool of one kept-alive
+connection and is not thread-safe; use one adapter per thread. urllib3, not
+requests, sends: requests' per-request work (settings merged, hooks, the CA
+bundle's path checked on disk) was a third of the worker's CPU.
 """
 from __future__ import annotations
 
@@ -69,15 +71,20 @@ import email.utils
 import errno
 import hashlib
 import hmac
+import os
 import re
 import socket
 import ssl
 import time
 from datetime import timezone
 from importlib import metadata
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import requests
+import urllib3
+from urllib3.exceptions import (ConnectTimeoutError, HTTPError, LocationValueError, NewConnectionError,
+                                ReadTimeoutError)
+from urllib3.exceptions import SSLError as Urllib3SSLError
 
 from courier.adapters.base import (Adapter, DeliveryError, Outgoing, PermanentError, Sent, TemporaryError, TlsFiles,
                                    scheme_of)
@@ -100,6 +107,7 @@ _SNIPPET_BYTES = 64 * 1024
 _DELTA_SECONDS = re.compile(r"\d+(?:\.\d+)?")
 _HEADER_VALUE = re.compile(r"[\x21-\x7e](?:[\x20-\x7e]*[\x21-\x7e])?")
 _UNPRINTABLE = re.compile(r"[^\x20-\x7e\u00a0-\uffff]")
+_CHARSET = re.compile(r"charset=[\"']?([\w.:-]+)", re.IGNORECASE)
 
 
 def sign(secret: str, body: bytes, timestamp: int) -> str:
@@ -139,16 +147,34 @@ class HttpAdapter(Adapter):
         if tls is not None and scheme_of(url) != "https":
             raise ValueError(f"TLS files apply to https:// URLs only, not {scheme_of(url)}://")
         self.tls = tls
-        self._session = requests.Session()
-        # The environment's proxy and CA settings for this URL, resolved once: per request they
-        # cost more than the rest of the send.
-        self._environment = self._session.merge_environment_settings(url, {}, None, None, None)
-        self._session.trust_env = False
-        # requests (urllib3) loads these files at each new connection, so renewed ones need no restart.
-        self._verify = tls.ca if tls and tls.ca else self._environment["verify"]
-        self._cert = self._environment["cert"]
+        # The environment's proxy and CA settings for this URL, resolved once as requests would.
+        environment = requests.Session().merge_environment_settings(url, {}, None, None, None)
+        verify = tls.ca if tls and tls.ca else environment["verify"]
+        if verify is True:
+            verify = requests.certs.where()  # requests' own CA bundle (certifi), as before
+        cert, key = environment["cert"], None
+        if isinstance(cert, tuple):
+            cert, key = cert
         if tls and tls.cert:
-            self._cert = (tls.cert, tls.key) if tls.key else tls.cert
+            cert, key = tls.cert, tls.key
+        # Files, not a context: urllib3 reads them at each new connection, so renewed ones need no restart.
+        pool = dict(num_pools=1, maxsize=1, cert_reqs="CERT_REQUIRED", cert_file=cert, key_file=key,
+                    **({"ca_cert_dir": verify} if os.path.isdir(verify) else {"ca_certs": verify}))
+        parts = urlsplit(url)
+        self._headers = {}
+        if parts.username is not None:
+            self._headers.update(urllib3.make_headers(
+                basic_auth=f"{unquote(parts.username)}:{unquote(parts.password or '')}"))
+        proxy = requests.utils.select_proxy(url, environment["proxies"])
+        if proxy:
+            proxy_parts = urlsplit(proxy)
+            proxy_headers = urllib3.make_headers(proxy_basic_auth=f"{unquote(proxy_parts.username)}:"
+                                                 f"{unquote(proxy_parts.password or '')}") \
+                if proxy_parts.username is not None else None
+            self._manager = urllib3.ProxyManager(proxy, proxy_headers=proxy_headers, **pool)
+        else:
+            self._manager = urllib3.PoolManager(**pool)
+        self._timeout = urllib3.Timeout(connect=timeout, read=timeout)
 
     @classmethod
     def check_url(cls, url: str) -> None:
@@ -182,18 +208,17 @@ class HttpAdapter(Adapter):
         if self.tls is not None:
             self._check_tls_files()
         try:
-            # stream=True so we read the answer ourselves, and only its head.
-            resp = self._session.post(
-                self.url, data=out.body, headers=headers, timeout=(self.timeout, self.timeout),
-                allow_redirects=False, proxies=self._environment["proxies"], verify=self._verify,
-                cert=self._cert, stream=True,
-            )
-        except requests.RequestException as exc:
+            # Not preloaded: we read the answer ourselves, and only its head. No retries, no redirects:
+            # retrying is the outbox's job, and a redirect is the destination's configuration to fix.
+            resp = self._manager.urlopen("POST", self.url, body=out.body, headers={**self._headers, **headers},
+                                         timeout=self._timeout, retries=False, redirect=False,
+                                         preload_content=False, assert_same_host=False)
+        except HTTPError as exc:
             raise _classify_exception(exc, self.timeout) from None
         try:
             return _classify_response(resp)
         finally:
-            resp.close()
+            resp.release_conn()
 
     def _check_tls_files(self) -> None:
         """TemporaryError naming the file if a `tls` file cannot be read: requests would raise a bare
@@ -208,11 +233,11 @@ class HttpAdapter(Adapter):
                     raise TemporaryError(f"TLS: {name}={path}: cannot read ({_root_cause(exc)})") from None
 
     def close(self) -> None:
-        self._session.close()
+        self._manager.clear()
 
 
-def _classify_response(resp: requests.Response) -> Sent:
-    code = resp.status_code
+def _classify_response(resp: urllib3.BaseHTTPResponse) -> Sent:
+    code = resp.status
     if 200 <= code < 300:
         # The destination said yes; a broken answer body after that changes nothing.
         _first_line(resp)
@@ -229,18 +254,22 @@ def _classify_response(resp: requests.Response) -> Sent:
     raise PermanentError(detail, status_code=code)
 
 
-def _first_line(resp: requests.Response) -> str:
-    """The first non-blank line of the answer, cleaned and cut to fit a detail."""
-    data = b""
+def _first_line(resp: urllib3.BaseHTTPResponse) -> str:
+    """The first non-blank line of the answer, cleaned and cut to fit a detail.
+
+    An answer read to its end leaves the connection fit for the next send; a longer one (or a
+    broken one) closes it rather than download the rest.
+    """
     try:
-        for chunk in resp.iter_content(chunk_size=8192):
-            data += chunk
-            if len(data) >= _SNIPPET_BYTES:
-                break
-    except requests.RequestException:
-        pass  # the status already decides; a broken body only costs us the detail
+        data = resp.read(_SNIPPET_BYTES)
+        if len(data) >= _SNIPPET_BYTES:
+            resp.close()
+    except (HTTPError, OSError):
+        data = b""  # the status already decides; a broken body only costs us the detail
+        resp.close()
+    charset = _CHARSET.search(resp.headers.get("Content-Type", ""))
     try:
-        text = data.decode(resp.encoding or "utf-8", errors="replace")
+        text = data.decode(charset.group(1) if charset else "utf-8", errors="replace")
     except LookupError:  # a charset Python does not know
         text = data.decode("utf-8", errors="replace")
     for line in text.splitlines():
@@ -254,25 +283,23 @@ def _clean(text: str) -> str:
     return text if len(text) <= _DETAIL_CHARS else text[:_DETAIL_CHARS - 3] + "..."
 
 
-def _classify_exception(exc: requests.RequestException, timeout: float) -> DeliveryError:
-    # Messages from requests quote the whole URL (query strings may hold
-    # credentials), so the detail is rebuilt from the root cause instead.
-    if isinstance(exc, requests.ConnectTimeout):
+def _classify_exception(exc: HTTPError, timeout: float) -> DeliveryError:
+    # urllib3's messages may quote the URL (query strings may hold credentials), so the detail
+    # is rebuilt from the root cause instead.
+    if isinstance(exc, ConnectTimeoutError) and not isinstance(exc, NewConnectionError):
         return TemporaryError(f"connect timeout after {timeout:g}s")
-    if isinstance(exc, requests.Timeout):
+    if isinstance(exc, ReadTimeoutError):
         return TemporaryError(f"read timeout after {timeout:g}s", throttled=True)
-    if isinstance(exc, (requests.exceptions.InvalidURL, requests.exceptions.InvalidSchema,
-                        requests.exceptions.MissingSchema, requests.exceptions.InvalidHeader)):
+    if isinstance(exc, LocationValueError):
         return PermanentError(f"request cannot be sent: {type(exc).__name__}")
     tls_error = next((cur for cur in _chain(exc) if isinstance(cur, ssl.SSLError)), None)
-    if isinstance(exc, requests.exceptions.SSLError) or tls_error is not None:
+    if isinstance(exc, Urllib3SSLError) or tls_error is not None:
         # Certificates expire and get renewed: the operator's problem, not the message's. With TLS 1.3
         # a destination refuses our client certificate after the handshake, so that SSLError comes
         # wrapped in a connection error: hence the search of the chain.
         return TemporaryError(f"TLS: {_tls_reason(tls_error) if tls_error else _root_cause(exc)}")
-    if isinstance(exc, requests.ConnectionError):
-        return TemporaryError(f"connection failed: {_root_cause(exc)}")
-    return TemporaryError(f"request failed: {type(exc).__name__}: {_root_cause(exc)}")
+    # Refused, reset, closed without an answer, DNS, the proxy: all "the destination is not there now".
+    return TemporaryError(f"connection failed: {_root_cause(exc)}")
 
 
 def _chain(exc: BaseException):
@@ -285,9 +312,8 @@ def _chain(exc: BaseException):
             continue
         seen.add(id(cur))
         yield cur
-        # requests wraps urllib3's MaxRetryError (in args), which holds .reason,
-        # which was raised from the socket error.
-        for nxt in (getattr(cur, "reason", None), cur.__cause__, cur.__context__, *cur.args):
+        # urllib3's ProtocolError holds the socket error in its args; a proxy error in .original_error.
+        for nxt in (getattr(cur, "original_error", None), cur.__cause__, cur.__context__, *cur.args):
             if isinstance(nxt, BaseException):
                 stack.append(nxt)
 
@@ -313,8 +339,7 @@ def _root_cause(exc: BaseException) -> str:
     """The innermost OS-level reason in an exception chain, e.g. "Connection refused (ECONNREFUSED)"."""
     fallback = None
     for cur in _chain(exc):
-        # requests' own exceptions are OSErrors too, but their text quotes the URL.
-        if isinstance(cur, OSError) and not isinstance(cur, requests.RequestException):
+        if isinstance(cur, OSError):
             if isinstance(cur, socket.gaierror):
                 return _clean(f"DNS lookup failed: {cur.strerror}")
             if cur.strerror:
