@@ -17,7 +17,7 @@ import logging
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
@@ -43,10 +43,17 @@ class Admission:
 GO = Admission("go")
 
 
-def _row(session: Session, name: str, lock: bool) -> Circuit | None:
-    if lock:
-        return session.get(Circuit, name, with_for_update=True, populate_existing=True)
-    return session.get(Circuit, name)
+def _row(session: Session, name: str) -> Circuit | None:
+    """The destination's row, locked: for the decisions that change it."""
+    return session.get(Circuit, name, with_for_update=True, populate_existing=True)
+
+
+# The quick look every attempt takes (no lock, no ORM object): is there anything to decide at all?
+_GLANCE = select(Circuit.state, Circuit.failures, Circuit.paused_at).where(Circuit.destination == bindparam("name"))
+
+
+def _glance(session: Session, name: str):
+    return session.connection().execute(_GLANCE, {"name": name}).first()
 
 
 def _ensure_row(session: Session, name: str) -> Circuit:
@@ -55,7 +62,7 @@ def _ensure_row(session: Session, name: str) -> Circuit:
     insert = pg_insert if dialect == "postgresql" else sqlite_insert
     session.execute(insert(Circuit).values(destination=name, state=CLOSED, failures=0, trips=0,
                                            changed_at=utcnow()).on_conflict_do_nothing())
-    return _row(session, name, lock=True)
+    return _row(session, name)
 
 
 def _change(row: Circuit, state: str, now: datetime, why: str) -> None:
@@ -66,10 +73,10 @@ def _change(row: Circuit, state: str, now: datetime, why: str) -> None:
 def admit(session: Session, destination: Destination, delivery_id: str, now: datetime | None = None) -> Admission:
     """Decide whether an attempt at `delivery_id` may be made now."""
     now = now or utcnow()
-    row = _row(session, destination.name, lock=False)
+    row = _glance(session, destination.name)
     if row is None or (row.state == CLOSED and row.paused_at is None):
         return GO
-    row = _row(session, destination.name, lock=True)  # exactly one probe: decide under the row lock
+    row = _row(session, destination.name)  # exactly one probe: decide under the row lock
     if row.paused_at is not None:
         return Admission("wait", now + PAUSE_RECHECK, f"{WAITING}destination paused by {row.paused_by}: "
                                                       f"{row.pause_reason or 'no reason given'}")
@@ -93,10 +100,10 @@ def record(session: Session, destination: Destination, delivery_id: str, result:
     now = now or utcnow()
     policy = destination.circuit
     if result != "temporary":
-        row = _row(session, destination.name, lock=False)
+        row = _glance(session, destination.name)
         if row is None or (row.state == CLOSED and row.failures == 0):
             return None
-        row = _row(session, destination.name, lock=True)
+        row = _row(session, destination.name)
         row.failures = 0
         if row.state == CLOSED:
             return None
@@ -130,7 +137,7 @@ def resume(session: Session, name: str, actor: str) -> bool:
 
     Decided under the row lock, so of two concurrent resumes exactly one lifts the pause.
     """
-    row = _row(session, name, lock=True)
+    row = _row(session, name)
     if row is None or row.paused_at is None:
         return False
     row.paused_at, row.paused_by, row.pause_reason = None, None, None

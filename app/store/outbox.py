@@ -293,7 +293,7 @@ def begin_attempts(session: Session, items: list[tuple[str, int]], destinations:
     """
     now = now or utcnow()
     dispatch_of = dict(items)
-    rows = session.execute(_tickets_statement(), {"ids": list(dispatch_of)}).all()
+    rows = session.connection().execute(_tickets_statement(), {"ids": list(dispatch_of)}).all()
     refused = {delivery_id: "skipped" for delivery_id in dispatch_of}
     candidates: dict[str, list] = {}
     given_back = []  # (row, due, reason): back to retrying, attempt not spent
@@ -409,15 +409,14 @@ def finish_attempts(session: Session, destination: Destination, results: list[tu
     attempts = [dict(delivery_id=t.delivery_id, number=t.number, started_at=o.started_at, duration_ms=o.duration_ms,
                      outcome=o.result, status_code=o.status_code, detail=o.detail[:DETAIL_LIMIT])
                 for t, o in results if o is not None]
+    conn = session.connection()  # Core statements built once: this runs for every batch
     if attempts:
-        session.execute(insert(Attempt.__table__), attempts)
+        conn.execute(_insert_attempts(len(attempts)),
+                     {f"{key}_{i}": value for i, row in enumerate(attempts) for key, value in row.items()})
     statuses: dict[str, str] = {}
     delivered = [t.delivery_id for t, o in results if o is not None and o.result == "delivered"]
     if delivered:
-        done = set(session.execute(
-            update(Delivery).where(Delivery.id.in_(delivered), Delivery.status.in_(OPEN_STATUSES))
-            .values(status=DELIVERED, due_at=None, delivered_at=now, last_error=None, updated_at=now)
-            .returning(Delivery.id).execution_options(synchronize_session=False)).scalars())
+        done = set(conn.execute(_DELIVERED, {"ids": delivered, "now": now}).scalars())
         statuses.update({i: DELIVERED if i in done else "superseded" for i in delivered})
     for ticket, outcome in results:
         if ticket.delivery_id in statuses:
@@ -453,6 +452,24 @@ def finish_attempts(session: Session, destination: Destination, results: list[tu
     if any(t.order_key is not None and statuses[t.delivery_id] in (DELIVERED, DEAD) for t, _ in results):
         _notify(session)  # the next delivery of these keys is claimable now: wake the relay
     return statuses
+
+
+# A success counts whichever dispatch reported it: the destination has the message.
+_DELIVERED = (update(Delivery.__table__)
+              .where(Delivery.__table__.c.id.in_(bindparam("ids", expanding=True)), is_open(Delivery.__table__.c.status))
+              .values(status=DELIVERED, due_at=None, delivered_at=bindparam("now"), last_error=None,
+                      updated_at=bindparam("now"))
+              .returning(Delivery.__table__.c.id))
+
+
+@lru_cache(maxsize=64)
+def _insert_attempts(count: int):
+    """One multi-row INSERT of `count` attempt-log rows (parameters `delivery_id_<i>`, ...), cached per count."""
+    columns = ("delivery_id", "number", "started_at", "duration_ms", "outcome", "status_code", "detail")
+    rows = ", ".join("(" + ", ".join(f":{c}_{i}" for c in columns) + ")" for i in range(count))
+    table = Attempt.__table__
+    return text(f"INSERT INTO {table.name} ({', '.join(columns)}) VALUES {rows}").bindparams(
+        *(bindparam(f"{c}_{i}", type_=table.c[c].type) for i in range(count) for c in ("started_at", "detail")))
 
 
 def wake(session: Session, destination: str, now: datetime | None = None) -> int:
