@@ -26,6 +26,7 @@ from pathlib import Path
 from kombu import Connection
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
@@ -86,6 +87,19 @@ class Stack(contextlib.ExitStack):
 
         self.callback(drop)
         return make_url(ADMIN_URL).set(database=name).render_as_string(hide_password=False)
+
+    def postmaster_pid(self) -> int | None:
+        """The PID of the PostgreSQL server the benchmark uses, if this machine runs it and we may read its
+        postmaster.pid (as root or postgres); None otherwise (then every `postgres` process counts as it)."""
+        admin = create_engine(ADMIN_URL)
+        try:
+            with admin.connect() as conn:
+                data_dir = conn.scalar(text("SHOW data_directory"))
+            return int((Path(data_dir) / "postmaster.pid").read_text().split()[0])
+        except (OSError, ValueError, DBAPIError):
+            return None
+        finally:
+            admin.dispose()
 
     # -- RabbitMQ -----------------------------------------------------------
 

@@ -119,7 +119,9 @@ class CpuAccount:
     """CPU used during a phase, per component: the labelled trees, the services, and everything else.
 
     `roots` maps labels to process-tree roots, in order of precedence: list the harness itself
-    last, since every process it started is in its tree.
+    last, since every process it started is in its tree. A root labelled like a service (e.g.
+    "postgres": the benchmark's own cluster's postmaster) replaces the match by process name, so
+    another cluster on the machine (other people's tests) counts as "other".
     """
 
     def __init__(self, roots: dict[str, int]):
@@ -138,7 +140,7 @@ class CpuAccount:
                 labels.setdefault(pid, label)
         snap = {}
         for pid in all_pids():
-            label = labels.get(pid) or SERVICES.get(comm(pid))
+            label = labels.get(pid) or (None if SERVICES.get(comm(pid)) in self.roots else SERVICES.get(comm(pid)))
             if label:
                 snap[pid] = (label, cpu_seconds(pid))
         return snap

@@ -249,6 +249,13 @@ def worker_command(app: str, name: str) -> str:
     return f"{command} -n bench-{name}-{os.getpid()}@%h --without-mingle --without-gossip"
 
 
+def measured_services(stack: Stack, sink_pid: int) -> dict[str, int]:
+    """The process trees measured beside the system's own: the sink, the harness (last: it started
+    everything) and, when found, the PostgreSQL server in use, so other clusters count as 'other'."""
+    postmaster = stack.postmaster_pid()
+    return {**({"postgres": postmaster} if postmaster else {}), "sink": sink_pid, "client": os.getpid()}
+
+
 def ingest(url: str, headers: dict, duration: float, roots: dict,
            extra: dict) -> tuple[load.WrkResult, measure.CpuAccount, int]:
     """wrk against the web process alone; returns wrk's result, the CPU account (of `roots` and the
@@ -281,7 +288,7 @@ def bench_raw(stack: Stack, seconds: float, res: Results) -> None:
 def bench_courier(stack: Stack, args, sink: load.Sink, sink_pid: int, workdir: Path, res: Results) -> None:
     courier = Courier(stack, sink.port, workdir)
     courier.start_web()
-    extra = {"sink": sink_pid, "client": os.getpid()}
+    extra = measured_services(stack, sink_pid)
     print(f"courier ingest ({args.duration:.0f} s, wrk)...", flush=True)
     wrk, cpu, rss = ingest(courier.url, courier.headers, args.duration, courier.roots, extra)
     time.sleep(2)  # requests in hand when wrk stopped still commit: count them, then empty the store
@@ -369,7 +376,7 @@ def bench_naive(stack: Stack, args, sink: load.Sink, sink_pid: int, res: Results
     url = f"http://127.0.0.1:{port}/api/v1/messages"
     web = stack.start("naive-web", procfile_command("web").replace("courier.app:create_app()", "bench.naive:app"), env)
     wait_http(f"http://127.0.0.1:{port}/", web, stack)
-    roots, extra = {"web": web.pid}, {"sink": sink_pid, "client": os.getpid()}
+    roots, extra = {"web": web.pid}, measured_services(stack, sink_pid)
     print(f"naive ingest ({args.duration:.0f} s, wrk)...", flush=True)
     wrk, cpu, rss = ingest(url, {}, args.duration, roots, extra)
     res.naive["ingest"] = (wrk.requests - wrk.non_2xx) / args.duration
