@@ -26,6 +26,8 @@ import hl7.containers
 import hl7.parser
 import hl7.util
 
+from courier.adapters.hl7_charsets import charset_codec
+
 __all__ = [
     "ACK_CODES",
     "Hl7Error",
@@ -149,48 +151,7 @@ class Hl7Message:
 
 # --------------------------------------------------------------------------- decoding
 
-# HL7 table 0211 (MSH-18 character sets) -> Python codecs. ISO IR14/87/159 and
-# CNS 11643 need ISO 2022 code switching that Python's codecs do not model: refused
-# when declared. Bare "UNICODE" (deprecated) can only be UTF-8 in ER7 text: UTF-16/32
-# bytes hold NULs, which are refused before any charset is looked at.
-_HL7_CHARSETS = {
-    "ASCII": "ascii",
-    "ISO IR6": "ascii",
-    "ISO IR100": "iso8859-1",
-    "ISO IR192": "utf-8",
-    "UNICODE": "utf-8",
-    "UNICODE UTF-8": "utf-8",
-    "GB 18030-2000": "gb18030",
-    "KS X 1001": "euc_kr",
-    "BIG-5": "big5",
-}
-_HL7_CHARSETS.update({f"8859/{n}": f"iso8859-{n}" for n in (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 13, 14, 15, 16)})
-# ISO IR numbers of the 8859 parts (table 0211 names them both ways).
-_HL7_CHARSETS.update({f"ISO IR{ir}": f"iso8859-{n}" for ir, n in
-                      ((101, 2), (109, 3), (110, 4), (144, 5), (127, 6), (126, 7), (138, 8), (148, 9))})
-# Names senders put in MSH-18 although HL7 does not define them ("UTF-8", "ISO-8859-1",
-# "windows-1252") are honoured only if they resolve to one of these: an arbitrary codec
-# (unicode_escape, utf-16, ...) could rewrite backslashes into control characters.
-_SAFE_CODECS = frozenset(
-    {codecs.lookup(c).name for c in set(_HL7_CHARSETS.values())}
-    | {codecs.lookup(f"cp{n}").name for n in range(1250, 1259)}
-    | {codecs.lookup(c).name for c in ("latin-1", "shift_jis", "euc_jp", "cp932", "gbk", "koi8-r")}
-)
 DEFAULT_CHARSET = "ASCII"  # HL7's default when MSH-18 is empty, unless the source configures another
-
-
-def charset_codec(name: str) -> str | None:
-    """The Python codec for an MSH-18 value (an HL7 table 0211 name, or a common alias such as
-    'UTF-8' or 'ISO-8859-1'), or None when Courier cannot decode it faithfully."""
-    name = name.strip()
-    codec = _HL7_CHARSETS.get(name.upper())
-    if codec is not None:
-        return codecs.lookup(codec).name
-    try:
-        resolved = codecs.lookup(name).name
-    except LookupError:
-        return None
-    return resolved if resolved in _SAFE_CODECS else None
 
 
 def decode(raw: bytes) -> str:
@@ -339,7 +300,7 @@ def _group(segments: list[str]) -> list[list[int]]:
     messages: list[list[int]] = []
     current: list[int] | None = None
     seen_file_header = in_batch = after_file_trailer = False
-    batch_start, batches = 0, 0
+    batch_start, batches, loose = 0, 0, False  # loose: messages outside BHS/BTS (an implied batch)
     for index, segment in enumerate(segments, 1):
         where = f"segment {index} ({_shown_id(segment)})"
         if after_file_trailer:
@@ -347,6 +308,7 @@ def _group(segments: list[str]) -> list[list[int]]:
         if segment.startswith("MSH"):
             current = [index - 1]
             messages.append(current)
+            loose = loose or not in_batch
         elif _is_envelope(segment, "FHS"):
             if seen_file_header or messages or in_batch:
                 raise Hl7Error("FHS is only allowed once, as the first segment", where, "100", ("FHS", 1, None, None))
@@ -361,7 +323,7 @@ def _group(segments: list[str]) -> list[list[int]]:
                          where)
             in_batch, current, batch_start = False, None, len(messages)
         elif _is_envelope(segment, "FTS"):
-            _check_count(segment, batches, "FTS-1 (file batch count)", "batches", where)
+            _check_count(segment, batches + loose, "FTS-1 (file batch count)", "batches", where)
             after_file_trailer, in_batch, current = True, False, None
         elif current is None:
             raise Hl7Error("segment outside a message: every message must start with MSH", where, "100")
@@ -562,19 +524,22 @@ def parse_all(raw: bytes, default_charset: str | None = None) -> list[Hl7Message
     _decode; .raw holds the bytes as received and .charset the codec used. For a batch,
     the error's where names the message ('message 2, segment 1 (MSH), field 10').
     """
-    if default_charset is not None and charset_codec(default_charset) is None:
-        raise ValueError(f"unknown default charset {default_charset!r}")
     parts = split_raw(raw)
     messages = []
     for number, part in enumerate(parts, 1):
         try:
-            text, codec = _decode(part, default_charset, strict=True)
-            messages.append(dataclasses.replace(parse(text), charset=codec, raw=part))
+            messages.append(parse_raw(part, default_charset))
         except Hl7Error as exc:
             if len(parts) == 1:
                 raise
             raise Hl7Error(exc.reason, f"message {number}, {exc.where}", exc.error_code, exc.location) from None
     return messages
+
+
+def parse_raw(part: bytes, default_charset: str | None = None) -> Hl7Message:
+    """One message's bytes (an element of split_raw) -> Hl7Message with .raw and .charset; Hl7Error if refused."""
+    text, codec = _decode(part, default_charset, strict=True)
+    return dataclasses.replace(parse(text), charset=codec, raw=part)
 
 
 def parse_stored(body: bytes, content_type: str) -> Hl7Message:

@@ -6,6 +6,7 @@ below with the reason; every other file must behave exactly as its row says.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import logging
 import pickle
 import re
@@ -17,6 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from courier.app.hl7.er7 import (
+    KNOWN_VERSIONS,
     Hl7Error,
     Hl7Message,
     build_ack,
@@ -51,9 +53,18 @@ VALID_BUT_REFUSED = {
     "python-hl7/test_parse.py__nonstd.hl7": "MSH-9 (message type) is empty",
 }
 
+# Batches refused as a whole (issue 19: counts are checked): {file: reason}.
+BATCH_REFUSED = {
+    # The converter's expected output says BTS|1 for the two messages it holds.
+    "microsoft-FHIR-Converter/BundleToHl7v2.hl7": "BTS-1 (batch message count) says 1 messages, 2 were received",
+}
+
 # Labelled `malformed`, accepted: the message is syntactically sound; it only fails the
 # IHE PDQ profile (PID-3 without assigning authority), and Courier validates no profiles.
-MALFORMED_BUT_ACCEPTED = {"hl7apy/test_parser.py__invalid_rsp_k21.hl7": "HL7v2:RSP^K22"}
+MALFORMED_BUT_ACCEPTED = {"hl7apy/test_parser.py__invalid_rsp_k21.hl7": "HL7v2:RSP^K22",
+                          # '^~\&#' in a v2.5.1 lab feed: every mainstream parser takes the truncation
+                          # character in any version, and so does Courier (issue 19).
+                          "elixir-hl7/examples.ex__elr_example.hl7": "HL7v2:ORU^R01"}
 
 # Batches that split as labelled but hold messages Courier refuses: {message number: reason}.
 BATCH_MEMBERS_REFUSED = {
@@ -85,8 +96,6 @@ MALFORMED_REASON = {
     "hl7apy/test_parser.py__empty_msh9.hl7": "field 9: MSH-9 (message type) is empty",
     "hl7apy/test_parser.py__truncated_msh9.hl7": "field 9: MSH-9.2 (trigger event) is empty",
     "hl7apy/test_parser.py__no_version.hl7": "field 10: MSH-10 (message control id) is empty",
-    # '^~\&#' in a v2.5.1 message: the truncation character only exists from v2.7.
-    "elixir-hl7/examples.ex__elr_example.hl7": "field 2: a 5th encoding character (truncation)",
     # 'MSH|^~\\&': the escape character doubled, as if copied from a source-code string.
     "LinuxForHealth-hl7v2-fhir-converter/sample_unix.hl7": "field 2: MSH-2 (encoding characters) repeats",
     "LinuxForHealth-hl7v2-fhir-converter/sample_win.hl7": "field 2: MSH-2 (encoding characters) repeats",
@@ -135,7 +144,7 @@ def test_every_decision_names_a_real_row():
         assert labelled[name] == "valid"
     for name in MALFORMED_BUT_ACCEPTED:
         assert labelled[name] == "malformed"
-    for name in BATCH_MEMBERS_REFUSED:
+    for name in [*BATCH_MEMBERS_REFUSED, *BATCH_REFUSED]:
         assert labelled[name] == "batch"
     for name in MALFORMED_REASON:
         assert labelled[name] == "malformed"
@@ -165,6 +174,12 @@ def test_valid_sample_parses_to_one_message(row):
 @pytest.mark.parametrize("row", rows("batch"))
 def test_batch_sample_splits_and_parses(row):
     data = read(row["file"])
+    if row["file"] in BATCH_REFUSED:
+        for refuse in (lambda: split(decode(data)), lambda: parse_all(data)):
+            with pytest.raises(Hl7Error, match=re.escape(BATCH_REFUSED[row["file"]])) as err:
+                refuse()
+            assert err.value.location == ("BTS", None, 1, None) and err.value.error_code == "100"
+        return
     parts = split(decode(data))
     assert len(parts) == int(row["msh_count"])
     assert all(p.startswith("MSH") for p in parts)
@@ -300,7 +315,10 @@ def test_split_removes_file_and_batch_envelopes():
     (f"EVN|A01\r{MSH}", "segment outside a message"),
     (f"BHS|^~\\&\rEVN|A01\r{MSH}", "segment outside a message"),
     (f"{MSH}\rBTS|1\rPID|1", "segment outside a message"),
-    (f"{MSH}\rFTS|1\r{MSH}", "after the file trailer"),
+    (f"{MSH}\rFTS|\r{MSH}", "after the file trailer"),
+    (f"{MSH}\rFTS|2", r"FTS-1 \(file batch count\) says 2 batches, 1 were received"),
+    (f"BHS|^~\\&\r{MSH}\rBTS|2", r"BTS-1 \(batch message count\) says 2 messages, 1 were received"),
+    (f"BHS|^~\\&\r{MSH}\rBTS|x", r"BTS-1 \(batch message count\) is not a number"),
     (f"BHS|^~\\&\r{MSH}\rBHS|^~\\&", "BHS inside a batch"),
     (f"FHS|^~\\&\r{MSH}\rFHS|^~\\&", "FHS is only allowed once"),
     ("FHS|^~\\&\rBHS|^~\\&\rBTS|0\rFTS|1", "no MSH"),
@@ -342,12 +360,42 @@ def test_parse_non_default_delimiters(text, message_type, encoding):
     assert (message.message_type, message.control_id, message.encoding_characters) == (message_type, "X1", encoding)
 
 
-def test_truncation_character_needs_v27():
-    assert parse("MSH|^~\\&#|A|B|C|D|||ADT^A01|X1|P|2.7").encoding_characters == "^~\\&#"
-    assert parse("MSH|^~\\&#|A|B|C|D|||ADT^A01|X1|P|2.10").version == "2.10"
-    with pytest.raises(Hl7Error, match="truncation") as err:
-        parse("MSH|^~\\&#|A|B|C|D|||ADT^A01|X1|P|2.6")
-    assert err.value.where == "segment 1 (MSH), field 2"
+@pytest.mark.parametrize("version", ["2.1", "2.3", "2.4", "2.5", "2.5.1", "2.6", "2.7", "2.8", "2.9"])
+def test_truncation_character_is_accepted_and_kept_in_any_version(version):
+    message = parse(f"MSH|^~\\&#|A|B|C|D|||ADT^A01|X1|P|{version}\rPID|||1||A#B")
+    assert (message.encoding_characters, message.version) == ("^~\\&#", version)
+    assert message.text.endswith("A#B")
+    ack = parse(build_ack(message, "AA"))
+    assert (ack.encoding_characters, ack.version) == ("^~\\&#", version)
+
+
+@pytest.mark.parametrize("encoding, reason, code", [
+    ("", "MSH-2 (encoding characters) is missing", "101"),
+    ("^~", "MSH-2 (encoding characters) has 2 characters; 4 are needed", "102"),
+    ("^~\\", "has 3 characters; 4 are needed", "102"),
+    ("^~\\&#!", "has 6 characters; at most 5", "102"),
+    ("^^\\&", "repeats a delimiter", "102"),
+    ("^~\\&^", "repeats a delimiter", "102"),
+    ("^~\\&a", "not a printable ASCII non-alphanumeric", "102"),
+])
+def test_bad_encoding_characters_are_refused_with_a_reason(encoding, reason, code):
+    with pytest.raises(Hl7Error, match=re.escape(reason)) as err:
+        parse(f"MSH|{encoding}|A|B|C|D|||ADT^A01|X1|P|2.5")
+    assert (err.value.where, err.value.error_code, err.value.location) == (
+        "segment 1 (MSH), field 2", code, ("MSH", 1, 2, None))
+
+
+@pytest.mark.parametrize("version", ["2.1", "2.2", "2.3", "2.3.1", "2.4", "2.5", "2.5.1", "2.6", "2.7", "2.7.1",
+                                     "2.8", "2.8.1", "2.8.2", "2.9", "2.5.1^DEU"])
+def test_every_v2_version_is_accepted(version):
+    assert parse(f"MSH|^~\\&|A|B|C|D|||ADT^A01|X1|P|{version}").version == version.split("^")[0]
+
+
+@pytest.mark.parametrize("version", ["", "1.0", "2.0", "2.10", "3.0", "2.5.2", "2.x", " ", "^DEU"])
+def test_missing_or_unknown_version_is_refused_203(version):
+    with pytest.raises(Hl7Error, match=r"MSH-12 \(version id\)") as err:
+        parse(f"MSH|^~\\&|A|B|C|D|||ADT^A01|X1|P|{version}")
+    assert (err.value.error_code, err.value.location) == ("203", ("MSH", 1, 12, None))
 
 
 def test_ack_without_trigger_is_allowed_other_types_are_not():
@@ -448,8 +496,12 @@ def test_ack_round_trips_and_answers_the_message(name, code):
     else:
         assert segment_ids == ["MSH", "MSA", "ERR"]
         err = fields_of(ack.text.split("\r")[2], sep)
-        assert err[3].split(comp) == ["207", "Application internal error", "HL70357"]
-        assert (err[4], err[8]) == ("E", "why")
+        if message.version in ("2.1", "2.2", "2.3", "2.3.1", "2.4"):  # ERR-1 only (ELD)
+            sub = message.encoding_characters[3]
+            assert err[1:] == [comp.join(["", "", "", sub.join(["207", "Application internal error", "HL70357"])])]
+        else:
+            assert err[3].split(comp) == ["207", "Application internal error", "HL70357"]
+            assert (err[1], err[2], err[4], err[8]) == ("", "", "E", "why")
 
 
 def test_ack_keeps_whole_hd_fields_of_sender_and_receiver():
@@ -502,11 +554,11 @@ def test_ack_arguments_are_checked():
         build_ack(message, "AA", error_code="207")
 
 
-def test_ack_drops_truncation_character_below_v27():
-    salvaged = salvage_header(read("elixir-hl7/examples.ex__elr_example.hl7"))
-    assert salvaged is not None and salvaged.control_id == "PHELR.1.45543"
-    ack = parse(build_ack(salvaged, "AR", text="no"))
-    assert ack.encoding_characters == "^~\\&" and ack.version == "2.5.1"
+def test_real_v251_lab_feed_with_truncation_character_is_accepted():
+    [message] = parse_all(read("elixir-hl7/examples.ex__elr_example.hl7"))
+    assert (message.control_id, message.encoding_characters, message.version) == ("PHELR.1.45543", "^~\\&#", "2.5.1")
+    ack = parse(build_ack(message, "AA"))
+    assert ack.encoding_characters == "^~\\&#" and ack.version == "2.5.1"
 
 
 @pytest.mark.parametrize("name, control_id", [
@@ -581,11 +633,15 @@ def check_accepts_or_refuses_cleanly(data: bytes) -> None:
     except Hl7Error as err:
         assert err.reason and err.where
         salvaged = salvage_header(data)
-        parse(build_ack(salvaged, "AR", text=str(err), error_code=err.error_code))
+        ack_text = build_ack(salvaged, "AR", text=str(err), error_code=err.error_code, location=err.location)
+        assert parse_ack(ack_text)[0] == "AR"
+        if salvaged is None or salvaged.version in KNOWN_VERSIONS:
+            parse(ack_text)
         return
     assert messages
     for message in messages:
-        assert parse(message.text) == message
+        assert dataclasses.replace(parse(message.text), charset=message.charset) == message
+        assert message.raw and message.raw in data  # stored as received
         ack_text = build_ack(message, "AE", text="x|y\rz")
         ack = parse(ack_text)
         assert ack.encoding_characters[:4] == message.encoding_characters[:4]
