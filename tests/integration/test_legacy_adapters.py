@@ -200,7 +200,10 @@ def test_schemes_resolve(url, cls):
     ("mllp://10.0.0.5", "needs a port"),
     ("mllp://:2575", "needs a host"),
     ("mllp://h:2575/path", "no path"),
-    ("mllp://h:2575?x=1", "no path, query"),
+    ("mllp://h:2575?x=1", "unknown mllp URL option 'x'; known: charset"),
+    ("mllp://h:2575?charset=EBCDIC", "charset 'EBCDIC' is not an HL7 character set"),
+    ("mllp://h:2575?charset=windows-1252", "is not an HL7 character set Courier can write"),
+    ("mllps://h:2575?charset=8859/1&charset=8859/2", "option charset must be given once"),
     ("mllp://u:p@h:2575", "user info"),
     ("mllp://h:99999", "invalid port"),
     ("mllp://h:2575?ca=/ca.pem", "TLS options such as ?ca= need mllps://"),
@@ -312,6 +315,43 @@ def test_mllp_non_default_delimiters_and_lf_segments(hl7_server):
     with MllpAdapter(hl7_server.url, timeout=5) as adapter:
         assert adapter.send(outgoing(body=body)).detail == "ACK AA"
     assert hl7_server.received == [body]
+
+
+@pytest.mark.parametrize("content_type, stored", [
+    ("application/hl7-v2; charset=iso8859-1", "MSH|^~\\&|LAB|H|BILL|H|20240101||ADT^A01|C-1|P|2.5||||||8859/1\r"
+                                              "PID|||1||M\u00fcller\r".encode("latin-1")),
+    ("application/hl7-v2; charset=utf-8", "MSH|^~\\&|LAB|H|BILL|H|20240101||ADT^A01|C-1|P|2.5\r"
+                                          "PID|||1||M\u00fcller\r".encode("utf-8")),
+    ("application/hl7-v2", "MSH|^~\\&|LAB|H|BILL|H|20240101||ADT^A01|C-1|P|2.5||||||UNICODE UTF-8\r"
+                           "PID|||1||M\u00fcller\r".encode("utf-8")),
+])
+@pytest.mark.parametrize("charset, codec, msh18", [("8859/1", "latin-1", "8859/1"),
+                                                   ("UNICODE+UTF-8", "utf-8", "UNICODE UTF-8"),
+                                                   ("8859/15", "iso8859-15", "8859/15")])
+def test_mllp_charset_option_re_encodes_and_names_it_in_msh18(hl7_server, content_type, stored, charset, codec,
+                                                              msh18):
+    with MllpAdapter(f"{hl7_server.url}?charset={charset}", timeout=5) as adapter:
+        assert adapter.send(outgoing(body=stored, content_type=content_type)).detail == "ACK AA"
+    [received] = hl7_server.received
+    assert b"M" + "\u00fc".encode(codec) + b"ller" in received
+    msh = received.split(b"\r")[0].split(b"|")
+    assert (msh[9], msh[17]) == (b"C-1", msh18.encode())
+    assert received.split(b"\r")[1:] == [b"PID|||1||M" + "\u00fc".encode(codec) + b"ller", b""]
+
+
+def test_mllp_without_charset_option_sends_the_bytes_as_stored(hl7_server):
+    stored = b"MSH|^~\\&|LAB|H|BILL|H|20240101||ADT^A01|C-1|P|2.5||||||8859/1\rPID|||1||M\xfcller\r"
+    with MllpAdapter(hl7_server.url, timeout=5) as adapter:
+        adapter.send(outgoing(body=stored, content_type="application/hl7-v2; charset=iso8859-1"))
+    assert hl7_server.received == [stored]
+
+
+def test_mllp_character_the_destination_charset_cannot_hold_is_permanent(hl7_server):
+    body = "MSH|^~\\&|LAB|H|BILL|H|20240101||ADT^A01|C-1|P|2.5\rPID|||1||\u0141ukasz\r".encode()
+    with MllpAdapter(f"{hl7_server.url}?charset=8859/1", timeout=5) as adapter:
+        with pytest.raises(PermanentError, match=r"segment 2 cannot be written in 8859/1"):
+            adapter.send(outgoing(body=body, content_type="application/hl7-v2; charset=utf-8"))
+    assert hl7_server.received == []
 
 
 # --- MLLP over TLS (mllps://) ----------------------------------------------------------------
