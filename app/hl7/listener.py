@@ -413,21 +413,24 @@ class MllpListener:
     def _refusal(self, payload: bytes, code: str, reason: str, error_code: str, summary: str,
                  location: tuple | None = None) -> Answer:
         """An ACK for a frame that did not parse, addressed from whatever MSH can be salvaged;
-        a batch that still splits gets a batch of them, one per message, all with the reason."""
+        a batch that still splits gets a batch of them, one per message, all with the reason.
+        Always sent (CR in enhanced mode): the MSH-15 of a message that did not parse is not trusted."""
         er7 = self.er7
         try:
             parts = er7.split(er7.decode(payload))
         except Exception:  # not even splittable: one ACK for the frame
             parts = [payload]
         return self._acks(payload, [er7.salvage_header(part) for part in parts], code, reason, error_code,
-                          location, summary, None)
+                          location, summary, None, always=True)
 
     def _acks(self, payload: bytes, messages: list, outcome: str, reason: str, error_code: str | None,
-              location: tuple | None, summary: str, codec: str | None) -> Answer:
+              location: tuple | None, summary: str, codec: str | None, always: bool = False) -> Answer:
         er7 = self.er7
         acks = []
         for message in messages:
             code = er7.ack_code(message, outcome)
+            if code is None and always:
+                code = "C" + outcome[1]
             if code is not None:
                 acks.append(er7.build_ack(message, code, text=reason, error_code=error_code if outcome != "AA"
                                           else None, location=location))
