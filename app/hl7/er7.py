@@ -249,7 +249,7 @@ def _is_envelope(segment: str, name: str) -> bool:
     return segment.startswith(name) and (len(segment) == 3 or not segment[3].isalnum())
 
 
-def split(text: str) -> list[str]:
+def split(text: str, *, counts: bool = True) -> list[str]:
     """Text of one message or a batch -> one '\\r'-joined text per message.
 
     FHS/BHS/BTS/FTS envelopes are dropped, each MSH starts a message. Refused: anything
@@ -257,11 +257,12 @@ def split(text: str) -> list[str]:
     after FTS, no MSH at all, and a BTS-1 (FTS-1) that is not the number of messages in its
     batch (of batches in the file). Missing or unpaired trailers (BTS/FTS), or empty counts,
     are tolerated: real senders drop them and they carry nothing a receiver needs.
+    counts=False skips the count checks (to answer each message of a batch refused for its count).
     """
     if not isinstance(text, str):
         raise TypeError(f"split() takes str, not {type(text).__name__}")
     segments = _segments(text)
-    return ["\r".join(segments[i] for i in group) for group in _group(segments)]
+    return ["\r".join(segments[i] for i in group) for group in _group(segments, counts)]
 
 
 _RAW_LINE = re.compile(rb"[^\r\n]*(?:\r\n|\r|\n|\Z)")
@@ -292,7 +293,7 @@ def split_raw(raw: bytes) -> list[bytes]:
     return [raw[spans[group[0]][0]:spans[group[-1]][1]] for group in _group(segments)]
 
 
-def _group(segments: list[str]) -> list[list[int]]:
+def _group(segments: list[str], counts: bool = True) -> list[list[int]]:
     """Segments (text, or bytes read as latin-1: only ids and counts are looked at) -> the
     indices of each message's segments. Hl7Error for a broken batch structure (see split)."""
     if not segments:
@@ -319,11 +320,12 @@ def _group(segments: list[str]) -> list[list[int]]:
             in_batch, current, batch_start = True, None, len(messages)
             batches += 1
         elif _is_envelope(segment, "BTS"):
-            _check_count(segment, len(messages) - batch_start, "BTS-1 (batch message count)", "messages",
-                         where)
+            if counts:
+                _check_count(segment, len(messages) - batch_start, "BTS-1 (batch message count)", "messages", where)
             in_batch, current, batch_start = False, None, len(messages)
         elif _is_envelope(segment, "FTS"):
-            _check_count(segment, batches + loose, "FTS-1 (file batch count)", "batches", where)
+            if counts:
+                _check_count(segment, batches + loose, "FTS-1 (file batch count)", "batches", where)
             after_file_trailer, in_batch, current = True, False, None
         elif current is None:
             raise Hl7Error("segment outside a message: every message must start with MSH", where, "100")

@@ -417,7 +417,7 @@ class MllpListener:
         Always sent (CR in enhanced mode): the MSH-15 of a message that did not parse is not trusted."""
         er7 = self.er7
         try:
-            parts = er7.split(er7.decode(payload))
+            parts = er7.split(er7.decode(payload), counts=False)
         except Exception:  # not even splittable: one ACK for the frame
             parts = [payload]
         return self._acks(payload, [er7.salvage_header(part) for part in parts], code, reason, error_code,
