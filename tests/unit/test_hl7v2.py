@@ -20,12 +20,14 @@ from hypothesis import strategies as st
 from courier.app.hl7.er7 import (
     KNOWN_VERSIONS,
     Hl7Error,
+    ack_code,
     Hl7Message,
     build_ack,
     decode,
     parse,
     parse_ack,
     parse_all,
+    parse_stored,
     salvage_header,
     split,
 )
@@ -675,3 +677,88 @@ def test_fuzz_text_entry_points(text):
         except Hl7Error:
             pass
     salvage_header(text)
+
+
+# --- issue 19: bytes as received, charsets, enhanced acknowledgment, ERR -------------------------
+
+LATIN1 = (MSH + "||||||8859/1").encode() + b"\rPID|||1||M\xfcller\r"
+
+
+def test_parse_all_keeps_each_messages_bytes_as_received():
+    second = (MSH.replace("CTRL-1", "CTRL-2") + "||||||UNICODE UTF-8\nPID|||2||M\u00fcller\n").encode()
+    raw = b"\xef\xbb\xbf FHS|^~\\&\r\nBHS|^~\\&\r" + LATIN1 + second + b"BTS|2\rFTS|1\r\n\x1c"
+    first, other = parse_all(raw)
+    assert (first.raw, other.raw) == (LATIN1, second)
+    assert (first.charset, other.charset) == ("iso8859-1", "utf-8")
+    assert first.text.endswith("M\u00fcller") and other.text.endswith("M\u00fcller")
+    [single] = parse_all(b"\r\n" + LATIN1.rstrip(b"\r") + b" \x1c")
+    assert single.raw == LATIN1.rstrip(b"\r")
+
+
+@pytest.mark.parametrize("raw, default, family, codec", [
+    ((MSH + "\rPID|||1||Muller").encode(), None, "Muller", "ascii"),
+    ((MSH + "\rPID|||1||M\u00fcller").encode(), None, "M\u00fcller", "utf-8"),           # not ASCII: UTF-8
+    ((MSH + "\rPID|||1||M").encode() + b"\xfcller", None, "M\u00fcller", "cp1252"),      # nor UTF-8: 8859/1 (cp1252)
+    ((MSH + "\rPID|||1||M\u00fcller").encode(), "8859/1", "M\u00c3\u00bcller", "iso8859-1"),  # the source says so
+    ((MSH + "\rPID|||1||M").encode() + b"\xfcller", "8859/1", "M\u00fcller", "iso8859-1"),
+    ((MSH + "||||||8859/2\rPID|||1||").encode() + b"\xa3ukasz", "UNICODE UTF-8", "\u0141ukasz", "iso8859-2"),
+])
+def test_charset_is_msh18_else_the_sources_default_else_the_tolerant_fallback(raw, default, family, codec):
+    [message] = parse_all(raw, default)
+    assert (message.text.rsplit("|", 1)[1], message.charset, message.raw) == (family, codec, raw)
+
+
+@pytest.mark.parametrize("msh18, body, reason, code", [
+    ("UNICODE UTF-8", b"M\xfcller", "byte 103 is not valid UNICODE UTF-8", "102"),
+    ("ASCII", b"M\xfcller", "is not valid ASCII", "102"),
+    ("ISO IR87", b"x", "MSH-18 (character set) 'ISO IR87' is not one Courier can decode", "103"),
+    ("unicode_escape", b"x", "MSH-18 (character set) 'unicode_escape'", "103"),
+])
+def test_declared_charset_is_never_second_guessed(msh18, body, reason, code):
+    with pytest.raises(Hl7Error, match=re.escape(reason)) as err:
+        parse_all((MSH + f"||||||{msh18}\rPID|||1||").encode() + body)
+    assert (err.value.error_code, err.value.location) == (code, ("MSH", 1, 18, None))
+
+
+def test_parse_stored_reads_the_charset_of_the_content_type():
+    [message] = parse_all(LATIN1)
+    again = parse_stored(message.raw, f"application/hl7-v2; charset={message.charset}")
+    assert again == message and again.charset == "iso8859-1"
+    # Rows stored before issue 19: normalised UTF-8 text, "charset=utf-8".
+    assert parse_stored(message.text.encode(), "application/hl7-v2; charset=utf-8").text == message.text
+    assert parse_stored(LATIN1, "application/hl7-v2").charset == "iso8859-1"  # no charset: read as received
+
+
+@pytest.mark.parametrize("msh15, msh16, outcomes", [
+    ("", "", ("AA", "AE", "AR")),
+    ("AL", "", ("CA", "CE", "CR")), ("AL", "NE", ("CA", "CE", "CR")), ("", "AL", ("CA", "CE", "CR")),
+    ("NE", "AL", (None, None, None)), ("ER", "", (None, "CE", "CR")), ("SU", "", ("CA", None, None)),
+    ("XX", "", ("CA", "CE", "CR")),
+])
+def test_ack_code_follows_msh15_in_enhanced_mode(msh15, msh16, outcomes):
+    message = parse(MSH + f"|||{msh15}|{msh16}")
+    assert (message.accept_ack_type, message.application_ack_type) == (msh15, msh16)
+    assert tuple(ack_code(message, o) for o in ("AA", "AE", "AR")) == outcomes
+    assert ack_code(None, "AR") == "AR"
+
+
+@pytest.mark.parametrize("version, err", [
+    ("2.3", "ERR|MSH^1^10^101&Required field missing&HL70357"),
+    ("2.4", "ERR|MSH^1^10^101&Required field missing&HL70357"),
+    ("2.5", "ERR||MSH^1^10|101^Required field missing^HL70357|E||||why"),
+    ("2.9", "ERR||MSH^1^10|101^Required field missing^HL70357|E||||why"),
+    ("1.0", "ERR|MSH^1^10^101&Required field missing&HL70357|MSH^1^10|101^Required field missing^HL70357|E||||why"),
+])
+def test_err_segment_is_in_the_senders_version(version, err):
+    message = salvage_header(f"MSH|^~\\&|A|B|C|D|||ADT^A01|X1|P|{version}")
+    ack = build_ack(message, "AR", text="why", error_code="101", location=("MSH", 1, 10, None))
+    assert ack.split("\r")[2] == err
+    assert ack.split("\r")[0].split("|")[11] == version  # as received, nothing invented
+
+
+def test_err_location_names_a_component_and_the_msh18_is_echoed():
+    message = parse(MSH + "||||||8859/1")
+    ack = build_ack(message, "CR", text="t", error_code="200", location=("MSH", 1, 9, 2))
+    msh, _, err = ack.split("\r")[:3]
+    assert msh.split("|")[17] == "8859/1"
+    assert err.split("|")[2] == "MSH^1^9^^2"
