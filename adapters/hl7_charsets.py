@@ -7,8 +7,9 @@ adapters import nothing of courier.app.
 from __future__ import annotations
 
 import codecs
+import re
 
-__all__ = ["charset_codec", "hl7_name"]
+__all__ = ["body_charset", "charset_codec", "content_charset", "hl7_name"]
 
 # HL7 table 0211 (MSH-18 character sets) -> Python codecs. ISO IR14/87/159 and
 # CNS 11643 need ISO 2022 code switching that Python's codecs do not model: refused
@@ -62,3 +63,24 @@ def hl7_name(codec: str) -> str | None:
     """The HL7 table 0211 name of a Python codec (for MSH-18), or None if HL7 has none."""
     return _PREFERRED.get(codecs.lookup(codec).name)
 
+
+def content_charset(content_type: str) -> str | None:
+    """The codec of a content type's charset parameter ('application/hl7-v2; charset=iso8859-1'), if usable."""
+    for parameter in content_type.split(";")[1:]:
+        name, _, value = parameter.partition("=")
+        if name.strip().lower() == "charset":
+            return charset_codec(value.strip().strip('"'))
+    return None
+
+
+def body_charset(content_type: str, body: bytes) -> str | None:
+    """The codec a body is in: its content type's charset parameter, else (HL7 v2) its MSH-18; None if neither."""
+    codec = content_charset(content_type)
+    if codec is not None:
+        return codec
+    msh = re.split(rb"\r\n|\r|\n", body.lstrip(b"\xef\xbb\xbf \t\r\n"), maxsplit=1)[0]
+    fields = msh.split(msh[3:4]) if msh.startswith(b"MSH") and len(msh) > 3 else []
+    if len(fields) > 17 and len(fields[1]) >= 2:
+        value = fields[17].split(fields[1][1:2])[0].split(fields[1][0:1])[0]
+        return charset_codec(value.decode("ascii", "replace"))
+    return None

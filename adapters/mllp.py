@@ -108,7 +108,7 @@ from dataclasses import dataclass
 from urllib.parse import parse_qs, urlsplit
 
 from courier.adapters.base import Adapter, Outgoing, PermanentError, Sent, TemporaryError
-from courier.adapters.hl7_charsets import charset_codec, hl7_name
+from courier.adapters.hl7_charsets import body_charset, charset_codec, hl7_name
 
 START_BLOCK, END_BLOCK, CARRIAGE_RETURN = b"\x0b", b"\x1c", b"\x0d"
 MAX_ACK_BYTES = 1024 * 1024  # an ACK is a few hundred bytes; more is a confused peer
@@ -181,7 +181,7 @@ def recode(body: bytes, content_type: str, codec: str) -> bytes:
 
     The body is read in its content type's charset, else its MSH-18, else UTF-8.
     """
-    source = _declared(content_type, body) or "utf-8"
+    source = body_charset(content_type, body) or "utf-8"
     try:
         text = body.decode(source)
     except UnicodeDecodeError as exc:
@@ -205,20 +205,6 @@ def _split_first(text: str) -> list[str]:
     if match is None:
         return [text, "", ""]
     return [text[:match.start()], match.group(), text[match.end():]]
-
-
-def _declared(content_type: str, body: bytes) -> str | None:
-    """The codec a body is in: its content type's charset parameter, else its MSH-18 (None if neither)."""
-    for parameter in content_type.split(";")[1:]:
-        name, _, value = parameter.partition("=")
-        if name.strip().lower() == "charset" and charset_codec(value.strip().strip('"')):
-            return charset_codec(value.strip().strip('"'))
-    msh = _SEGMENT_END.split(body.lstrip(b"\xef\xbb\xbf \t\r\n"), maxsplit=1)[0]
-    fields = msh.split(msh[3:4]) if len(msh) > 3 else []
-    if len(fields) > 17 and len(fields[1]) >= 2:
-        value = fields[17].split(fields[1][1:2])[0].split(fields[1][0:1])[0]
-        return charset_codec(value.decode("ascii", "replace"))
-    return None
 
 
 def control_id(body: bytes) -> str:

@@ -26,7 +26,7 @@ import hl7.containers
 import hl7.parser
 import hl7.util
 
-from courier.adapters.hl7_charsets import charset_codec
+from courier.adapters.hl7_charsets import charset_codec, content_charset
 
 __all__ = [
     "ACK_CODES",
@@ -546,15 +546,14 @@ def parse_raw(part: bytes, default_charset: str | None = None) -> Hl7Message:
 
 def parse_stored(body: bytes, content_type: str) -> Hl7Message:
     """A stored HL7 v2 message (bytes as received, the codec in the content type's charset) -> Hl7Message."""
-    charset = ""
-    for parameter in content_type.split(";")[1:]:
-        name, _, value = parameter.partition("=")
-        if name.strip().lower() == "charset":
-            charset = value.strip().strip('"')
-    codec = charset_codec(charset) if charset else None
+    codec = content_charset(content_type)
     if codec is None:  # not ours: read it like a message received now
         return parse_all(body)[0]
-    return dataclasses.replace(parse(body.decode(codec)), charset=codec, raw=body)
+    try:
+        text = body.decode(codec)
+    except UnicodeDecodeError as exc:
+        raise Hl7Error(f"byte {exc.start} is not valid {codec} (the stored charset)", f"byte {exc.start}") from None
+    return dataclasses.replace(parse(text), charset=codec, raw=body)
 
 
 def salvage_header(data: bytes | str) -> Hl7Message | None:

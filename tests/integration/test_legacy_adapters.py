@@ -458,6 +458,18 @@ def test_sql_column_mapping_from_json_and_hl7(db_url, staging_table):
     assert got["dlv-hl7"]["payload"] is None
 
 
+@pytest.mark.parametrize("content_type", ["application/hl7-v2; charset=iso8859-1", "application/hl7-v2"])
+def test_sql_hl7_body_in_8859_1_is_stored_as_the_right_text(db_url, staging_table, content_type):
+    table = staging_table(db_url, """CREATE TABLE {name} (
+        courier_id VARCHAR(64) NOT NULL, family VARCHAR(40), payload TEXT, UNIQUE (courier_id))""")
+    url = f"sql+{db_url}?table={table}&key=courier_id&column.family=hl7:PID-5.1&column.payload=body"
+    body = "MSH|^~\\&|A|B|C|D|20240101||ADT^A01|C-1|P|2.5||||||8859/1\rPID|||1||M\u00fcller^Hans\r".encode("latin-1")
+    with adapters.open_adapter(url, timeout=5) as adapter:
+        adapter.send(outgoing("dlv-latin1", body=body, content_type=content_type))
+    [row] = rows(db_url, table, order="courier_id")
+    assert (row["family"], row["payload"]) == ("M\u00fcller", body.decode("latin-1"))
+
+
 def test_sql_redelivery_from_another_adapter_inserts_nothing(db_url, staging_table):
     table = staging_table(db_url)
     url = f"sql+{db_url}?table={table}"
