@@ -59,6 +59,7 @@ VALID_BUT_REFUSED = {
 BATCH_REFUSED = {
     # The converter's expected output says BTS|1 for the two messages it holds.
     "microsoft-FHIR-Converter/BundleToHl7v2.hl7": "BTS-1 (batch message count) says 1 messages, 2 were received",
+    "courier/batch_bts_count_wrong.hl7": "BTS-1 (batch message count) says 3 messages, 2 were received",
 }
 
 # Labelled `malformed`, accepted: the message is syntactically sound; it only fails the
@@ -101,6 +102,12 @@ MALFORMED_REASON = {
     # 'MSH|^~\\&': the escape character doubled, as if copied from a source-code string.
     "LinuxForHealth-hl7v2-fhir-converter/sample_unix.hl7": "field 2: MSH-2 (encoding characters) repeats",
     "LinuxForHealth-hl7v2-fhir-converter/sample_win.hl7": "field 2: MSH-2 (encoding characters) repeats",
+    # Courier's own (tests/data/hl7/courier), one per rule of docs/hl7.md.
+    "courier/no_version.hl7": "field 12: MSH-12 (version id) is empty",
+    "courier/version_1_0.hl7": "field 12: MSH-12 (version id) '1.0' is not an HL7 v2 version",
+    "courier/utf8_declared_latin1_bytes.hl7": "field 18: byte 140 is not valid UNICODE UTF-8",
+    "courier/unsupported_charset.hl7": "field 18: MSH-18 (character set) 'ISO IR87' is not one Courier can decode",
+    "courier/duplicate_enc_chars_v251.hl7": "field 2: MSH-2 (encoding characters) repeats",
 }
 
 
@@ -200,7 +207,14 @@ def test_batch_sample_splits_and_parses(row):
         with pytest.raises(Hl7Error, match=rf"^message {min(refused)}, "):
             parse_all(data)
     else:
-        assert [m.text for m in parse_all(data)] == parts
+        messages = parse_all(data)
+        assert [m.control_id for m in messages] == [parse(p).control_id for p in parts]
+        assert all(m.raw in data for m in messages)
+        if len({m.charset for m in messages}) == 1:  # else decode() reads them all in the first one's
+            assert [m.text for m in messages] == parts
+        else:  # each read in its own: no mojibake (UTF-8 read as 8859/1 shows as 'Ã')
+            assert not any("\u00c3" in m.text or "\ufffd" in m.text for m in messages)
+            assert [m.text for m in messages][:1] == parts[:1]
 
 
 @pytest.mark.parametrize("row", rows("malformed"))
