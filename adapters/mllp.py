@@ -61,9 +61,11 @@ The destination's config gives:
 Sending
 =======
 
-The transformed body must be one HL7 v2 message (starting with ``MSH``; CR,
-LF or CRLF segment ends are sent as they are) with a non-empty MSH-10. It goes
-as one frame ``<VT> body <FS><CR>``; the adapter then reads one answer frame.
+The transformed body must be one HL7 v2 message (starting with ``MSH``) with a
+non-empty MSH-10. It goes as one frame ``<VT> body <FS><CR>``, its segments
+ending in CR as HL7 v2 over MLLP wants them (LF or CRLF segment ends, which
+senders use and Courier stores as received, become CR; nothing else changes);
+the adapter then reads one answer frame.
 The connection stays open for the next delivery and is reopened when the peer
 closed it; after any failure it is dropped, so a late ACK can never be taken for
 the answer to a later message.
@@ -271,6 +273,7 @@ class MllpAdapter(Adapter):
 
     def send(self, out: Outgoing) -> Sent:
         body = out.body if self.target.charset is None else recode(out.body, out.content_type, self.target.charset)
+        body = _SEGMENT_END.sub(b"\r", body)
         expected = control_id(body)
         reused = self._usable_connection()
         try:

@@ -311,10 +311,11 @@ def test_mllp_unsendable_bodies_are_permanent(hl7_server, body, message):
 
 
 def test_mllp_non_default_delimiters_and_lf_segments(hl7_server):
-    body = b"MSH$%~\\&$LAB$HOSP$BILL$HOSP$20240101$$ADT%A01$CTRL-9$P$2.5\nPID$1$$42\n"
+    body = b"MSH$%~\\&$LAB$HOSP$BILL$HOSP$20240101$$ADT%A01$CTRL-9$P$2.5\nPID$1$$42\r\nPV1$1\n"
     with MllpAdapter(hl7_server.url, timeout=5) as adapter:
         assert adapter.send(outgoing(body=body)).detail == "ACK AA"
-    assert hl7_server.received == [body]
+    # Segments end in CR on the wire, as HL7 v2 over MLLP wants; nothing else changes.
+    assert hl7_server.received == [b"MSH$%~\\&$LAB$HOSP$BILL$HOSP$20240101$$ADT%A01$CTRL-9$P$2.5\rPID$1$$42\rPV1$1\r"]
 
 
 @pytest.mark.parametrize("content_type, stored", [
