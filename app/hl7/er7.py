@@ -12,7 +12,6 @@ idempotency key.
 """
 from __future__ import annotations
 
-import codecs
 import dataclasses
 import logging
 import re

@@ -24,7 +24,6 @@ from courier.app.hl7 import er7
 from courier.app.hl7.listener import END_BLOCK, START_BLOCK, frame
 from courier.app.store.models import Message
 from tests.support.config import settings_for
-from tests.support.data import HL7_SAMPLES
 from tests.support.mllp_peers import Client, Hl7Server, listener_thread
 from tests.support.processes import VENV_BIN
 from tests.unit.test_adapters import outgoing
