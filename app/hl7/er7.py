@@ -8,7 +8,10 @@ envelopes, and never letting anything but `Hl7Error` escape for bad input.
 
 Header values in `Hl7Message` are the raw wire values (escape sequences kept),
 so MSH-10 is echoed byte for byte in MSA-2 and used unchanged as the
-idempotency key.
+idempotency key. parse_all() reads bytes message by message (split_raw), each
+in the charset its MSH-18 declares (else the source's default), and keeps each
+message's bytes as received (.raw) for storage. What is accepted and refused,
+rule by rule, is docs/hl7.md's table; the tests hold this module to it.
 """
 from __future__ import annotations
 
@@ -29,17 +32,23 @@ from courier.adapters.hl7_charsets import charset_codec, content_charset
 
 __all__ = [
     "ACK_CODES",
+    "KNOWN_VERSIONS",
     "Hl7Error",
     "Hl7Message",
+    "ack_code",
     "build_ack",
     "build_batch_ack",
+    "declared_charset",
     "decode",
     "decode_with_codec",
     "parse",
     "parse_ack",
     "parse_all",
+    "parse_raw",
+    "parse_stored",
     "salvage_header",
     "split",
+    "split_raw",
 ]
 
 ACK_CODES = frozenset({"AA", "AE", "AR", "CA", "CE", "CR"})
