@@ -5,17 +5,30 @@ URL
 
 .. code-block::
 
-    mllp://HOST:PORT
-    mllps://HOST:PORT[?OPTION=VALUE[&OPTION=VALUE]...]     OPTION: ca, cert, key, server_name
+    mllp://HOST:PORT[?charset=CHARSET]
+    mllps://HOST:PORT[?OPTION=VALUE[&OPTION=VALUE]...]     OPTION: charset, ca, cert, key, server_name
 
     mllp://10.0.0.5:2575
-    mllp://interface-engine.hospital.local:6661
+    mllp://interface-engine.hospital.local:6661?charset=8859/1
     mllps://engine.hospital.local:6662?ca=/etc/courier/engine-ca.pem
     mllps://10.0.0.5:6662?ca=/tls/ca.pem&cert=/tls/client.pem&key=/tls/client.key&server_name=engine.hospital.local
 
 The port is required (MLLP has no standard port; 2575 is common). No path,
-user info or fragment. ``mllp://`` takes no query options; ``mllps://`` is
-MLLP inside TLS (1.2 at least) and takes these, each at most once:
+user info or fragment. Both schemes take, at most once:
+
+* ``charset``: the character set the receiver reads, as an MSH-18 name (HL7
+  table 0211: ``ASCII``, ``8859/1`` ... ``8859/16``, ``UNICODE+UTF-8`` (the
+  ``+`` is a space), ``UNICODE UTF-8``'s alias ``UTF-8``, ``GB 18030-2000``,
+  ``KS X 1001``, ``BIG-5``). Each message is re-encoded into it and its MSH-18
+  set to that name, so a patient named Müller reaches an 8859/1 receiver as
+  the byte 0xFC. The message is read in the charset its content type names
+  (``charset=`` parameter), else its MSH-18, else UTF-8. A character the
+  receiver's charset cannot hold is a PermanentError (it never fits, and a
+  ``?`` in its place would change the data). Left out: the body is sent as
+  it is, in whatever charset it came.
+
+``mllps://`` is MLLP inside TLS (1.2 at least) and also takes these, each at
+most once:
 
 * ``ca``: PEM file of the CA(s) that sign the receiver's certificate; without
   it, the system's trust store.
@@ -48,9 +61,11 @@ The destination's config gives:
 Sending
 =======
 
-The transformed body must be one HL7 v2 message (starting with ``MSH``; CR,
-LF or CRLF segment ends are sent as they are) with a non-empty MSH-10. It goes
-as one frame ``<VT> body <FS><CR>``; the adapter then reads one answer frame.
+The transformed body must be one HL7 v2 message (starting with ``MSH``) with a
+non-empty MSH-10. It goes as one frame ``<VT> body <FS><CR>``, its segments
+ending in CR as HL7 v2 over MLLP wants them (LF or CRLF segment ends, which
+senders use and Courier stores as received, become CR; nothing else changes);
+the adapter then reads one answer frame.
 The connection stays open for the next delivery and is reopened when the peer
 closed it; after any failure it is dropped, so a late ACK can never be taken for
 the answer to a later message.
@@ -95,6 +110,7 @@ from dataclasses import dataclass
 from urllib.parse import parse_qs, urlsplit
 
 from courier.adapters.base import Adapter, Outgoing, PermanentError, Sent, TemporaryError
+from courier.adapters.hl7_charsets import body_charset, charset_codec, hl7_name
 
 START_BLOCK, END_BLOCK, CARRIAGE_RETURN = b"\x0b", b"\x1c", b"\x0d"
 MAX_ACK_BYTES = 1024 * 1024  # an ACK is a few hundred bytes; more is a confused peer
@@ -118,6 +134,7 @@ class Target:
     cert: str | None = None
     key: str | None = None
     server_name: str | None = None
+    charset: str | None = None  # the receiver's Python codec (the URL's charset option)
 
 
 def _parse(url: str) -> Target:
@@ -135,27 +152,61 @@ def _parse(url: str) -> Target:
     if parts.username or parts.password:
         raise ValueError(f"{scheme} URL must not carry user info: MLLP has no authentication "
                          f"(mllps:// takes a client certificate: ?cert=PATH&key=PATH)")
-    if scheme == "mllp":
-        if parts.path not in ("", "/") or parts.query or parts.fragment:
-            raise ValueError("mllp URL takes no path, query options or fragment: mllp://HOST:PORT "
-                             "(TLS options such as ?ca= need mllps://)")
-        return Target(parts.hostname, port)
     if parts.path not in ("", "/") or parts.fragment:
-        raise ValueError("mllps URL takes no path or fragment: mllps://HOST:PORT?OPTIONS")
+        raise ValueError(f"{scheme} URL takes no path or fragment: {scheme}://HOST:PORT?OPTIONS")
     try:
         query = parse_qs(parts.query, keep_blank_values=True, strict_parsing=bool(parts.query))
     except ValueError:
-        raise ValueError("mllps URL query is not NAME=VALUE&...") from None
+        raise ValueError(f"{scheme} URL query is not NAME=VALUE&...") from None
+    known = ("charset",) if scheme == "mllp" else ("charset", *TLS_OPTIONS)
     options = {}
     for name, values in query.items():
-        if name not in TLS_OPTIONS:
-            raise ValueError(f"unknown mllps URL option {name!r}; known: {', '.join(TLS_OPTIONS)}")
+        if name not in known:
+            hint = " (TLS options such as ?ca= need mllps://)" if name in TLS_OPTIONS else ""
+            raise ValueError(f"unknown {scheme} URL option {name!r}; known: {', '.join(known)}{hint}")
         if len(values) > 1 or not values[0].strip():
-            raise ValueError(f"mllps URL option {name} must be given once, with a value")
+            raise ValueError(f"{scheme} URL option {name} must be given once, with a value")
         options[name] = values[0].strip()
+    if "charset" in options:
+        codec = charset_codec(options["charset"])
+        if codec is None or hl7_name(codec) is None:
+            raise ValueError(f"{scheme} URL option charset {options['charset'][:30]!r} is not an HL7 character set "
+                             "Courier can write (ASCII, 8859/1 ... 8859/16, UNICODE UTF-8, ...)")
+        options["charset"] = codec
     if "key" in options and "cert" not in options:
         raise ValueError("mllps URL option key needs cert (the client certificate it belongs to)")
-    return Target(parts.hostname, port, tls=True, **options)
+    return Target(parts.hostname, port, tls=scheme == "mllps", **options)
+
+
+def recode(body: bytes, content_type: str, codec: str) -> bytes:
+    """body re-encoded into codec with MSH-18 naming it; PermanentError if it cannot be.
+
+    The body is read in its content type's charset, else its MSH-18, else UTF-8.
+    """
+    source = body_charset(content_type, body) or "utf-8"
+    try:
+        text = body.decode(source)
+    except UnicodeDecodeError as exc:
+        raise PermanentError(f"body is not valid {source} (its charset) at byte {exc.start}") from None
+    first, terminator, rest = _split_first(text.lstrip("\ufeff"))
+    fields = first.split(first[3:4])
+    fields += [""] * (18 - len(fields))
+    fields[17] = hl7_name(codec)
+    text = first[3:4].join(fields) + terminator + rest
+    try:
+        return text.encode(codec)
+    except UnicodeEncodeError as exc:
+        segment = text.count("\r", 0, exc.start) + text.count("\n", 0, exc.start) + 1
+        raise PermanentError(f"a character in segment {segment} cannot be written in {hl7_name(codec)} (the "
+                             "destination's charset)") from None
+
+
+def _split_first(text: str) -> list[str]:
+    """[first segment, its terminator, the rest]."""
+    match = re.search(r"\r\n|\r|\n", text)
+    if match is None:
+        return [text, "", ""]
+    return [text[:match.start()], match.group(), text[match.end():]]
 
 
 def control_id(body: bytes) -> str:
@@ -221,11 +272,13 @@ class MllpAdapter(Adapter):
         _parse(url)
 
     def send(self, out: Outgoing) -> Sent:
-        expected = control_id(out.body)
+        body = out.body if self.target.charset is None else recode(out.body, out.content_type, self.target.charset)
+        body = _SEGMENT_END.sub(b"\r", body)
+        expected = control_id(body)
         reused = self._usable_connection()
         try:
             try:
-                self._sock.sendall(START_BLOCK + out.body + END_BLOCK + CARRIAGE_RETURN)
+                self._sock.sendall(START_BLOCK + body + END_BLOCK + CARRIAGE_RETURN)
                 answer = self._read_frame()
             except (BrokenPipeError, ConnectionResetError, EOFError):
                 if not reused:
@@ -235,7 +288,7 @@ class MllpAdapter(Adapter):
                 # deduplicates on MSH-10 if it did get the first copy.
                 self.close()
                 self._usable_connection()
-                self._sock.sendall(START_BLOCK + out.body + END_BLOCK + CARRIAGE_RETURN)
+                self._sock.sendall(START_BLOCK + body + END_BLOCK + CARRIAGE_RETURN)
                 answer = self._read_frame()
             code, acked, detail = read_ack(answer)
         except TemporaryError:

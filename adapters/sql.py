@@ -32,7 +32,8 @@ Options
 
   - ``delivery_id``, ``message_id``, ``correlation_id``, ``message_type``,
     ``content_type``;
-  - ``body`` (the transformed body as UTF-8 text), ``body_bytes`` (as bytes);
+  - ``body`` (the transformed body as text: read in the charset its content type names, else
+    an HL7 v2 body's MSH-18, else UTF-8), ``body_bytes`` (as bytes);
   - ``sent_at`` (the time of the insert, UTC);
   - ``json:PATH``: a dotted path into a JSON body (``json:data.patient_id``,
     list items by number: ``json:data.items.0.code``); objects and lists are
@@ -66,6 +67,7 @@ from datetime import datetime, timezone
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from courier.adapters.base import Adapter, Outgoing, PermanentError, Sent, TemporaryError
+from courier.adapters.hl7_charsets import body_charset
 
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
 _TABLE = re.compile(rf"(?:({_IDENTIFIER.pattern})\.)?({_IDENTIFIER.pattern})")
@@ -241,10 +243,11 @@ def _value(source: str, out: Outgoing):
     if source in ("delivery_id", "message_id", "correlation_id", "message_type", "content_type"):
         return getattr(out, source)
     if source == "body":
+        codec = body_charset(out.content_type, out.body) or "utf-8"  # HL7 v2 is stored in the charset it came in
         try:
-            return out.body.decode("utf-8")
+            return out.body.decode(codec)
         except UnicodeDecodeError as exc:
-            raise PermanentError(f"body is not UTF-8 text (byte {exc.start}); map it as body_bytes") from None
+            raise PermanentError(f"body is not {codec} text (byte {exc.start}); map it as body_bytes") from None
     if source == "body_bytes":
         return out.body
     if source == "sent_at":
@@ -252,7 +255,7 @@ def _value(source: str, out: Outgoing):
     kind, _, path = source.partition(":")
     if kind == "json":
         return _json_value(out.body, path)
-    return _hl7_value(out.body, path)
+    return _hl7_value(out.body, path, body_charset(out.content_type, out.body) or "utf-8")
 
 
 def _json_value(body: bytes, path: str):
@@ -272,9 +275,9 @@ def _json_value(body: bytes, path: str):
     return json.dumps(node, ensure_ascii=False) if isinstance(node, (dict, list)) else node
 
 
-def _hl7_value(body: bytes, path: str):
+def _hl7_value(body: bytes, path: str, codec: str = "utf-8"):
     segment_id, field, component = _HL7_PATH.fullmatch(path).groups()
-    text = body.decode("utf-8", "replace").lstrip("\ufeff \t\r\n")
+    text = body.decode(codec, "replace").lstrip("\ufeff \t\r\n")
     if not text.startswith("MSH") or len(text) < 8:
         raise PermanentError(f"hl7:{path} needs an HL7 v2 body; this one does not start with MSH")
     sep, component_sep, repetition_sep = text[3], text[4], text[5]

@@ -24,6 +24,7 @@ from marshmallow import RAISE, Schema, ValidationError, fields, post_load, valid
 
 from courier import adapters
 from courier.adapters.base import TlsFiles
+from courier.adapters.hl7_charsets import charset_codec as _charset_codec
 from courier.app.domain import canonical, governance, transforms
 from courier.app.settings import (DEFAULT_DATABASE_URL, CircuitPolicy, ConfigError, Destination, RateLimit, RetryPolicy,
                                   Route, RoutingConfig, Settings, Source, env_duration, env_int, parse_duration,
@@ -86,11 +87,19 @@ class SourceSchema(StrictSchema):
     # Messages (not requests) this source may send, over HTTP and MLLP together: "600/min". Off when left out.
     rate_limit = Rate(load_default=None, allow_none=True)
     burst = fields.Integer(load_default=None, allow_none=True, validate=validate.Range(min=1, max=1_000_000))
+    # How HL7 v2 from this source is read when MSH-18 is empty: an MSH-18 name ("8859/1", "UNICODE UTF-8").
+    charset = fields.String(load_default=None, allow_none=True, validate=validate.Length(min=1, max=40))
 
     @validates_schema
     def _burst(self, data, **kwargs):
         if data.get("burst") is not None and data.get("rate_limit") is None:
             raise ValidationError({"burst": ["burst needs rate_limit (e.g. rate_limit: 600/min)"]})
+
+    @validates_schema
+    def _charset(self, data, **kwargs):
+        if data.get("charset") is not None and _charset_codec(data["charset"]) is None:
+            raise ValidationError({"charset": ["not a character set Courier can read: use an MSH-18 name such as "
+                                               "ASCII, 8859/1 ... 8859/15 or UNICODE UTF-8"]})
 
     @validates_schema
     def _networks(self, data, **kwargs):
@@ -428,7 +437,7 @@ def load_routing(path: str | os.PathLike, env: Mapping[str, str] | None = None) 
         raise ConfigError([f"{name}: {problem}" for problem in incompatible])
     return RoutingConfig(
         sources={n: Source(n, tuple(s["allowed_types"]), tuple(s["mllp_allow"]), tuple(s["mllp_senders"]),
-                           _rate_limit(s)) for n, s in data["sources"].items()},
+                           _rate_limit(s), s["charset"]) for n, s in data["sources"].items()},
         destinations={n: Destination(
             name=n, url=d["url"], owner=d["owner"], clearance=d["clearance"], transform=d["transform"],
             timeout=d["timeout"], retry=RetryPolicy(**d["retry"]), circuit=CircuitPolicy(**d["circuit"]),

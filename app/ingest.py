@@ -75,13 +75,15 @@ def media_type(header: str | None) -> str:
     return (header or "").split(";", 1)[0].strip().lower()
 
 
-def parse_body(content_type: str, body: bytes) -> tuple[list[Parsed], bool]:
-    """Split and validate a request body; returns (messages, is_batch). Raises IngestError."""
+def parse_body(content_type: str, body: bytes, default_charset: str | None = None) -> tuple[list[Parsed], bool]:
+    """Split and validate a request body; returns (messages, is_batch). Raises IngestError.
+
+    default_charset: how HL7 v2 without MSH-18 is read (the source's `charset`; ASCII when None)."""
     kind = media_type(content_type)
     if kind in JSON_TYPES:
         return [_parse_json(body)], False
     if kind in HL7_TYPES:
-        return _parse_hl7(body)
+        return _parse_hl7(body, default_charset)
     raise IngestError(415, "unsupported_media_type",
                       f"Content-Type {kind or '(none)'!r} is not accepted",
                       {"accepted": sorted(JSON_TYPES | HL7_TYPES)})
@@ -167,32 +169,36 @@ def _parse_json(body: bytes) -> Parsed:
     return Parsed(event["type"], body, "application/json", event.get("id"), doc)
 
 
-def _parse_hl7(body: bytes) -> tuple[list[Parsed], bool]:
+def _parse_hl7(body: bytes, default_charset: str | None) -> tuple[list[Parsed], bool]:
     try:
         from courier.app.hl7 import er7
     except ImportError:  # python-hl7 comes with the [mllp] extra; a JSON-only install refuses HL7 clearly
         raise IngestError(415, "unsupported_media_type", "HL7 v2 support is not installed here "
                           "(pip install 'courier[mllp]')") from None
     try:
-        text = er7.decode(body)
-        parts = er7.split(text)
+        parts = er7.split_raw(body)
         messages = []
         for index, part in enumerate(parts):
             try:
-                messages.append(er7.parse(part))
+                messages.append(er7.parse_raw(part, default_charset))
             except er7.Hl7Error as exc:
                 if len(parts) > 1:
                     raise IngestError(400, "malformed", f"HL7 message {index + 1} of the batch: {exc}",
-                                      {"message_index": index, "reason": exc.reason, "where": exc.where}) from None
+                                      {"message_index": index, **_hl7_details(exc)}) from None
                 raise
     except er7.Hl7Error as exc:
-        raise IngestError(400, "malformed", f"not a valid HL7 v2 message: {exc}",
-                          {"reason": exc.reason, "where": exc.where}) from None
-    is_batch = len(messages) > 1 or text.lstrip().startswith(("FHS", "BHS"))
-    # Stored as UTF-8 whatever the sender used (MSH-18 may say otherwise); the content type says so.
-    return [Parsed(m.message_type, m.text.encode("utf-8"), "application/hl7-v2; charset=utf-8",
-                   m.control_id or None, m)
+        raise IngestError(400, "malformed", f"not a valid HL7 v2 message: {exc}", _hl7_details(exc)) from None
+    is_batch = len(messages) > 1 or body.lstrip(b" \t\r\n\x0b\xef\xbb\xbf").startswith((b"FHS", b"BHS"))
+    # Stored as received, byte for byte; the content type names the charset it was read in (MSH-18,
+    # or the source's default), so every later reading decodes it the same way.
+    return [Parsed(m.message_type, m.raw, f"application/hl7-v2; charset={m.charset}", m.control_id or None, m)
             for m in messages], is_batch
+
+
+def _hl7_details(exc) -> dict:
+    """IngestError details of an Hl7Error: what, where, and for an MLLP ACK its table 0357 code and location."""
+    return {"reason": exc.reason, "where": exc.where, "error_code": exc.error_code,
+            "location": list(exc.location) if exc.location else None}
 
 
 @dataclass(frozen=True)
@@ -212,8 +218,8 @@ def plan(routing: RoutingConfig, *, source: str, content_type: str, body: bytes,
     if idempotency_key is not None and not _SAFE_ID.fullmatch(idempotency_key):
         raise IngestError(400, "malformed", "Idempotency-Key header: 1-255 characters of "
                           "A-Z a-z 0-9 . _ : @ / + = -", {"header": "Idempotency-Key"})
-    parsed, is_batch = parse_body(content_type, body)
     allowed = routing.sources[source]
+    parsed, is_batch = parse_body(content_type, body, allowed.charset)
     refused = [p.message_type for p in parsed if not allowed.allows(p.message_type)]
     if refused:
         raise IngestError(422, "type_not_allowed", f"source {source!r} may not send {refused[0]!r}",

@@ -118,6 +118,7 @@ class Source:
     mllp_allow: tuple[str, ...] = ()
     mllp_senders: tuple[str, ...] = ()  # "APP" or "APP^FACILITY" patterns for MSH-3.1/MSH-4.1
     rate_limit: RateLimit | None = None  # off unless configured
+    charset: str | None = None  # how HL7 v2 without MSH-18 is read (an MSH-18 name); None: ASCII
 
     def allows(self, message_type: str) -> bool:
         return any(fnmatch.fnmatchcase(message_type, p) for p in self.allowed_types)

@@ -136,7 +136,7 @@ def canonical_events(envelope: Envelope) -> list[dict]:
     if media in _JSON_TYPES:
         events = [_json_event(envelope.body)]
     elif media in _HL7_TYPES:
-        events = _hl7_events(envelope.body)
+        events = _hl7_events(envelope.body, envelope.content_type)
     else:
         raise TransformError(f"cannot read a {media or 'untyped'} message as canonical events "
                              "(JSON events and HL7 v2 only)")
@@ -153,13 +153,13 @@ def _json_event(body: bytes) -> dict:
     return doc
 
 
-def _hl7_events(body: bytes) -> list[dict]:
+def _hl7_events(body: bytes, content_type: str) -> list[dict]:
     try:
         from courier.app.hl7 import er7, to_canonical
     except ImportError:  # python-hl7 is the [mllp] extra, imported only when an HL7 message comes
         raise TransformError("HL7 v2 support is not installed here (pip install 'courier[mllp]')") from None
     try:
-        message = er7.parse(body.decode("utf-8"))  # stored as UTF-8 whatever the sender used
+        message = er7.parse_stored(body, content_type)  # stored as received, in the charset it names
     except (UnicodeDecodeError, er7.Hl7Error) as exc:
         raise TransformError(f"not a valid HL7 v2 message: {exc}") from None
     try:

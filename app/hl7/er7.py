@@ -8,16 +8,19 @@ envelopes, and never letting anything but `Hl7Error` escape for bad input.
 
 Header values in `Hl7Message` are the raw wire values (escape sequences kept),
 so MSH-10 is echoed byte for byte in MSA-2 and used unchanged as the
-idempotency key.
+idempotency key. parse_all() reads bytes message by message (split_raw), each
+in the charset its MSH-18 declares (else the source's default), and keeps each
+message's bytes as received (.raw) for storage. What is accepted and refused,
+rule by rule, is docs/hl7.md's table; the tests hold this module to it.
 """
 from __future__ import annotations
 
-import codecs
+import dataclasses
 import logging
 import re
 import string
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 import hl7
@@ -25,19 +28,27 @@ import hl7.containers
 import hl7.parser
 import hl7.util
 
+from courier.adapters.hl7_charsets import charset_codec, content_charset
+
 __all__ = [
     "ACK_CODES",
+    "KNOWN_VERSIONS",
     "Hl7Error",
     "Hl7Message",
+    "ack_code",
     "build_ack",
     "build_batch_ack",
+    "declared_charset",
     "decode",
     "decode_with_codec",
     "parse",
     "parse_ack",
     "parse_all",
+    "parse_raw",
+    "parse_stored",
     "salvage_header",
     "split",
+    "split_raw",
 ]
 
 ACK_CODES = frozenset({"AA", "AE", "AR", "CA", "CE", "CR"})
@@ -84,6 +95,9 @@ _MESSAGE_CODE = re.compile(r"[A-Za-z0-9_]{1,20}")
 _FORBIDDEN = re.compile(r"[\x00\x0b\x1c]")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _VERSION = re.compile(r"(\d+)\.(\d+)")
+# HL7 table 0104 (version id), v2.1 to v2.9: MSH-12.1 must be one of them.
+KNOWN_VERSIONS = ("2.1", "2.2", "2.3", "2.3.1", "2.4", "2.5", "2.5.1", "2.6", "2.7", "2.7.1",
+                  "2.8", "2.8.1", "2.8.2", "2.9", "2.9.1")
 _MAX_CONTROL_ID = 199  # MSH-10 length limit since v2.7 (20 before); longer is not a control id.
 _MSA3_MAX = 80  # MSA-3 is ST(80) in the versions that define it
 _ERR8_MAX = 250  # ERR-8 is TX(250)
@@ -92,17 +106,20 @@ _ERR8_MAX = 250  # ERR-8 is TX(250)
 class Hl7Error(ValueError):
     """Input that can never be accepted. .reason (str: what is wrong), .where (str: e.g. 'segment 1 (MSH), field 9' or 'byte 0'), str(e) combines both.
 
-    .error_code is the HL7 table 0357 code that fits (for ERR-3 of a reject ACK).
+    .error_code is the HL7 table 0357 code that fits (for ERR-3 of a reject ACK), .location
+    the (segment id, segment occurrence, field, component) it points at, for ERR-2 (ERR-1 up
+    to v2.4); None where no segment is to blame (a bad frame, an empty input).
     Reasons name structure (segment ids, fields, delimiters), never field contents,
     so they can be logged and returned without leaking PHI.
     """
 
-    def __init__(self, reason: str, where: str = "", error_code: str = "102"):
+    def __init__(self, reason: str, where: str = "", error_code: str = "102", location: tuple | None = None):
         # args carry everything so the exception survives pickling (Celery, multiprocessing).
-        super().__init__(reason, where, error_code)
+        super().__init__(reason, where, error_code, location)
         self.reason = reason
         self.where = where
         self.error_code = error_code
+        self.location = location
 
     def __str__(self) -> str:
         return f"{self.where}: {self.reason}" if self.where else self.reason
@@ -121,8 +138,18 @@ class Hl7Message:
     receiving_application: str
     receiving_facility: str
     field_separator: str   # MSH-1
-    encoding_characters: str  # MSH-2, e.g. '^~\\&'
+    encoding_characters: str  # MSH-2, e.g. '^~\\&' (or '^~\\&#' with the truncation character)
     processing_id: str     # MSH-11 first component
+    accept_ack_type: str = ""       # MSH-15 (AL, NE, ER, SU; '' when absent)
+    application_ack_type: str = ""  # MSH-16
+    character_set: str = ""         # MSH-18 first repetition as sent ('' when absent)
+    charset: str = "utf-8"          # the Python codec its bytes were decoded with
+    raw: bytes = field(default=b"", repr=False, compare=False)  # its bytes as received (parse_all)
+
+    @property
+    def enhanced(self) -> bool:
+        """Enhanced acknowledgment mode: the sender valued MSH-15 or MSH-16."""
+        return bool(self.accept_ack_type or self.application_ack_type)
 
     @property
     def trigger_event(self) -> str:
@@ -132,41 +159,27 @@ class Hl7Message:
 
 # --------------------------------------------------------------------------- decoding
 
-# HL7 table 0211 (MSH-18 character sets) -> Python codecs. ISO IR14/87/159 and
-# CNS 11643 need ISO 2022 code switching that Python's codecs do not model; left
-# out, they fall back like an undeclared charset. Bare "UNICODE" is ambiguous.
-_HL7_CHARSETS = {
-    "ASCII": "ascii",
-    "ISO IR6": "ascii",
-    "ISO IR100": "iso8859-1",
-    "ISO IR192": "utf-8",
-    "UNICODE UTF-8": "utf-8",
-    "GB 18030-2000": "gb18030",
-    "KS X 1001": "euc_kr",
-    "BIG-5": "big5",
-}
-_HL7_CHARSETS.update({f"8859/{n}": f"iso8859-{n}" for n in (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 13, 14, 15, 16)})
-# Names senders put in MSH-18 although HL7 does not define them are honoured only if
-# they resolve to one of these: an arbitrary codec (unicode_escape, utf-16, ...) could
-# rewrite backslashes into control characters or turn the message into noise.
-_SAFE_CODECS = frozenset(
-    {codecs.lookup(c).name for c in set(_HL7_CHARSETS.values())}
-    | {codecs.lookup(f"cp{n}").name for n in range(1250, 1259)}
-    | {codecs.lookup(c).name for c in ("latin-1", "shift_jis", "euc_jp", "cp932", "gbk", "koi8-r")}
-)
+DEFAULT_CHARSET = "ASCII"  # HL7's default when MSH-18 is empty, unless the source configures another
 
 
 def decode(raw: bytes) -> str:
     """Bytes of an HL7 v2 message or batch -> text, choosing the charset like a tolerant receiver would.
 
-    Order: UTF-8 (after dropping a BOM), the charset MSH-18 declares, cp1252, latin-1,
-    so bytes never make it fail; NUL bytes or no 'MSH' at all mean it is not HL7 v2.
+    Order: the charset MSH-18 declares, then ASCII, UTF-8 (after dropping a BOM), cp1252,
+    latin-1, so bytes never make it fail; NUL bytes or no 'MSH' at all mean it is not HL7 v2.
+    For reading a message to accept it, parse_all() is strict about MSH-18 instead.
     """
     return decode_with_codec(raw)[0]
 
 
 def decode_with_codec(raw: bytes) -> tuple[str, str]:
     """decode(), plus the Python codec it chose: an MLLP ACK goes back in the sender's charset."""
+    raw = _start(raw)
+    return _decode(raw, None, strict=False)
+
+
+def _start(raw: bytes) -> bytes:
+    """Input as bytes without a leading BOM; Hl7Error for NUL bytes or no MSH at all."""
     if not isinstance(raw, (bytes, bytearray, memoryview)):
         raise TypeError(f"decode() takes bytes, not {type(raw).__name__}")
     raw = bytes(raw)
@@ -179,49 +192,57 @@ def decode_with_codec(raw: bytes) -> tuple[str, str]:
         raw = raw[:start] + raw[start + 3:]
     if b"MSH" not in raw:
         raise Hl7Error("no MSH segment: not an HL7 v2 message", "byte 0", "100")
-    try:
-        return raw.decode("utf-8"), "utf-8"
-    except UnicodeDecodeError:
-        pass
-    declared = _declared_codec(raw)
-    for codec in (declared, "cp1252"):
+    return raw
+
+
+def _decode(raw: bytes, default: str | None, *, strict: bool) -> tuple[str, str]:
+    """(text, codec) of raw: per its first MSH-18, else the default charset (ASCII), falling back
+    to UTF-8, cp1252 and latin-1 when the bytes are not valid in it.
+
+    strict: an MSH-18 Courier cannot decode, or bytes that are not valid in the declared
+    charset, are an Hl7Error (MSH-18 is never second-guessed into mojibake); otherwise they
+    fall back like an undeclared charset (for addressing a reject ACK).
+    """
+    name = declared_charset(raw)
+    if name:
+        codec = charset_codec(name)
+        where, location = "segment 1 (MSH), field 18", ("MSH", 1, 18, None)
         if codec is None:
-            continue
+            if strict:
+                raise Hl7Error(f"MSH-18 (character set) {name[:30]!r} is not one Courier can decode (see "
+                               "docs/hl7.md)", where, "103", location)
+        else:
+            try:
+                return raw.decode(codec), codec
+            except UnicodeDecodeError as exc:
+                if strict:
+                    raise Hl7Error(f"byte {exc.start} is not valid {name[:30]} (the charset MSH-18 declares)",
+                                   where, "102", location) from None
+    first = charset_codec(default or DEFAULT_CHARSET) or "ascii"
+    for codec in dict.fromkeys((first, "utf-8", "cp1252")):
         try:
-            text = raw.decode(codec)
-        except (UnicodeError, LookupError):
+            return raw.decode(codec), codec
+        except UnicodeDecodeError:
             continue
-        if "MSH" in text:
-            return text, codec
-    return raw.decode("latin-1"), "latin-1"
+    return raw.decode("latin-1"), "iso8859-1"
 
 
-def _declared_codec(raw: bytes) -> str | None:
-    """The Python codec for the MSH-18 of the first MSH in raw, if it is one we trust."""
+def declared_charset(raw: bytes) -> str:
+    """MSH-18 (first repetition, first component) of the first MSH in raw, as sent ('' if none)."""
     match = re.search(rb"(?:^|[\r\n\x0b])MSH([\x21-\x7e])", raw)
     if match is None:
-        return None
+        return ""
     segment = re.split(rb"[\r\n]", raw[match.start(1) - 3:], maxsplit=1)[0]
     fields = segment.split(match.group(1))
     if len(fields) < 18:
-        return None
+        return ""
     value = fields[17]  # fields[0] is 'MSH', fields[1] is MSH-2, so MSH-n is fields[n-1]
     encoding_chars = fields[1]
     if len(encoding_chars) >= 2:
         value = value.split(encoding_chars[1:2])[0]  # first repetition
     if encoding_chars:
         value = value.split(encoding_chars[0:1])[0]  # first component
-    name = value.decode("ascii", "replace").strip()
-    if not name:
-        return None
-    codec = _HL7_CHARSETS.get(name.upper())
-    if codec is not None:
-        return codec
-    try:
-        resolved = codecs.lookup(name).name
-    except LookupError:
-        return None
-    return resolved if resolved in _SAFE_CODECS else None
+    return value.decode("ascii", "replace").strip()
 
 
 # --------------------------------------------------------------------------- splitting
@@ -236,48 +257,104 @@ def _is_envelope(segment: str, name: str) -> bool:
     return segment.startswith(name) and (len(segment) == 3 or not segment[3].isalnum())
 
 
-def split(text: str) -> list[str]:
+def split(text: str, *, counts: bool = True) -> list[str]:
     """Text of one message or a batch -> one '\\r'-joined text per message.
 
     FHS/BHS/BTS/FTS envelopes are dropped, each MSH starts a message. Refused: anything
     but FHS/BHS before the first MSH, a second FHS, a BHS inside an open batch, anything
-    after FTS, no MSH at all. Missing or unpaired trailers (BTS/FTS) are tolerated: real
-    senders drop them and they carry nothing a receiver needs.
+    after FTS, no MSH at all, and a BTS-1 (FTS-1) that is not the number of messages in its
+    batch (of batches in the file). Missing or unpaired trailers (BTS/FTS), or empty counts,
+    are tolerated: real senders drop them and they carry nothing a receiver needs.
+    counts=False skips the count checks (to answer each message of a batch refused for its count).
     """
     if not isinstance(text, str):
         raise TypeError(f"split() takes str, not {type(text).__name__}")
     segments = _segments(text)
+    return ["\r".join(segments[i] for i in group) for group in _group(segments, counts)]
+
+
+_RAW_LINE = re.compile(rb"[^\r\n]*(?:\r\n|\r|\n|\Z)")
+_RAW_NOISE = b" \t\r\n\x0b\x0c\x1c"
+
+
+def split_raw(raw: bytes) -> list[bytes]:
+    """split() on bytes: each message's bytes exactly as received, from its MSH up to and with the
+    terminator of its last segment (envelopes, blank lines and framing noise around it left out).
+
+    Segment ids and terminators are ASCII in every charset Courier reads, so no decoding is needed
+    (and each message of a batch may declare its own MSH-18).
+    """
+    raw = _start(raw)
+    spans = []
+    for match in _RAW_LINE.finditer(raw):
+        line = match.group()
+        if line.strip(_RAW_NOISE):
+            start = match.start() + len(line) - len(line.lstrip(_RAW_NOISE)) if not spans else match.start()
+            # The last line may end in noise instead of a terminator: text, framing bytes.
+            end = match.end() if line.endswith((b"\r", b"\n")) else match.start() + len(line.rstrip(_RAW_NOISE))
+            spans.append((start, end))
+        if match.end() == len(raw):
+            break
+    segments = [raw[start:end].rstrip(b"\r\n").decode("latin-1") for start, end in spans]
     if not segments:
         raise Hl7Error("empty input", "byte 0", "100")
-    messages: list[list[str]] = []
-    current: list[str] | None = None
+    return [raw[spans[group[0]][0]:spans[group[-1]][1]] for group in _group(segments)]
+
+
+def _group(segments: list[str], counts: bool = True) -> list[list[int]]:
+    """Segments (text, or bytes read as latin-1: only ids and counts are looked at) -> the
+    indices of each message's segments. Hl7Error for a broken batch structure (see split)."""
+    if not segments:
+        raise Hl7Error("empty input", "byte 0", "100")
+    messages: list[list[int]] = []
+    current: list[int] | None = None
     seen_file_header = in_batch = after_file_trailer = False
+    batch_start, batches, loose = 0, 0, False  # loose: messages outside BHS/BTS (an implied batch)
     for index, segment in enumerate(segments, 1):
         where = f"segment {index} ({_shown_id(segment)})"
         if after_file_trailer:
             raise Hl7Error("segment after the file trailer (FTS)", where, "100")
         if segment.startswith("MSH"):
-            current = [segment]
+            current = [index - 1]
             messages.append(current)
+            loose = loose or not in_batch
         elif _is_envelope(segment, "FHS"):
             if seen_file_header or messages or in_batch:
-                raise Hl7Error("FHS is only allowed once, as the first segment", where, "100")
+                raise Hl7Error("FHS is only allowed once, as the first segment", where, "100", ("FHS", 1, None, None))
             seen_file_header = True
         elif _is_envelope(segment, "BHS"):
             if in_batch:
-                raise Hl7Error("BHS inside a batch that has no BTS yet", where, "100")
-            in_batch, current = True, None
+                raise Hl7Error("BHS inside a batch that has no BTS yet", where, "100", ("BHS", None, None, None))
+            in_batch, current, batch_start = True, None, len(messages)
+            batches += 1
         elif _is_envelope(segment, "BTS"):
-            in_batch, current = False, None
+            if counts:
+                _check_count(segment, len(messages) - batch_start, "BTS-1 (batch message count)", "messages", where)
+            in_batch, current, batch_start = False, None, len(messages)
         elif _is_envelope(segment, "FTS"):
+            if counts:
+                _check_count(segment, batches + loose, "FTS-1 (file batch count)", "batches", where)
             after_file_trailer, in_batch, current = True, False, None
         elif current is None:
             raise Hl7Error("segment outside a message: every message must start with MSH", where, "100")
         else:
-            current.append(segment)
+            current.append(index - 1)
     if not messages:
         raise Hl7Error("no MSH segment: no message in the input", "segment 1", "100")
-    return ["\r".join(message) for message in messages]
+    return messages
+
+
+def _check_count(segment: str, actual: int, what: str, unit: str, where: str) -> None:
+    """A batch or file trailer's count (its field 1), when given, must be what was received."""
+    value = segment[4:].split(segment[3:4] or "|")[0].strip() if len(segment) > 4 else ""
+    if not value:
+        return
+    location = (segment[:3], None, 1, None)
+    if not value.isdigit() or len(value) > 9:
+        raise Hl7Error(f"{what} is not a number", f"{where}, field 1", "102", location)
+    if int(value) != actual:
+        raise Hl7Error(f"{what} says {int(value)} {unit}, {actual} were received", f"{where}, field 1",
+                       "100", location)
 
 
 def _shown_id(segment: str) -> str:
@@ -295,24 +372,38 @@ def _delimiters(segment: str) -> tuple[str, str]:
     encoding characters and asserts (AssertionError) on duplicated ones.
     """
     if len(segment) < 4:
-        raise Hl7Error("MSH-1 (field separator) is missing", "segment 1 (MSH), field 1", "101")
+        raise Hl7Error("MSH-1 (field separator) is missing", "segment 1 (MSH), field 1", "101", _msh(1))
     sep = segment[3]
     if sep not in _DELIMITER_CHARS:
         raise Hl7Error(f"MSH-1 (field separator) {sep!r} is not a printable ASCII non-alphanumeric character",
-                       "segment 1 (MSH), field 1", "102")
+                       "segment 1 (MSH), field 1", "102", _msh(1))
     end = segment.find(sep, 4)
     encoding = segment[4:] if end == -1 else segment[4:end]
     where = "segment 1 (MSH), field 2"
-    if len(encoding) not in (4, 5):
-        raise Hl7Error(f"MSH-2 (encoding characters) must be 4 characters (5 from v2.7), got {len(encoding)}",
-                       where, "102")
+    # Four (component, repetition, escape, subcomponent), or five with v2.7's truncation character,
+    # which senders of every version use (v2.5.1 lab reporting feeds): kept, in any version.
+    if not encoding:
+        raise Hl7Error("MSH-2 (encoding characters) is missing", where, "101", _msh(2))
+    if len(encoding) < 4:
+        raise Hl7Error(f"MSH-2 (encoding characters) has {len(encoding)} characters; 4 are needed (component, "
+                       "repetition, escape, subcomponent), or 5 with the truncation character", where, "102",
+                       _msh(2))
+    if len(encoding) > 5:
+        raise Hl7Error(f"MSH-2 (encoding characters) has {len(encoding)} characters; at most 5 (the 5th is the "
+                       "truncation character)", where, "102", _msh(2))
     for char in encoding:
         if char not in _DELIMITER_CHARS:
             raise Hl7Error(f"MSH-2 (encoding characters) contains {char!r}, not a printable ASCII "
-                           "non-alphanumeric character", where, "102")
+                           "non-alphanumeric character", where, "102", _msh(2))
     if len(set(encoding)) != len(encoding) or sep in encoding:
-        raise Hl7Error("MSH-2 (encoding characters) repeats a delimiter or the field separator", where, "102")
+        raise Hl7Error("MSH-2 (encoding characters) repeats a delimiter or the field separator", where, "102",
+                       _msh(2))
     return sep, encoding
+
+
+def _msh(field_number: int, component: int | None = None) -> tuple:
+    """The location of an MSH field, for Hl7Error.location."""
+    return ("MSH", 1, field_number, component)
 
 
 def _value(segment: hl7.Segment, field: int, component: int = 1) -> str:
@@ -349,28 +440,37 @@ def parse(text: str) -> Hl7Message:
     if not segments:
         raise Hl7Error("empty message", "segment 1", "100")
     if not segments[0].startswith("MSH"):
-        raise Hl7Error(f"a message must start with MSH, not {_shown_id(segments[0])}", "segment 1", "100")
+        raise Hl7Error(f"a message must start with MSH, not {_shown_id(segments[0])}", "segment 1", "100",
+                       ("MSH", 1, None, None))
     sep, encoding = _delimiters(segments[0])
     for index, segment in enumerate(segments[1:], 2):
         segment_id = segment[:3]
         where = f"segment {index} ({_shown_id(segment)})"
+        location = (_shown_id(segment), _occurrence(segments, index), None, None)
         if not _SEGMENT_ID.fullmatch(segment_id) or (len(segment) > 3 and segment[3] != sep):
             raise Hl7Error("segment id must be 3 uppercase letters or digits (starting with a letter) "
-                           "followed by the field separator", where, "100")
+                           "followed by the field separator", where, "100", location)
         if segment_id == "MSH" or segment_id in _ENVELOPE:
-            raise Hl7Error(f"{segment_id} inside a message (a batch must be split first)", where, "100")
+            raise Hl7Error(f"{segment_id} inside a message (a batch must be split first)", where, "100", location)
     message_text = "\r".join(segments)
     bad = _FORBIDDEN.search(message_text)
     if bad:
         index = message_text.count("\r", 0, bad.start()) + 1
         raise Hl7Error(f"control character {bad.group()!r} inside the message",
-                       f"segment {index} ({_shown_id(segments[index - 1])})", "102")
+                       f"segment {index} ({_shown_id(segments[index - 1])})", "102",
+                       (_shown_id(segments[index - 1]), _occurrence(segments, index), None, None))
     try:
         parsed = hl7.parse(message_text)
         msh = parsed[0]
     except Exception as exc:  # python-hl7 raises assorted types on odd input; none may escape
-        raise Hl7Error(f"HL7 parser failed ({type(exc).__name__})", "segment 1 (MSH)", "102") from None
+        raise Hl7Error(f"HL7 parser failed ({type(exc).__name__})", "segment 1 (MSH)", "102", _msh(1)) from None
     return _header(message_text, msh, sep, encoding, strict=True)
+
+
+def _occurrence(segments: list[str], index: int) -> int:
+    """Which occurrence of its id the segment at 1-based index is (ERR-2.2 segment sequence)."""
+    head = segments[index - 1][:3]
+    return sum(1 for segment in segments[:index] if segment[:3] == head)
 
 
 def _header(message_text: str, msh: hl7.Segment, sep: str, encoding: str, *, strict: bool) -> Hl7Message:
@@ -379,28 +479,7 @@ def _header(message_text: str, msh: hl7.Segment, sep: str, encoding: str, *, str
     control_id = _value(msh, 10)
     version = _value(msh, 12)
     if strict:
-        if not code:
-            raise Hl7Error("MSH-9 (message type) is empty", "segment 1 (MSH), field 9", "101")
-        if not _MESSAGE_CODE.fullmatch(code):
-            raise Hl7Error("MSH-9.1 (message code) must be 1-20 letters, digits or '_'",
-                           "segment 1 (MSH), field 9", "102")
-        if not trigger and code != "ACK":
-            raise Hl7Error("MSH-9.2 (trigger event) is empty", "segment 1 (MSH), field 9", "101")
-        if trigger and not _MESSAGE_CODE.fullmatch(trigger):
-            raise Hl7Error("MSH-9.2 (trigger event) must be 1-20 letters, digits or '_'",
-                           "segment 1 (MSH), field 9", "102")
-        # Required although v2 lets receivers be lax: idempotency and MSA-2 depend on it.
-        if not control_id.strip():
-            raise Hl7Error("MSH-10 (message control id) is empty", "segment 1 (MSH), field 10", "101")
-        if len(control_id) > _MAX_CONTROL_ID:
-            raise Hl7Error(f"MSH-10 (message control id) is longer than {_MAX_CONTROL_ID} characters",
-                           "segment 1 (MSH), field 10", "102")
-        if _CONTROL.search(control_id):
-            raise Hl7Error("MSH-10 (message control id) contains a control character",
-                           "segment 1 (MSH), field 10", "102")
-        if len(encoding) == 5 and (_version_tuple(version) or (0, 0)) < (2, 7):
-            raise Hl7Error("a 5th encoding character (truncation) is only allowed from v2.7 "
-                           f"(MSH-12 is {version[:20]!r})", "segment 1 (MSH), field 2", "102")
+        _check_header(code, trigger, control_id, version)
     return Hl7Message(
         text=message_text,
         message_type=f"HL7v2:{code}^{trigger}" if trigger else f"HL7v2:{code}",
@@ -413,24 +492,76 @@ def _header(message_text: str, msh: hl7.Segment, sep: str, encoding: str, *, str
         field_separator=sep,
         encoding_characters=encoding,
         processing_id=_value(msh, 11),
+        accept_ack_type=_value(msh, 15).strip().upper(),
+        application_ack_type=_value(msh, 16).strip().upper(),
+        character_set=_value(msh, 18).strip(),
     )
 
 
-def parse_all(raw: bytes) -> list[Hl7Message]:
-    """decode + split + parse each: all messages, or Hl7Error for the first bad one (nothing half-accepted).
+def _check_header(code: str, trigger: str, control_id: str, version: str) -> None:
+    """The MSH values Courier routes, deduplicates and answers on must be usable; Hl7Error if not."""
+    where9, where10, where12 = ("segment 1 (MSH), field 9", "segment 1 (MSH), field 10",
+                                "segment 1 (MSH), field 12")
+    if not code:
+        raise Hl7Error("MSH-9 (message type) is empty", where9, "101", _msh(9))
+    if not _MESSAGE_CODE.fullmatch(code):
+        raise Hl7Error("MSH-9.1 (message code) must be 1-20 letters, digits or '_'", where9, "102", _msh(9, 1))
+    if not trigger and code != "ACK":
+        raise Hl7Error("MSH-9.2 (trigger event) is empty", where9, "101", _msh(9, 2))
+    if trigger and not _MESSAGE_CODE.fullmatch(trigger):
+        raise Hl7Error("MSH-9.2 (trigger event) must be 1-20 letters, digits or '_'", where9, "102", _msh(9, 2))
+    # Required although v2 lets receivers be lax: idempotency and MSA-2 depend on it.
+    if not control_id.strip():
+        raise Hl7Error("MSH-10 (message control id) is empty", where10, "101", _msh(10))
+    if len(control_id) > _MAX_CONTROL_ID:
+        raise Hl7Error(f"MSH-10 (message control id) is longer than {_MAX_CONTROL_ID} characters", where10, "102",
+                       _msh(10))
+    if _CONTROL.search(control_id):
+        raise Hl7Error("MSH-10 (message control id) contains a control character", where10, "102", _msh(10))
+    # Without a known version nothing says how the message is to be read (nor its ACK written).
+    if not version.strip():
+        raise Hl7Error("MSH-12 (version id) is empty", where12, "203", _msh(12))
+    if version.strip() not in KNOWN_VERSIONS:
+        raise Hl7Error(f"MSH-12 (version id) {version[:20]!r} is not an HL7 v2 version Courier knows "
+                       f"(2.1 to 2.9: {', '.join(KNOWN_VERSIONS)})", where12, "203", _msh(12))
 
-    For a batch, the error's where names the message ('message 2, segment 1 (MSH), field 10').
+
+def parse_all(raw: bytes, default_charset: str | None = None) -> list[Hl7Message]:
+    """Bytes of a message or batch -> every message, or Hl7Error for the first bad one (nothing half-accepted).
+
+    Each message is read from its own bytes (split_raw), decoded per its MSH-18, else per
+    default_charset (the source's setting; ASCII when None) with the tolerant fallback of
+    _decode; .raw holds the bytes as received and .charset the codec used. For a batch,
+    the error's where names the message ('message 2, segment 1 (MSH), field 10').
     """
-    parts = split(decode(raw))
+    parts = split_raw(raw)
     messages = []
     for number, part in enumerate(parts, 1):
         try:
-            messages.append(parse(part))
+            messages.append(parse_raw(part, default_charset))
         except Hl7Error as exc:
             if len(parts) == 1:
                 raise
-            raise Hl7Error(exc.reason, f"message {number}, {exc.where}", exc.error_code) from None
+            raise Hl7Error(exc.reason, f"message {number}, {exc.where}", exc.error_code, exc.location) from None
     return messages
+
+
+def parse_raw(part: bytes, default_charset: str | None = None) -> Hl7Message:
+    """One message's bytes (an element of split_raw) -> Hl7Message with .raw and .charset; Hl7Error if refused."""
+    text, codec = _decode(part, default_charset, strict=True)
+    return dataclasses.replace(parse(text), charset=codec, raw=part)
+
+
+def parse_stored(body: bytes, content_type: str) -> Hl7Message:
+    """A stored HL7 v2 message (bytes as received, the codec in the content type's charset) -> Hl7Message."""
+    codec = content_charset(content_type)
+    if codec is None:  # not ours: read it like a message received now
+        return parse_all(body)[0]
+    try:
+        text = body.decode(codec)
+    except UnicodeDecodeError as exc:
+        raise Hl7Error(f"byte {exc.start} is not valid {codec} (the stored charset)", f"byte {exc.start}") from None
+    return dataclasses.replace(parse(text), charset=codec, raw=body)
 
 
 def salvage_header(data: bytes | str) -> Hl7Message | None:
@@ -482,61 +613,102 @@ def _raw_msh_fields(msg: Hl7Message) -> list[str] | None:
     return first.split(msg.field_separator)
 
 
+def ack_code(msg: Hl7Message | None, outcome: str) -> str | None:
+    """The acknowledgment code msg's sender asked for, for an outcome of AA, AE or AR; None for none.
+
+    Original mode (MSH-15 and MSH-16 empty): the outcome itself. Enhanced mode: the accept
+    acknowledgment CA, CE or CR, sent as MSH-15 asks: AL always (also when MSH-15 is empty or
+    not a table 0155 value, so a sender waiting for an answer gets one), NE never, ER only for
+    CE/CR, SU only for CA. Courier never sends application acknowledgments (MSH-16): its
+    destinations answer Courier, not the sender.
+    """
+    if outcome not in ("AA", "AE", "AR"):
+        raise ValueError(f"outcome must be AA, AE or AR, not {outcome!r}")
+    if msg is None or not msg.enhanced:
+        return outcome
+    condition = msg.accept_ack_type
+    if condition == "NE" or (condition == "ER" and outcome == "AA") or (condition == "SU" and outcome != "AA"):
+        return None
+    return "C" + outcome[1]
+
+
 def build_ack(msg: Hl7Message | None, code: str, *, text: str = "", error_code: str | None = None,
-              now: datetime | None = None, control_id: str | None = None) -> str:
-    """An original-mode ACK for msg in its own delimiters and version, every segment ending in '\\r'.
+              location: tuple | None = None, now: datetime | None = None, control_id: str | None = None) -> str:
+    """An ACK for msg in its own delimiters, version and MSH-18, every segment ending in '\\r'.
 
     MSH-3/4 and MSH-5/6 are the message's MSH-5/6 and MSH-3/4 (whole fields, byte for byte),
-    MSH-9 'ACK^<trigger>^ACK', MSH-10 control_id or a new 20-character id, MSA-2 the message's
-    MSH-10 as received. AE/AR/CE/CR add ERR (ERR-3 code from table 0357, default 207; ERR-4
-    'E'; ERR-8 the text). msg=None (nothing usable, see salvage_header) gives '|^~\\&', v2.5
-    and an empty MSA-2. MSH-7 is `now` (default: UTC) as YYYYMMDDHHMMSS.
+    MSH-9 'ACK^<trigger>^ACK', MSH-10 control_id or a new 20-character id, MSH-12 and MSH-18
+    the message's as received, MSA-2 the message's MSH-10 as received, MSA-3 the text.
+    AE/AR/CE/CR add ERR: from v2.5 ERR-2 the location (segment^sequence^field[^^component]),
+    ERR-3 the table 0357 code (default 207), ERR-4 'E', ERR-8 the text; up to v2.4, ERR-1
+    (segment^sequence^field^code&text&HL70357); both when the version is not a known one.
+    msg=None (nothing usable, see salvage_header) gives '|^~\\&', v2.5 and an empty MSA-2.
+    MSH-7 is `now` (default: UTC) as YYYYMMDDHHMMSS.
     """
     if code not in ACK_CODES:
         raise ValueError(f"ACK code must be one of {sorted(ACK_CODES)}, not {code!r}")
     rejecting = code not in ("AA", "CA")
     if error_code is not None and not rejecting:
         raise ValueError("error_code only applies to AE, AR, CE and CR")
+    charset = ""
     if msg is not None:
-        sep, encoding = msg.field_separator, msg.encoding_characters
-        version = msg.version or DEFAULT_VERSION
-        # A truncation character is only legal from v2.7; without it the ACK stays parseable.
-        if len(encoding) == 5 and (_version_tuple(version) or (0, 0)) < (2, 7):
-            encoding = encoding[:4]
+        sep, encoding, version = msg.field_separator, msg.encoding_characters, msg.version
         raw = _raw_msh_fields(msg)
 
-        def field(n: int, fallback: str) -> str:
+        def value(n: int, fallback: str) -> str:
             if raw is None:
                 return _embed(fallback, sep, encoding)
             return raw[n - 1] if n - 1 < len(raw) else ""
 
-        receiver = [field(3, msg.sending_application), field(4, msg.sending_facility)]
-        sender = [field(5, msg.receiving_application), field(6, msg.receiving_facility)]
-        processing = field(11, msg.processing_id) or "P"
+        receiver = [value(3, msg.sending_application), value(4, msg.sending_facility)]
+        sender = [value(5, msg.receiving_application), value(6, msg.receiving_facility)]
+        processing = value(11, msg.processing_id) or "P"
+        charset = value(18, msg.character_set)
         # A salvaged header may carry any junk in MSH-9.2; the ACK only echoes a well-formed one.
         trigger = msg.trigger_event if _MESSAGE_CODE.fullmatch(msg.trigger_event) else ""
         original_id = _embed(msg.control_id, sep, encoding)
         version = _embed(version, sep, encoding)
+        known = msg.version.strip() in KNOWN_VERSIONS
     else:
         sep, encoding, version = DEFAULT_FIELD_SEPARATOR, DEFAULT_ENCODING_CHARACTERS, DEFAULT_VERSION
         receiver, sender, processing, trigger, original_id = ["", ""], ["", ""], "P", "", ""
+        known = False
     comp = encoding[0]
     stamp = (now or datetime.now(timezone.utc)).strftime("%Y%m%d%H%M%S")
     ack_id = _escape(control_id if control_id is not None else uuid.uuid4().hex[:20].upper(), sep, encoding)
     message_type = f"ACK{comp}{trigger}{comp}ACK" if trigger else "ACK"
     # MSH-1 is the separator itself, so MSH-2 follows 'MSH' directly.
-    msh = "MSH" + sep + sep.join([encoding, *sender, *receiver, stamp, "", message_type, ack_id, processing, version])
+    msh = [encoding, *sender, *receiver, stamp, "", message_type, ack_id, processing, version]
+    if charset:
+        msh += ["", "", "", "", "", charset]  # MSH-13..17 empty, MSH-18
     msa = ["MSA", code, original_id]
     if text:
         msa.append(_escape(text[:_MSA3_MAX], sep, encoding))
-    segments = [msh, sep.join(msa)]
+    segments = ["MSH" + sep + sep.join(msh), sep.join(msa)]
     if rejecting:
-        err_code = str(error_code) if error_code is not None else "207"
-        err3 = comp.join([_escape(err_code, sep, encoding),
-                          _escape(ERROR_CODES.get(err_code, ""), sep, encoding), "HL70357"])
-        err = ["ERR", "", "", err3, "E", "", "", "", _escape(text[:_ERR8_MAX], sep, encoding)]
-        segments.append(sep.join(err).rstrip(sep))
+        old = known and (_version_tuple(msg.version) or (0, 0)) < (2, 5)
+        new = not known or not old
+        segments.append(_err(str(error_code) if error_code is not None else "207", location, text,
+                             sep, encoding, old=not known or old, new=new))
     return "".join(segment + "\r" for segment in segments)
+
+
+def _err(error_code: str, location: tuple | None, text: str, sep: str, encoding: str, *, old: bool,
+         new: bool) -> str:
+    """The ERR segment: ERR-1 (v2.1-2.4 ELD) when old, ERR-2/3/4/8 (v2.5+) when new."""
+    comp, sub = encoding[0], encoding[3]
+    segment_id, sequence, field_number, component = location or (None, None, None, None)
+    place = ["" if v is None else _escape(str(v), sep, encoding) for v in (segment_id, sequence, field_number)]
+    description = _escape(ERROR_CODES.get(error_code, ""), sep, encoding)
+    code = _escape(error_code, sep, encoding)
+    err = ["ERR", ""]
+    if old:
+        err[1] = comp.join([*place, sub.join([code, description, "HL70357"])])
+    if new:
+        erl = place + (["", str(component)] if component else [])
+        err += [comp.join(erl).rstrip(comp), comp.join([code, description, "HL70357"]), "E", "", "", "",
+                _escape(text[:_ERR8_MAX], sep, encoding)]
+    return sep.join(err).rstrip(sep)
 
 
 def build_batch_ack(acks: list[str]) -> str:

@@ -46,8 +46,10 @@ _WHITESPACE = b" \t\r\n"
 MAX_JUNK_BYTES = 4096
 READ_CHUNK = 64 * 1024
 
-# ERR-3 (HL7 table 0357) for ingest's refusals: 200 unsupported message type, 207 application error.
-_ERROR_CODES = {"type_not_allowed": "200", "unknown_source": "207", "invalid": "207", "malformed": "102"}
+# ERR-3 (HL7 table 0357) and ERR-2 for ingest's refusals: 200 unsupported message type (MSH-9), 207
+# application error; a malformed message's own code and location come with the IngestError.
+_ERROR_CODES = {"type_not_allowed": ("200", ("MSH", 1, 9, None)), "unknown_source": ("207", ("MSH", 1, 3, None)),
+                "invalid": ("207", None), "malformed": ("102", None)}
 
 
 class FrameTooLarge(Exception):
@@ -118,9 +120,10 @@ def frame(payload: bytes) -> bytes:
 
 @dataclass(frozen=True)
 class Answer:
-    """What one frame got: the ACK payload (encoded), its code, and a log-safe summary (no PHI)."""
+    """What one frame got: the ACK payload (encoded; None when the sender asked for none, MSH-15), its
+    outcome (AA, AE or AR), and a log-safe summary (no PHI)."""
 
-    payload: bytes
+    payload: bytes | None
     code: str
     summary: str
 
@@ -292,7 +295,8 @@ class MllpListener:
             if payload is not None:
                 self._connections[task] = True
                 answer = await self._answer(payload, where, candidates)
-                await self._reply(writer, answer.payload)
+                if answer.payload is not None:  # None: enhanced mode, the sender asked for no answer
+                    await self._reply(writer, answer.payload)
                 log.info("MLLP from %s: %s", where, answer.summary)
                 self._connections[task] = False
                 if self.stopping:
@@ -361,7 +365,7 @@ class MllpListener:
         try:
             messages = er7.parse_all(payload)
         except er7.Hl7Error as exc:
-            return self._refusal(payload, "AR", str(exc), exc.error_code, f"AR ({exc})")
+            return self._refusal(payload, "AR", str(exc), exc.error_code, f"AR ({exc})", exc.location)
         except Exception as exc:  # the parser's bug is this frame's refusal, not the listener's end
             log.exception("MLLP from %s: parser failed", where)
             return self._refusal(payload, "AR", f"cannot parse: {type(exc).__name__}", "207", "AR (parser error)")
@@ -371,7 +375,10 @@ class MllpListener:
         if source is None:
             reason = (f"sender {first.sending_application}^{first.sending_facility} (MSH-3/MSH-4) is not a "
                       f"source allowed from this address")
-            return self._answer_messages(payload, messages, "AR", reason, "207", f"AR MSH-10 {ids}: unknown sender")
+            return self._answer_messages(payload, messages, "AR", reason, *_ERROR_CODES["unknown_source"],
+                                         f"AR MSH-10 {ids}: unknown sender")
+        if source.charset:  # messages without MSH-18 are read in the source's charset: answered in it too
+            messages = er7.parse_all(payload, source.charset)
         try:
             results, _ = ingest(self.store, self.settings.routing, source=source.name,
                                 content_type="application/hl7-v2", body=payload,
@@ -380,47 +387,67 @@ class MllpListener:
             if exc.code == "store_unavailable" and exc.__cause__ is not None:
                 self.store_watch.failed(exc.__cause__)
             code = "AE" if exc.status >= 500 or exc.status == 429 else "AR"  # 429 rate limited: resend later
-            return self._answer_messages(payload, messages, code, exc.message, _ERROR_CODES.get(exc.code, "207"),
+            error_code, location = _ERROR_CODES.get(exc.code, ("207", None))
+            if exc.details.get("error_code"):  # an HL7 refusal: its own code and place
+                error_code = exc.details["error_code"]
+                location = tuple(exc.details["location"]) if exc.details.get("location") else None
+            return self._answer_messages(payload, messages, code, exc.message, error_code, location,
                                          f"{code} MSH-10 {ids} from {source.name}: {exc.code}")
         except Exception as exc:  # an ingest bug: nothing committed that we know of, so the sender must resend
             log.exception("MLLP from %s: ingest failed", where)
             return self._answer_messages(payload, messages, "AE", f"internal error ({type(exc).__name__}); send "
-                                         "again", "207", f"AE MSH-10 {ids}: internal error")
+                                         "again", "207", None, f"AE MSH-10 {ids}: internal error")
         self.store_watch.ok()
         stored = sum(1 for r in results if r.created)
-        return self._answer_messages(payload, messages, "AA", "", None,
+        return self._answer_messages(payload, messages, "AA", "", None, None,
                                      f"AA MSH-10 {ids} from {source.name} ({stored} new, "
                                      f"{len(results) - stored} duplicate)")
 
-    def _answer_messages(self, payload: bytes, messages: list, code: str, reason: str, error_code: str | None,
-                         summary: str) -> Answer:
-        er7 = self.er7
-        acks = [er7.build_ack(m, code, text=reason, error_code=error_code) for m in messages]
-        batch = len(messages) > 1 or payload.lstrip(b" \t\r\n\xef\xbb\xbf").startswith((b"FHS", b"BHS"))
-        text = er7.build_batch_ack(acks) if batch else acks[0]
-        return Answer(_encode(text, payload, er7), code, summary)
+    def _answer_messages(self, payload: bytes, messages: list, outcome: str, reason: str, error_code: str | None,
+                         location: tuple | None, summary: str) -> Answer:
+        """The answer to parsed messages: per message the code its sender asked for (er7.ack_code:
+        AA/AE/AR, or CA/CE/CR in enhanced mode, or none), in the first message's charset."""
+        return self._acks(payload, messages, outcome, reason, error_code, location, summary,
+                          messages[0].charset if messages else None)
 
-    def _refusal(self, payload: bytes, code: str, reason: str, error_code: str, summary: str) -> Answer:
+    def _refusal(self, payload: bytes, code: str, reason: str, error_code: str, summary: str,
+                 location: tuple | None = None) -> Answer:
         """An ACK for a frame that did not parse, addressed from whatever MSH can be salvaged;
-        a batch that still splits gets a batch of them, one per message, all with the reason."""
+        a batch that still splits gets a batch of them, one per message, all with the reason.
+        Always sent (CR in enhanced mode): the MSH-15 of a message that did not parse is not trusted."""
         er7 = self.er7
         try:
-            parts = er7.split(er7.decode(payload))
-            batch = len(parts) > 1 or payload.lstrip(b" \t\r\n\xef\xbb\xbf").startswith((b"FHS", b"BHS"))
+            parts = er7.split(er7.decode(payload), counts=False)
         except Exception:  # not even splittable: one ACK for the frame
-            parts, batch = [payload], False
-        acks = [er7.build_ack(er7.salvage_header(part), code, text=reason, error_code=error_code)
-                for part in parts]
+            parts = [payload]
+        return self._acks(payload, [er7.salvage_header(part) for part in parts], code, reason, error_code,
+                          location, summary, None, always=True)
+
+    def _acks(self, payload: bytes, messages: list, outcome: str, reason: str, error_code: str | None,
+              location: tuple | None, summary: str, codec: str | None, always: bool = False) -> Answer:
+        er7 = self.er7
+        acks = []
+        for message in messages:
+            code = er7.ack_code(message, outcome)
+            if code is None and always:
+                code = "C" + outcome[1]
+            if code is not None:
+                acks.append(er7.build_ack(message, code, text=reason, error_code=error_code if outcome != "AA"
+                                          else None, location=location))
+        if not acks:
+            return Answer(None, outcome, summary + " (no ACK: MSH-15 asked for none)")
+        batch = len(messages) > 1 or payload.lstrip(b" \t\r\n\xef\xbb\xbf").startswith((b"FHS", b"BHS"))
         text = er7.build_batch_ack(acks) if batch else acks[0]
-        return Answer(_encode(text, payload, er7), code, summary)
+        return Answer(_encode(text, payload, er7, codec), outcome, summary)
 
 
-def _encode(text: str, payload: bytes, er7) -> bytes:
+def _encode(text: str, payload: bytes, er7, codec: str | None = None) -> bytes:
     """The ACK in the charset the message came in (its MSH-3..6 are echoed), else UTF-8."""
-    try:
-        codec = er7.decode_with_codec(payload)[1]
-    except Exception:  # undecodable input: the ACK is ours, UTF-8 it is
-        codec = "utf-8"
+    if codec is None:
+        try:
+            codec = er7.decode_with_codec(payload)[1]
+        except Exception:  # undecodable input: the ACK is ours, UTF-8 it is
+            codec = "utf-8"
     return text.encode(codec, errors="replace")
 
 

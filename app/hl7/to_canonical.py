@@ -69,11 +69,13 @@ class _Delimiters:
     subcomponent: str
     field: str
     truncation: str
+    charset: str = "utf-8"  # the message's: \\Xhh..\\ bytes are in it
 
     @classmethod
     def of(cls, message: Hl7Message) -> "_Delimiters":
         enc = message.encoding_characters
-        return cls(enc[0], enc[1], enc[2], enc[3], message.field_separator, enc[4] if len(enc) > 4 else "")
+        return cls(enc[0], enc[1], enc[2], enc[3], message.field_separator, enc[4] if len(enc) > 4 else "",
+                   message.charset)
 
 
 _FORMATTING = re.compile(r"\.(sp|br|fi|nf|in|ti|sk|ce)([+-]?\d*)\Z")
@@ -82,7 +84,7 @@ _MAX_REPEAT = 100
 
 def _unescape(raw: str, d: _Delimiters) -> str:
     """HL7 escape sequences -> text. Highlighting (\\H\\, \\N\\) and layout commands go;
-    line breaks become '\\n'; hex (\\Xhh..\\) is read as UTF-8, else Latin-1. Sequences
+    line breaks become '\\n'; hex (\\Xhh..\\) is read in the message's charset, else Latin-1. Sequences
     we cannot read (charset switches, \\Zxx\\, an unterminated escape) stay as sent:
     kept text is better than lost text."""
     esc = d.escape
@@ -115,8 +117,8 @@ def _unescape(raw: str, d: _Delimiters) -> str:
         elif body[:1] == "X" and len(body) > 1 and len(body) % 2 == 1 and re.fullmatch(r"[0-9A-Fa-f]+", body[1:]):
             data = bytes.fromhex(body[1:])
             try:
-                out.append(data.decode("utf-8"))
-            except UnicodeDecodeError:
+                out.append(data.decode(d.charset))
+            except (UnicodeDecodeError, LookupError):
                 out.append(data.decode("latin-1"))
         else:
             out.append(raw[i:end + 1])

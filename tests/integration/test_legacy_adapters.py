@@ -200,7 +200,10 @@ def test_schemes_resolve(url, cls):
     ("mllp://10.0.0.5", "needs a port"),
     ("mllp://:2575", "needs a host"),
     ("mllp://h:2575/path", "no path"),
-    ("mllp://h:2575?x=1", "no path, query"),
+    ("mllp://h:2575?x=1", "unknown mllp URL option 'x'; known: charset"),
+    ("mllp://h:2575?charset=EBCDIC", "charset 'EBCDIC' is not an HL7 character set"),
+    ("mllp://h:2575?charset=windows-1252", "is not an HL7 character set Courier can write"),
+    ("mllps://h:2575?charset=8859/1&charset=8859/2", "option charset must be given once"),
     ("mllp://u:p@h:2575", "user info"),
     ("mllp://h:99999", "invalid port"),
     ("mllp://h:2575?ca=/ca.pem", "TLS options such as ?ca= need mllps://"),
@@ -308,10 +311,48 @@ def test_mllp_unsendable_bodies_are_permanent(hl7_server, body, message):
 
 
 def test_mllp_non_default_delimiters_and_lf_segments(hl7_server):
-    body = b"MSH$%~\\&$LAB$HOSP$BILL$HOSP$20240101$$ADT%A01$CTRL-9$P$2.5\nPID$1$$42\n"
+    body = b"MSH$%~\\&$LAB$HOSP$BILL$HOSP$20240101$$ADT%A01$CTRL-9$P$2.5\nPID$1$$42\r\nPV1$1\n"
     with MllpAdapter(hl7_server.url, timeout=5) as adapter:
         assert adapter.send(outgoing(body=body)).detail == "ACK AA"
-    assert hl7_server.received == [body]
+    # Segments end in CR on the wire, as HL7 v2 over MLLP wants; nothing else changes.
+    assert hl7_server.received == [b"MSH$%~\\&$LAB$HOSP$BILL$HOSP$20240101$$ADT%A01$CTRL-9$P$2.5\rPID$1$$42\rPV1$1\r"]
+
+
+@pytest.mark.parametrize("content_type, stored", [
+    ("application/hl7-v2; charset=iso8859-1", "MSH|^~\\&|LAB|H|BILL|H|20240101||ADT^A01|C-1|P|2.5||||||8859/1\r"
+                                              "PID|||1||M\u00fcller\r".encode("latin-1")),
+    ("application/hl7-v2; charset=utf-8", "MSH|^~\\&|LAB|H|BILL|H|20240101||ADT^A01|C-1|P|2.5\r"
+                                          "PID|||1||M\u00fcller\r".encode("utf-8")),
+    ("application/hl7-v2", "MSH|^~\\&|LAB|H|BILL|H|20240101||ADT^A01|C-1|P|2.5||||||UNICODE UTF-8\r"
+                           "PID|||1||M\u00fcller\r".encode("utf-8")),
+])
+@pytest.mark.parametrize("charset, codec, msh18", [("8859/1", "latin-1", "8859/1"),
+                                                   ("UNICODE+UTF-8", "utf-8", "UNICODE UTF-8"),
+                                                   ("8859/15", "iso8859-15", "8859/15")])
+def test_mllp_charset_option_re_encodes_and_names_it_in_msh18(hl7_server, content_type, stored, charset, codec,
+                                                              msh18):
+    with MllpAdapter(f"{hl7_server.url}?charset={charset}", timeout=5) as adapter:
+        assert adapter.send(outgoing(body=stored, content_type=content_type)).detail == "ACK AA"
+    [received] = hl7_server.received
+    assert b"M" + "\u00fc".encode(codec) + b"ller" in received
+    msh = received.split(b"\r")[0].split(b"|")
+    assert (msh[9], msh[17]) == (b"C-1", msh18.encode())
+    assert received.split(b"\r")[1:] == [b"PID|||1||M" + "\u00fc".encode(codec) + b"ller", b""]
+
+
+def test_mllp_without_charset_option_sends_the_bytes_as_stored(hl7_server):
+    stored = b"MSH|^~\\&|LAB|H|BILL|H|20240101||ADT^A01|C-1|P|2.5||||||8859/1\rPID|||1||M\xfcller\r"
+    with MllpAdapter(hl7_server.url, timeout=5) as adapter:
+        adapter.send(outgoing(body=stored, content_type="application/hl7-v2; charset=iso8859-1"))
+    assert hl7_server.received == [stored]
+
+
+def test_mllp_character_the_destination_charset_cannot_hold_is_permanent(hl7_server):
+    body = "MSH|^~\\&|LAB|H|BILL|H|20240101||ADT^A01|C-1|P|2.5\rPID|||1||\u0141ukasz\r".encode()
+    with MllpAdapter(f"{hl7_server.url}?charset=8859/1", timeout=5) as adapter:
+        with pytest.raises(PermanentError, match=r"segment 2 cannot be written in 8859/1"):
+            adapter.send(outgoing(body=body, content_type="application/hl7-v2; charset=utf-8"))
+    assert hl7_server.received == []
 
 
 # --- MLLP over TLS (mllps://) ----------------------------------------------------------------
@@ -416,6 +457,18 @@ def test_sql_column_mapping_from_json_and_hl7(db_url, staging_table):
     assert isinstance(got["dlv-json"]["at"], datetime)
     assert (got["dlv-hl7"]["patient"], got["dlv-hl7"]["kind"]) == ("12345", "DFT^P03")
     assert got["dlv-hl7"]["payload"] is None
+
+
+@pytest.mark.parametrize("content_type", ["application/hl7-v2; charset=iso8859-1", "application/hl7-v2"])
+def test_sql_hl7_body_in_8859_1_is_stored_as_the_right_text(db_url, staging_table, content_type):
+    table = staging_table(db_url, """CREATE TABLE {name} (
+        courier_id VARCHAR(64) NOT NULL, family VARCHAR(40), payload TEXT, UNIQUE (courier_id))""")
+    url = f"sql+{db_url}?table={table}&key=courier_id&column.family=hl7:PID-5.1&column.payload=body"
+    body = "MSH|^~\\&|A|B|C|D|20240101||ADT^A01|C-1|P|2.5||||||8859/1\rPID|||1||M\u00fcller^Hans\r".encode("latin-1")
+    with adapters.open_adapter(url, timeout=5) as adapter:
+        adapter.send(outgoing("dlv-latin1", body=body, content_type=content_type))
+    [row] = rows(db_url, table, order="courier_id")
+    assert (row["family"], row["payload"]) == ("M\u00fcller", body.decode("latin-1"))
 
 
 def test_sql_redelivery_from_another_adapter_inserts_nothing(db_url, staging_table):

@@ -32,12 +32,25 @@ from tests.support.config import settings_for
 from tests.support.data import HL7_SAMPLES
 from tests.support.mllp_peers import Client, listener_thread
 from tests.support.processes import VENV_BIN
-from tests.unit.test_hl7v2 import BATCH_MEMBERS_REFUSED, MALFORMED_BUT_ACCEPTED, VALID_BUT_REFUSED
+from tests.unit.test_hl7v2 import BATCH_MEMBERS_REFUSED, BATCH_REFUSED, MALFORMED_BUT_ACCEPTED, VALID_BUT_REFUSED
 
 ROWS = list(csv.DictReader((HL7_SAMPLES / "SOURCES.tsv").open(encoding="utf-8"), delimiter="\t"))
-GOOD_FILES = [r["file"] for r in ROWS if r["kind"] in ("valid", "batch")]
 MALFORMED_FILES = [r["file"] for r in ROWS if r["kind"] == "malformed"]
-REFUSED_GOOD = set(VALID_BUT_REFUSED) | set(BATCH_MEMBERS_REFUSED)  # labelled good, refused (why: test_hl7v2)
+# labelled good, refused (why: test_hl7v2)
+REFUSED_GOOD = set(VALID_BUT_REFUSED) | set(BATCH_MEMBERS_REFUSED) | set(BATCH_REFUSED)
+
+
+def _unanswered(name: str) -> bool:
+    """Whether every message of a good file asks for no answer on success (enhanced mode, MSH-15 NE or ER)."""
+    if name in REFUSED_GOOD:
+        return False
+    return all(er7.ack_code(m, "AA") is None for m in er7.parse_all((HL7_SAMPLES / name).read_bytes()))
+
+
+# Good files a sender waits for an answer to, and those whose MSH-15 asks for none when accepted.
+ALL_GOOD = [r["file"] for r in ROWS if r["kind"] in ("valid", "batch")]
+SILENT_FILES = [name for name in ALL_GOOD if _unanswered(name)]
+GOOD_FILES = [name for name in ALL_GOOD if name not in SILENT_FILES]
 
 ADT = (b"MSH|^~\\&|LAB|HOSP|COURIER|HOSP|20240101120000||ADT^A01|{id}|P|2.5\r"
        b"PID|1||12345^^^HOSP^MR||M\xc3\xbcller^J\xc3\xbcrgen\r")
@@ -108,11 +121,11 @@ def check_answers(answers: dict[str, bytes], store, every: list[str] = GOOD_FILE
     for name, answer in answers.items():
         got = acks(answer)
         if name in REFUSED_GOOD:
-            assert {code for code, _, _ in got} == {"AR"}, (name, got)
+            assert {code for code, _, _ in got} <= {"AR", "CR"} and got, (name, got)
             assert all(text for _, _, text in got), (name, got)
             continue
-        ids = expected_ids(name)
-        assert [(code, msa2) for code, msa2, _ in got] == [("AA", i) for i in ids], name
+        wanted = [(er7.ack_code(m, "AA"), m.control_id) for m in er7.parse_all(sample(name))]
+        assert [(code, msa2) for code, msa2, _ in got] == [w for w in wanted if w[0] is not None], name
     keys = [m.dedup_key for m in stored(store)]
     assert sorted(keys) == sorted(accepted)  # stored once: no control id twice, none missing
 
@@ -137,6 +150,19 @@ def test_mllp_send_delivers_every_good_sample(listener, store, tmp_path):
         answers = {name: answer.removeprefix(START_BLOCK) for name, answer in zip(names, printed)}
         check_answers(answers, store, every=GOOD_FILES)
     assert len(GOOD_FILES) > 150
+
+
+def test_messages_whose_msh15_asks_for_no_answer_are_stored_and_not_answered(listener, store):
+    """MSH-15 NE (and ER on success): stored, no frame back. Proved without waiting: a message in
+    original mode follows on the same connection, and the first answer is that message's ACK."""
+    assert len(SILENT_FILES) >= 15
+    with Client(listener.port) as client:
+        for number, name in enumerate(SILENT_FILES):
+            client.send(sample(name))
+            assert acks(client.exchange(adt(f"PROBE-{number}"))) == [("AA", f"PROBE-{number}", "")], name
+    keys = sorted(m.dedup_key for m in stored(store))
+    assert keys == sorted({i for name in SILENT_FILES for i in expected_ids(name)}
+                          | {f"PROBE-{n}" for n in range(len(SILENT_FILES))})
 
 
 def test_python_hl7_asyncio_client_concurrently(listener, store):
@@ -168,9 +194,9 @@ def test_every_malformed_sample_gets_ar_with_a_reason_and_the_listener_keeps_ser
         for name in MALFORMED_FILES:
             got = acks(client.exchange(sample(name)))
             if name in MALFORMED_BUT_ACCEPTED:
-                assert [code for code, _, _ in got] == ["AA"], name
+                assert [code for code, _, _ in got] == [er7.ack_code(er7.parse_all(sample(name))[0], "AA")], name
                 continue
-            assert [code for code, _, _ in got] == ["AR"], (name, got)
+            assert [code for code, _, _ in got] in (["AR"], ["CR"]), (name, got)
             assert got[0][2], f"{name}: AR without a reason"
         # The same connection still works.
         assert acks(client.exchange(adt("AFTER-BAD")))[0][:2] == ("AA", "AFTER-BAD")
@@ -198,7 +224,7 @@ def test_ack_uses_the_messages_delimiters_version_and_swaps_sender_and_receiver(
     assert sep == message.field_separator and fields[1] == message.encoding_characters
     assert fields[2:4] == raw[4:6] and fields[4:6] == raw[2:4]  # MSH-3/4 <-> MSH-5/6, byte for byte
     assert fields[11] == message.version
-    assert msa.split(sep)[:3] == ["MSA", "AA", message.control_id]
+    assert msa.split(sep)[:3] == ["MSA", er7.ack_code(message, "AA"), message.control_id]
 
 
 def test_refusal_carries_reason_in_msa3_and_err(listener, store):
@@ -206,7 +232,8 @@ def test_refusal_carries_reason_in_msa3_and_err(listener, store):
         answer = client.exchange(b"MSH|^~\\&|LAB|HOSP|COURIER|HOSP|20240101||ADT^A01||P|2.5\rPID|1\r").decode()
     segments = answer.split("\r")
     assert segments[1].startswith("MSA|AR||segment 1 (MSH), field 10: MSH-10")
-    assert segments[2].startswith("ERR|||101^Required field missing^HL70357|E|")
+    assert segments[2] == ("ERR||MSH^1^10|101^Required field missing^HL70357|E||||segment 1 (MSH), field 10: "
+                           "MSH-10 (message control id) is empty")
     assert count(store) == 0
 
 
@@ -546,6 +573,18 @@ def mutated_messages(draw) -> bytes:
     return bytes(data)
 
 
+def silent_ids(raw: bytes) -> set[str]:
+    """MSH-10 of the well-formed messages in raw's frames whose MSH-15 asks for no answer when accepted."""
+    deframer, ids = Deframer(len(raw) + 1), set()
+    deframer.feed(raw)
+    while (payload := deframer.next_frame()) is not None:
+        try:
+            ids |= {m.control_id for m in er7.parse_all(payload) if er7.ack_code(m, "AA") is None}
+        except er7.Hl7Error:
+            pass
+    return ids
+
+
 def exchange_all(port: int, raw: bytes) -> tuple[list[bytes], bool]:
     """Send raw bytes, half-close, read every answer frame until the listener closes (10 s at most)."""
     with Client(port, timeout=10) as client:
@@ -574,12 +613,13 @@ def test_listener_survives_random_and_mutated_input_without_partial_store(listen
     accepted: set[str] = set()
     for answer in answers:
         for code, msa2, text in acks(answer):  # every answer is a well-formed ACK
-            assert code in ("AA", "AR", "AE")
-            assert code == "AA" or text
-            if code == "AA":
+            assert code in ("AA", "AR", "AE", "CA", "CR", "CE")
+            assert code in ("AA", "CA") or text
+            if code in ("AA", "CA"):
                 accepted.add(msa2)
     after = {m.dedup_key for m in stored(store)}
-    assert after - before <= accepted  # nothing stored that was not acknowledged AA
+    # nothing stored that was not acknowledged AA/CA, but for senders that asked for no answer (MSH-15)
+    assert after - before <= accepted | silent_ids(raw)
     assert accepted <= after           # and everything acknowledged is stored
     # The listener still serves.
     assert acks(exchange_all(listener.port, frame(adt("ALIVE")))[0][0])[0][0] == "AA"

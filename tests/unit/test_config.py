@@ -441,3 +441,13 @@ def test_nan_and_infinity_are_not_durations():
         parse_duration(float("inf"))
     with pytest.raises(ValueError, match="finite"):
         parse_duration(float("nan"))
+
+
+def test_source_charset_is_an_msh18_name_and_defaults_to_none(tmp_path):
+    r = load_routing(write(tmp_path, BASE.replace("  other: {}\n", "  other: {charset: 8859/1}\n")), {})
+    assert (r.sources["lab"].charset, r.sources["other"].charset) == (None, "8859/1")
+    text = BASE.replace("  other: {}\n", "  other:\n    charset: EBCDIC\n")
+    path = write(tmp_path, text)
+    [problem] = problems_of(path)
+    assert problem.startswith(f"{path}:{line_of(text, 'charset: EBCDIC')}: sources.other.charset: ")
+    assert "8859/1" in problem and "UNICODE UTF-8" in problem

@@ -6,6 +6,7 @@ below with the reason; every other file must behave exactly as its row says.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import logging
 import pickle
 import re
@@ -17,13 +18,16 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from courier.app.hl7.er7 import (
+    KNOWN_VERSIONS,
     Hl7Error,
+    ack_code,
     Hl7Message,
     build_ack,
     decode,
     parse,
     parse_ack,
     parse_all,
+    parse_stored,
     salvage_header,
     split,
 )
@@ -51,9 +55,19 @@ VALID_BUT_REFUSED = {
     "python-hl7/test_parse.py__nonstd.hl7": "MSH-9 (message type) is empty",
 }
 
+# Batches refused as a whole (issue 19: counts are checked): {file: reason}.
+BATCH_REFUSED = {
+    # The converter's expected output says BTS|1 for the two messages it holds.
+    "microsoft-FHIR-Converter/BundleToHl7v2.hl7": "BTS-1 (batch message count) says 1 messages, 2 were received",
+    "courier/batch_bts_count_wrong.hl7": "BTS-1 (batch message count) says 3 messages, 2 were received",
+}
+
 # Labelled `malformed`, accepted: the message is syntactically sound; it only fails the
 # IHE PDQ profile (PID-3 without assigning authority), and Courier validates no profiles.
-MALFORMED_BUT_ACCEPTED = {"hl7apy/test_parser.py__invalid_rsp_k21.hl7": "HL7v2:RSP^K22"}
+MALFORMED_BUT_ACCEPTED = {"hl7apy/test_parser.py__invalid_rsp_k21.hl7": "HL7v2:RSP^K22",
+                          # '^~\&#' in a v2.5.1 lab feed: every mainstream parser takes the truncation
+                          # character in any version, and so does Courier (issue 19).
+                          "elixir-hl7/examples.ex__elr_example.hl7": "HL7v2:ORU^R01"}
 
 # Batches that split as labelled but hold messages Courier refuses: {message number: reason}.
 BATCH_MEMBERS_REFUSED = {
@@ -85,11 +99,15 @@ MALFORMED_REASON = {
     "hl7apy/test_parser.py__empty_msh9.hl7": "field 9: MSH-9 (message type) is empty",
     "hl7apy/test_parser.py__truncated_msh9.hl7": "field 9: MSH-9.2 (trigger event) is empty",
     "hl7apy/test_parser.py__no_version.hl7": "field 10: MSH-10 (message control id) is empty",
-    # '^~\&#' in a v2.5.1 message: the truncation character only exists from v2.7.
-    "elixir-hl7/examples.ex__elr_example.hl7": "field 2: a 5th encoding character (truncation)",
     # 'MSH|^~\\&': the escape character doubled, as if copied from a source-code string.
     "LinuxForHealth-hl7v2-fhir-converter/sample_unix.hl7": "field 2: MSH-2 (encoding characters) repeats",
     "LinuxForHealth-hl7v2-fhir-converter/sample_win.hl7": "field 2: MSH-2 (encoding characters) repeats",
+    # Courier's own (tests/data/hl7/courier), one per rule of docs/hl7.md.
+    "courier/no_version.hl7": "field 12: MSH-12 (version id) is empty",
+    "courier/version_1_0.hl7": "field 12: MSH-12 (version id) '1.0' is not an HL7 v2 version",
+    "courier/utf8_declared_latin1_bytes.hl7": "field 18: byte 140 is not valid UNICODE UTF-8",
+    "courier/unsupported_charset.hl7": "field 18: MSH-18 (character set) 'ISO IR87' is not one Courier can decode",
+    "courier/duplicate_enc_chars_v251.hl7": "field 2: MSH-2 (encoding characters) repeats",
 }
 
 
@@ -135,7 +153,7 @@ def test_every_decision_names_a_real_row():
         assert labelled[name] == "valid"
     for name in MALFORMED_BUT_ACCEPTED:
         assert labelled[name] == "malformed"
-    for name in BATCH_MEMBERS_REFUSED:
+    for name in [*BATCH_MEMBERS_REFUSED, *BATCH_REFUSED]:
         assert labelled[name] == "batch"
     for name in MALFORMED_REASON:
         assert labelled[name] == "malformed"
@@ -165,6 +183,12 @@ def test_valid_sample_parses_to_one_message(row):
 @pytest.mark.parametrize("row", rows("batch"))
 def test_batch_sample_splits_and_parses(row):
     data = read(row["file"])
+    if row["file"] in BATCH_REFUSED:
+        for refuse in (lambda: split(decode(data)), lambda: parse_all(data)):
+            with pytest.raises(Hl7Error, match=re.escape(BATCH_REFUSED[row["file"]])) as err:
+                refuse()
+            assert err.value.location == ("BTS", None, 1, None) and err.value.error_code == "100"
+        return
     parts = split(decode(data))
     assert len(parts) == int(row["msh_count"])
     assert all(p.startswith("MSH") for p in parts)
@@ -183,7 +207,14 @@ def test_batch_sample_splits_and_parses(row):
         with pytest.raises(Hl7Error, match=rf"^message {min(refused)}, "):
             parse_all(data)
     else:
-        assert [m.text for m in parse_all(data)] == parts
+        messages = parse_all(data)
+        assert [m.control_id for m in messages] == [parse(p).control_id for p in parts]
+        assert all(m.raw in data for m in messages)
+        if len({m.charset for m in messages}) == 1:  # else decode() reads them all in the first one's
+            assert [m.text for m in messages] == parts
+        else:  # each read in its own: no mojibake (UTF-8 read as 8859/1 shows as 'Ã')
+            assert not any("\u00c3" in m.text or "\ufffd" in m.text for m in messages)
+            assert [m.text for m in messages][:1] == parts[:1]
 
 
 @pytest.mark.parametrize("row", rows("malformed"))
@@ -300,7 +331,10 @@ def test_split_removes_file_and_batch_envelopes():
     (f"EVN|A01\r{MSH}", "segment outside a message"),
     (f"BHS|^~\\&\rEVN|A01\r{MSH}", "segment outside a message"),
     (f"{MSH}\rBTS|1\rPID|1", "segment outside a message"),
-    (f"{MSH}\rFTS|1\r{MSH}", "after the file trailer"),
+    (f"{MSH}\rFTS|\r{MSH}", "after the file trailer"),
+    (f"{MSH}\rFTS|2", r"FTS-1 \(file batch count\) says 2 batches, 1 were received"),
+    (f"BHS|^~\\&\r{MSH}\rBTS|2", r"BTS-1 \(batch message count\) says 2 messages, 1 were received"),
+    (f"BHS|^~\\&\r{MSH}\rBTS|x", r"BTS-1 \(batch message count\) is not a number"),
     (f"BHS|^~\\&\r{MSH}\rBHS|^~\\&", "BHS inside a batch"),
     (f"FHS|^~\\&\r{MSH}\rFHS|^~\\&", "FHS is only allowed once"),
     ("FHS|^~\\&\rBHS|^~\\&\rBTS|0\rFTS|1", "no MSH"),
@@ -342,12 +376,42 @@ def test_parse_non_default_delimiters(text, message_type, encoding):
     assert (message.message_type, message.control_id, message.encoding_characters) == (message_type, "X1", encoding)
 
 
-def test_truncation_character_needs_v27():
-    assert parse("MSH|^~\\&#|A|B|C|D|||ADT^A01|X1|P|2.7").encoding_characters == "^~\\&#"
-    assert parse("MSH|^~\\&#|A|B|C|D|||ADT^A01|X1|P|2.10").version == "2.10"
-    with pytest.raises(Hl7Error, match="truncation") as err:
-        parse("MSH|^~\\&#|A|B|C|D|||ADT^A01|X1|P|2.6")
-    assert err.value.where == "segment 1 (MSH), field 2"
+@pytest.mark.parametrize("version", ["2.1", "2.3", "2.4", "2.5", "2.5.1", "2.6", "2.7", "2.8", "2.9"])
+def test_truncation_character_is_accepted_and_kept_in_any_version(version):
+    message = parse(f"MSH|^~\\&#|A|B|C|D|||ADT^A01|X1|P|{version}\rPID|||1||A#B")
+    assert (message.encoding_characters, message.version) == ("^~\\&#", version)
+    assert message.text.endswith("A#B")
+    ack = parse(build_ack(message, "AA"))
+    assert (ack.encoding_characters, ack.version) == ("^~\\&#", version)
+
+
+@pytest.mark.parametrize("encoding, reason, code", [
+    ("", "MSH-2 (encoding characters) is missing", "101"),
+    ("^~", "MSH-2 (encoding characters) has 2 characters; 4 are needed", "102"),
+    ("^~\\", "has 3 characters; 4 are needed", "102"),
+    ("^~\\&#!", "has 6 characters; at most 5", "102"),
+    ("^^\\&", "repeats a delimiter", "102"),
+    ("^~\\&^", "repeats a delimiter", "102"),
+    ("^~\\&a", "not a printable ASCII non-alphanumeric", "102"),
+])
+def test_bad_encoding_characters_are_refused_with_a_reason(encoding, reason, code):
+    with pytest.raises(Hl7Error, match=re.escape(reason)) as err:
+        parse(f"MSH|{encoding}|A|B|C|D|||ADT^A01|X1|P|2.5")
+    assert (err.value.where, err.value.error_code, err.value.location) == (
+        "segment 1 (MSH), field 2", code, ("MSH", 1, 2, None))
+
+
+@pytest.mark.parametrize("version", ["2.1", "2.2", "2.3", "2.3.1", "2.4", "2.5", "2.5.1", "2.6", "2.7", "2.7.1",
+                                     "2.8", "2.8.1", "2.8.2", "2.9", "2.5.1^DEU"])
+def test_every_v2_version_is_accepted(version):
+    assert parse(f"MSH|^~\\&|A|B|C|D|||ADT^A01|X1|P|{version}").version == version.split("^")[0]
+
+
+@pytest.mark.parametrize("version", ["", "1.0", "2.0", "2.10", "3.0", "2.5.2", "2.x", " ", "^DEU"])
+def test_missing_or_unknown_version_is_refused_203(version):
+    with pytest.raises(Hl7Error, match=r"MSH-12 \(version id\)") as err:
+        parse(f"MSH|^~\\&|A|B|C|D|||ADT^A01|X1|P|{version}")
+    assert (err.value.error_code, err.value.location) == ("203", ("MSH", 1, 12, None))
 
 
 def test_ack_without_trigger_is_allowed_other_types_are_not():
@@ -448,8 +512,12 @@ def test_ack_round_trips_and_answers_the_message(name, code):
     else:
         assert segment_ids == ["MSH", "MSA", "ERR"]
         err = fields_of(ack.text.split("\r")[2], sep)
-        assert err[3].split(comp) == ["207", "Application internal error", "HL70357"]
-        assert (err[4], err[8]) == ("E", "why")
+        if message.version in ("2.1", "2.2", "2.3", "2.3.1", "2.4"):  # ERR-1 only (ELD)
+            sub = message.encoding_characters[3]
+            assert err[1:] == [comp.join(["", "", "", sub.join(["207", "Application internal error", "HL70357"])])]
+        else:
+            assert err[3].split(comp) == ["207", "Application internal error", "HL70357"]
+            assert (err[1], err[2], err[4], err[8]) == ("", "", "E", "why")
 
 
 def test_ack_keeps_whole_hd_fields_of_sender_and_receiver():
@@ -502,11 +570,11 @@ def test_ack_arguments_are_checked():
         build_ack(message, "AA", error_code="207")
 
 
-def test_ack_drops_truncation_character_below_v27():
-    salvaged = salvage_header(read("elixir-hl7/examples.ex__elr_example.hl7"))
-    assert salvaged is not None and salvaged.control_id == "PHELR.1.45543"
-    ack = parse(build_ack(salvaged, "AR", text="no"))
-    assert ack.encoding_characters == "^~\\&" and ack.version == "2.5.1"
+def test_real_v251_lab_feed_with_truncation_character_is_accepted():
+    [message] = parse_all(read("elixir-hl7/examples.ex__elr_example.hl7"))
+    assert (message.control_id, message.encoding_characters, message.version) == ("PHELR.1.45543", "^~\\&#", "2.5.1")
+    ack = parse(build_ack(message, "AA"))
+    assert ack.encoding_characters == "^~\\&#" and ack.version == "2.5.1"
 
 
 @pytest.mark.parametrize("name, control_id", [
@@ -581,11 +649,15 @@ def check_accepts_or_refuses_cleanly(data: bytes) -> None:
     except Hl7Error as err:
         assert err.reason and err.where
         salvaged = salvage_header(data)
-        parse(build_ack(salvaged, "AR", text=str(err), error_code=err.error_code))
+        ack_text = build_ack(salvaged, "AR", text=str(err), error_code=err.error_code, location=err.location)
+        assert parse_ack(ack_text)[0] == "AR"
+        if salvaged is None or salvaged.version in KNOWN_VERSIONS:
+            parse(ack_text)
         return
     assert messages
     for message in messages:
-        assert parse(message.text) == message
+        assert dataclasses.replace(parse(message.text), charset=message.charset) == message
+        assert message.raw and message.raw in data  # stored as received
         ack_text = build_ack(message, "AE", text="x|y\rz")
         ack = parse(ack_text)
         assert ack.encoding_characters[:4] == message.encoding_characters[:4]
@@ -619,3 +691,88 @@ def test_fuzz_text_entry_points(text):
         except Hl7Error:
             pass
     salvage_header(text)
+
+
+# --- issue 19: bytes as received, charsets, enhanced acknowledgment, ERR -------------------------
+
+LATIN1 = (MSH + "||||||8859/1").encode() + b"\rPID|||1||M\xfcller\r"
+
+
+def test_parse_all_keeps_each_messages_bytes_as_received():
+    second = (MSH.replace("CTRL-1", "CTRL-2") + "||||||UNICODE UTF-8\nPID|||2||M\u00fcller\n").encode()
+    raw = b"\xef\xbb\xbf FHS|^~\\&\r\nBHS|^~\\&\r" + LATIN1 + second + b"BTS|2\rFTS|1\r\n\x1c"
+    first, other = parse_all(raw)
+    assert (first.raw, other.raw) == (LATIN1, second)
+    assert (first.charset, other.charset) == ("iso8859-1", "utf-8")
+    assert first.text.endswith("M\u00fcller") and other.text.endswith("M\u00fcller")
+    [single] = parse_all(b"\r\n" + LATIN1.rstrip(b"\r") + b" \x1c")
+    assert single.raw == LATIN1.rstrip(b"\r")
+
+
+@pytest.mark.parametrize("raw, default, family, codec", [
+    ((MSH + "\rPID|||1||Muller").encode(), None, "Muller", "ascii"),
+    ((MSH + "\rPID|||1||M\u00fcller").encode(), None, "M\u00fcller", "utf-8"),           # not ASCII: UTF-8
+    ((MSH + "\rPID|||1||M").encode() + b"\xfcller", None, "M\u00fcller", "cp1252"),      # nor UTF-8: 8859/1 (cp1252)
+    ((MSH + "\rPID|||1||M\u00fcller").encode(), "8859/1", "M\u00c3\u00bcller", "iso8859-1"),  # the source says so
+    ((MSH + "\rPID|||1||M").encode() + b"\xfcller", "8859/1", "M\u00fcller", "iso8859-1"),
+    ((MSH + "||||||8859/2\rPID|||1||").encode() + b"\xa3ukasz", "UNICODE UTF-8", "\u0141ukasz", "iso8859-2"),
+])
+def test_charset_is_msh18_else_the_sources_default_else_the_tolerant_fallback(raw, default, family, codec):
+    [message] = parse_all(raw, default)
+    assert (message.text.rsplit("|", 1)[1], message.charset, message.raw) == (family, codec, raw)
+
+
+@pytest.mark.parametrize("msh18, body, reason, code", [
+    ("UNICODE UTF-8", b"M\xfcller", "byte 103 is not valid UNICODE UTF-8", "102"),
+    ("ASCII", b"M\xfcller", "is not valid ASCII", "102"),
+    ("ISO IR87", b"x", "MSH-18 (character set) 'ISO IR87' is not one Courier can decode", "103"),
+    ("unicode_escape", b"x", "MSH-18 (character set) 'unicode_escape'", "103"),
+])
+def test_declared_charset_is_never_second_guessed(msh18, body, reason, code):
+    with pytest.raises(Hl7Error, match=re.escape(reason)) as err:
+        parse_all((MSH + f"||||||{msh18}\rPID|||1||").encode() + body)
+    assert (err.value.error_code, err.value.location) == (code, ("MSH", 1, 18, None))
+
+
+def test_parse_stored_reads_the_charset_of_the_content_type():
+    [message] = parse_all(LATIN1)
+    again = parse_stored(message.raw, f"application/hl7-v2; charset={message.charset}")
+    assert again == message and again.charset == "iso8859-1"
+    # Rows stored before issue 19: normalised UTF-8 text, "charset=utf-8".
+    assert parse_stored(message.text.encode(), "application/hl7-v2; charset=utf-8").text == message.text
+    assert parse_stored(LATIN1, "application/hl7-v2").charset == "iso8859-1"  # no charset: read as received
+
+
+@pytest.mark.parametrize("msh15, msh16, outcomes", [
+    ("", "", ("AA", "AE", "AR")),
+    ("AL", "", ("CA", "CE", "CR")), ("AL", "NE", ("CA", "CE", "CR")), ("", "AL", ("CA", "CE", "CR")),
+    ("NE", "AL", (None, None, None)), ("ER", "", (None, "CE", "CR")), ("SU", "", ("CA", None, None)),
+    ("XX", "", ("CA", "CE", "CR")),
+])
+def test_ack_code_follows_msh15_in_enhanced_mode(msh15, msh16, outcomes):
+    message = parse(MSH + f"|||{msh15}|{msh16}")
+    assert (message.accept_ack_type, message.application_ack_type) == (msh15, msh16)
+    assert tuple(ack_code(message, o) for o in ("AA", "AE", "AR")) == outcomes
+    assert ack_code(None, "AR") == "AR"
+
+
+@pytest.mark.parametrize("version, err", [
+    ("2.3", "ERR|MSH^1^10^101&Required field missing&HL70357"),
+    ("2.4", "ERR|MSH^1^10^101&Required field missing&HL70357"),
+    ("2.5", "ERR||MSH^1^10|101^Required field missing^HL70357|E||||why"),
+    ("2.9", "ERR||MSH^1^10|101^Required field missing^HL70357|E||||why"),
+    ("1.0", "ERR|MSH^1^10^101&Required field missing&HL70357|MSH^1^10|101^Required field missing^HL70357|E||||why"),
+])
+def test_err_segment_is_in_the_senders_version(version, err):
+    message = salvage_header(f"MSH|^~\\&|A|B|C|D|||ADT^A01|X1|P|{version}")
+    ack = build_ack(message, "AR", text="why", error_code="101", location=("MSH", 1, 10, None))
+    assert ack.split("\r")[2] == err
+    assert ack.split("\r")[0].split("|")[11] == version  # as received, nothing invented
+
+
+def test_err_location_names_a_component_and_the_msh18_is_echoed():
+    message = parse(MSH + "||||||8859/1")
+    ack = build_ack(message, "CR", text="t", error_code="200", location=("MSH", 1, 9, 2))
+    msh, _, err = ack.split("\r")[:3]
+    assert msh.split("|")[17] == "8859/1"
+    assert err.split("|")[2] == "MSH^1^9^^2"

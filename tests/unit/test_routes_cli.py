@@ -165,9 +165,10 @@ def test_adt_goes_only_to_the_legacy_engine_as_sent_in_patient_order(path):
         "legacy-adt", "mllp", "phi", "passthrough")
     assert engine["ordered_by"] == "PID-3.1"
     assert engine["order_key"] == hl7_field(path.read_text(), "PID", 3)[0].split("~")[0].split("^")[0]
-    # As received, segments ending in CR (Courier stores HL7 normalised so).
-    segments = [s for s in re.split(r"\r\n|\r|\n", path.read_text(encoding="utf-8-sig")) if s.strip()]
-    assert engine["payload"].rstrip("\r").split("\r") == segments
+    # As received: Courier stores HL7 byte for byte (the MLLP adapter ends segments in CR on the wire).
+    text = path.read_bytes().decode("utf-8-sig")  # read_text() would turn CR into LF
+    assert engine["payload"] in text and engine["payload"].startswith("MSH|")
+    assert engine["payload"].rstrip("\r\n") == text[text.index("MSH"):].rstrip(" \t\r\n")
 
 
 def test_text_output_names_each_destination_and_shows_hl7_segments_one_per_line(tmp_path):
@@ -177,11 +178,13 @@ def test_text_output_names_each_destination_and_shows_hl7_segments_one_per_line(
     assert out.startswith(f"{ADT_A01[0]}: 1 message from source interface-engine as application/hl7-v2; dry run")
     assert "HL7v2:ADT^A01 -> legacy-adt\n" in out
     assert "=== legacy-adt (mllp, clearance phi, transform passthrough, ordered by PID-3.1 (key 'PATID1234'))" in out
-    assert "\r" not in out and "\nPID|1|" in out and "(segments end in CR; one per line here)" in out
+    assert "\r" not in out and "\nPID|1|" in out  # the file's segments end in LF, stored as received
     no_pid = tmp_path / "a08.hl7"
     no_pid.write_text("MSH|^~\\&|ADT|HOSP|ENGINE|HOSP|20240101||ADT^A08|X1|P|2.5\rEVN|A08\r")
     result = routes_test("--source", "interface-engine", no_pid)
     assert "ordered by PID-3.1 (no key: unordered))" in result.stdout, result.stderr
+    assert "(segments end in CR; one per line here)" in result.stdout and "\r" not in result.stdout
+    assert "\nEVN|A08\n" in result.stdout
 
 
 # --- what a dry run does not do ------------------------------------------------------------
