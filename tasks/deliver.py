@@ -24,6 +24,7 @@ from courier.app.store.models import DEAD, Delivery, utcnow
 from courier.tasks.queues import publish_dead_letter
 
 log = logging.getLogger("courier.deliver")
+LEASE_MARGIN = 30.0  # seconds beyond a send's timeout when a worker extends a lease that is running out
 
 # One adapter per destination per thread: adapters keep connections open between sends.
 _local = threading.local()
@@ -96,9 +97,8 @@ def run_batch(settings: Settings, store: Store, items: list[tuple[str, int]]) ->
     Shared by the Celery task and the embedded delivery threads. Two transactions for the
     batch (a read, then the outcomes), the sends one after the other in between. After a temporary
     failure the rest are not sent (given back, due at once): the destination is in trouble,
-    and the circuit breaker, fed with that failure, decides what happens next. Nor is a ticket
-    whose claim's lease would run out before its send could time out: by then another dispatch
-    may have taken it.
+    and the circuit breaker, fed with that failure, decides what happens next. A send that its
+    timeout could carry past the claim's lease extends the lease first.
     """
     destinations = settings.routing.destinations
     with store.session() as session:
@@ -111,7 +111,7 @@ def run_batch(settings: Settings, store: Store, items: list[tuple[str, int]]) ->
         sent = results.setdefault(ticket.destination, [])
         destination = destinations[ticket.destination]
         failed = any(o is None or o.result == "temporary" for _, o in sent)
-        if failed or _lease_short(ticket, destination):
+        if failed or not _leased_for_a_send(store, ticket, destination):
             sent.append((ticket, None))
             continue
         with correlation(ticket.correlation_id):  # the message's id in this attempt's logs and Sentry events
@@ -131,9 +131,13 @@ def run_batch(settings: Settings, store: Store, items: list[tuple[str, int]]) ->
     return statuses
 
 
-def _lease_short(ticket: outbox.Ticket, destination: Destination) -> bool:
-    """Would the claim's lease run out before a send that starts now could time out?"""
-    return ticket.lease_until is not None and utcnow() + timedelta(seconds=destination.timeout) > ticket.lease_until
+def _leased_for_a_send(store: Store, ticket: outbox.Ticket, destination: Destination) -> bool:
+    """Is the delivery still ours for as long as a send may take? The claim's lease usually covers it;
+    a task that waited long in its queue extends the lease first (False: another dispatch has it now)."""
+    if ticket.lease_until is None or utcnow() + timedelta(seconds=destination.timeout) <= ticket.lease_until:
+        return True
+    with store.session() as session:
+        return outbox.extend_lease(session, ticket, destination.timeout + LEASE_MARGIN)
 
 
 def dead_letter(delivery_id: str) -> None:

@@ -358,6 +358,14 @@ def _tickets_statement():
             .order_by(Delivery.id))
 
 
+def extend_lease(session: Session, ticket: Ticket, seconds: float, now: datetime | None = None) -> bool:
+    """Keep a delivery in flight for `seconds` more, if this ticket's dispatch still owns it."""
+    now = now or utcnow()
+    return session.execute(update(Delivery).where(
+        Delivery.id == ticket.delivery_id, Delivery.status == IN_FLIGHT, Delivery.dispatches == ticket.dispatch,
+    ).values(due_at=now + timedelta(seconds=seconds)).execution_options(synchronize_session=False)).rowcount == 1
+
+
 def _fenced(session: Session, delivery_id: str, dispatch: int, **values) -> None:
     """Update a delivery only if it is still in flight under `dispatch` (no row lock is held)."""
     session.execute(update(Delivery).where(Delivery.id == delivery_id, Delivery.status == IN_FLIGHT,
@@ -602,6 +610,6 @@ def destination_summary(session: Session) -> dict[str, dict]:
     return summary
 
 
-__all__ = ["accept", "claim_due", "release", "begin_attempt", "begin_attempts", "finish_attempt", "finish_attempts", "wake", "trace", "retry_delay",
+__all__ = ["accept", "claim_due", "release", "begin_attempt", "begin_attempts", "extend_lease", "finish_attempt", "finish_attempts", "wake", "trace", "retry_delay",
            "replay", "pause_destination", "resume_destination", "destination_summary", "NewMessage", "Claimed",
            "Ticket", "Outcome", "Stored", "NOTIFY_CHANNEL", "DEAD", "DELIVERED", "REPLAYABLE", "REPLAY_LIMIT"]

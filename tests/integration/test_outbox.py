@@ -120,6 +120,20 @@ def test_stale_dispatch_is_ignored_but_its_success_still_counts(store):
     assert deliveries(store)[first.delivery_id].status == "delivered"
 
 
+def test_a_lease_running_out_is_extended_only_by_its_own_dispatch(store):
+    accept(store, 1, destinations=("billing",))
+    first = claim_one(store, lease=5)
+    ticket = begin(store, first)
+    with store.session() as s:  # its task waited in the queue: the worker extends the lease before sending
+        assert outbox.extend_lease(s, ticket, 40, now=T0 + timedelta(seconds=4))
+    assert deliveries(store)[first.delivery_id].due_at == T0 + timedelta(seconds=44)
+    later = T0 + timedelta(seconds=45)
+    second = claim_one(store, now=later)  # it ran out after all: dispatched again
+    with store.session() as s:
+        assert not outbox.extend_lease(s, ticket, 40, now=later)  # the old dispatch cannot take it back
+    assert deliveries(store)[second.delivery_id].due_at == later + timedelta(seconds=60)
+
+
 def test_temporary_failures_back_off_then_go_dead(store):
     accept(store, 1, destinations=("billing",))
     now = T0

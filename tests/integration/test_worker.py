@@ -51,10 +51,10 @@ def accept(store, key="m1", destinations=("billing",)):
     return message
 
 
-def run_once(flask_app, store, destination="billing"):
+def run_once(flask_app, store, destination="billing", lease=60):
     """What the relay and a worker do for one delivery, without the broker in between."""
     with store.session() as s:
-        claimed = [c for c in outbox.claim_due(s, lease=60, limit=10) if c.destination == destination]
+        claimed = [c for c in outbox.claim_due(s, lease=lease, limit=10) if c.destination == destination]
     assert claimed, "nothing was due"
     with flask_app.app_context():
         c = claimed[0]
@@ -77,6 +77,15 @@ def test_http_400_is_dead_after_one_attempt(courier, store, sink):
     assert "400" in d.last_error
     assert [a.outcome for a in log] == ["permanent"] and log[0].status_code == 400
     assert len(sink.received) == 1
+
+
+def test_a_task_whose_lease_is_running_out_extends_it_and_sends(courier, store, sink):
+    """A lease shorter than the destination's timeout (the task waited in its queue): sent, not dropped."""
+    flask_app, _ = courier
+    accept(store)
+    status, claimed = run_once(flask_app, store, lease=0.5)
+    assert status == "delivered" and len(sink.received) == 1
+    assert delivery(store, claimed.delivery_id)[0].attempts == 1
 
 
 def test_503_is_retried_with_the_same_key_then_delivered(courier, store, sink):
