@@ -25,6 +25,9 @@ from courier.tasks.queues import publish_dead_letter
 
 log = logging.getLogger("courier.deliver")
 LEASE_MARGIN = 30.0  # seconds beyond a send's timeout when a worker extends a lease that is running out
+# How long a batch waits for an unreachable store (a PostgreSQL restart or failover) before its task fails
+# and its deliveries wait for their lease: outcomes of sends already made are recorded as soon as it is back.
+STORE_PATIENCE = 60.0
 
 # One adapter per destination per thread: adapters keep connections open between sends.
 _local = threading.local()
@@ -101,8 +104,8 @@ def run_batch(settings: Settings, store: Store, items: list[tuple[str, int]]) ->
     timeout could carry past the claim's lease extends the lease first.
     """
     destinations = settings.routing.destinations
-    with store.session() as session:
-        tickets, statuses = outbox.begin_attempts(session, items, destinations)
+    tickets, statuses = store.transact(lambda session: outbox.begin_attempts(session, items, destinations),
+                                       patience=STORE_PATIENCE)
     if not tickets:
         metrics.delivered(store, {}, statuses)
         return statuses
@@ -116,9 +119,11 @@ def run_batch(settings: Settings, store: Store, items: list[tuple[str, int]]) ->
             continue
         with correlation(ticket.correlation_id):  # the message's id in this attempt's logs and Sentry events
             sent.append((ticket, attempt(ticket, destination)))
-    with store.session() as session:
-        for name, sent in results.items():
-            statuses.update(outbox.finish_attempts(session, destinations[name], sent))
+    def finish(session) -> dict[str, str]:
+        return {delivery_id: status for name, sent in results.items()
+                for delivery_id, status in outbox.finish_attempts(session, destinations[name], sent).items()}
+
+    statuses.update(store.transact(finish, patience=STORE_PATIENCE))
     for ticket, outcome in (pair for sent in results.values() for pair in sent):
         if outcome is not None:
             # The outcome's detail stays out of the log: it may quote the destination's answer or a

@@ -7,7 +7,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator, TypeVar
 
 from sqlalchemy import create_engine, event, text
 from sqlalchemy.engine import URL, Engine, make_url
@@ -17,6 +17,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from courier.app.observability import Outage
 from courier.app.settings import Settings
 from courier.app.store import crypto
+
+T = TypeVar("T")
 
 # What the outage line tells an operator to do (README: Debian's PostgreSQL cluster of whatever version).
 POSTGRES_START = "start it with `pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start`"
@@ -117,6 +119,27 @@ class Store:
         """A session in one transaction: committed on success, rolled back on any error."""
         with self.sessions() as session, session.begin():
             yield session
+
+    def transact(self, work: Callable[[Session], T], *, patience: float) -> T:
+        """`work(session)` in a transaction, run again while the store is unreachable, for up to `patience` seconds.
+
+        For the worker: a batch's outcomes are recorded as soon as the store is back rather than
+        after its lease runs out (the sends happened; their outcomes must not wait 120 s), and a
+        connection that died in a database restart costs a retry, not the batch. Only outages are
+        retried (store_problem); any other error is raised at once. `work` must be safe to repeat:
+        a commit whose answer was lost is run again (at worst an attempt is logged twice).
+        """
+        deadline, pause = time.monotonic() + patience, 0.2
+        while True:
+            try:
+                with self.session() as session:
+                    return work(session)
+            except DBAPIError as exc:
+                problem = store_problem(exc)
+                if problem is None or not problem.retryable or time.monotonic() + pause > deadline:
+                    raise
+            time.sleep(pause)
+            pause = min(pause * 2, 2.0)
 
     def ping(self) -> None:
         with self.engine.connect() as conn:

@@ -5,8 +5,10 @@ import random
 import threading
 from datetime import datetime, timedelta, timezone
 
+import pytest
 from freezegun import freeze_time
-from sqlalchemy import select
+from sqlalchemy import select, text
+from sqlalchemy.exc import ProgrammingError
 
 from courier.app.store import outbox
 from courier.app.store.db import Store
@@ -230,3 +232,34 @@ def test_the_claims_generic_plan_uses_the_partial_index_of_open_deliveries(store
         conn.rollback()
     assert "ix_courier_deliveries_due" in plan, plan
     assert "ix_courier_deliveries_order" in plan, plan  # first_in_line's NOT EXISTS, for ordered keys
+
+
+def test_transact_runs_the_work_again_when_its_connection_is_lost(store, pg_url):
+    """A database restart kills the pooled connections: the worker's batch retries instead of failing."""
+    other = Store(pg_url)
+    calls = []
+
+    def work(session):
+        calls.append(session.execute(text("SELECT pg_backend_pid()")).scalar())
+        if len(calls) == 1:
+            with other.session() as s:
+                s.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": calls[0]})
+        return session.execute(text("SELECT 42")).scalar()
+
+    try:
+        assert store.transact(work, patience=10) == 42
+    finally:
+        other.dispose()
+    assert len(calls) == 2 and calls[0] != calls[1]
+
+
+def test_transact_raises_a_query_error_at_once(store):
+    calls = []
+
+    def work(session):
+        calls.append(1)
+        session.execute(text("SELECT no_such_column FROM courier_deliveries"))
+
+    with pytest.raises(ProgrammingError):
+        store.transact(work, patience=10)
+    assert calls == [1]
