@@ -47,6 +47,7 @@ test: install
 # about 2 minutes; `make bench BENCH_ARGS="--duration 300"` is the run for the record. Needs wrk (Debian).
 BENCH_ARGS ?=
 bench: install
+	@command -v wrk >/dev/null || { echo "make bench needs wrk, the HTTP load client: apt-get install wrk" >&2; exit 1; }
 	$(VENV)/bin/pip install --quiet py-spy
 	python bench/run.py $(BENCH_ARGS)
 	python bench/bulkhead.py
