@@ -24,7 +24,6 @@ from courier.app.store.models import DEAD, Delivery, utcnow
 from courier.tasks.queues import publish_dead_letter
 
 log = logging.getLogger("courier.deliver")
-LEASE_MARGIN = 30.0  # seconds beyond a send's timeout when a worker extends a lease that is running out
 # How long a batch waits for an unreachable store (a PostgreSQL restart or failover) before its task fails
 # and its deliveries wait for their lease: outcomes of sends already made are recorded as soon as it is back.
 STORE_PATIENCE = 60.0
@@ -81,20 +80,23 @@ def deliver(self, destination: str, items: list[list]) -> dict[str, str]:
     then parks that one task alone, and its neighbours go out.
     """
     settings = current_app.extensions["courier.settings"]
-    if len(items) > 1 and (self.request.delivery_info or {}).get("redelivered"):
+    redelivered = bool((self.request.delivery_info or {}).get("redelivered"))
+    if len(items) > 1 and redelivered:
         log.warning("batch of %d deliveries to %s redelivered by the broker: splitting it", len(items), destination)
         with self.app.producer_or_acquire() as producer:
             for item in items:
                 self.apply_async((destination, [item]), producer=producer, queue=settings.queue_for(destination))
         return {}
-    statuses = run_batch(settings, current_app.extensions["courier.store"], [tuple(i) for i in items])
+    statuses = run_batch(settings, current_app.extensions["courier.store"], [tuple(i) for i in items],
+                         redelivered=redelivered)
     for delivery_id, status in statuses.items():
         if status == DEAD:
             dead_letter(delivery_id)
     return statuses
 
 
-def run_batch(settings: Settings, store: Store, items: list[tuple[str, int]]) -> dict[str, str]:
+def run_batch(settings: Settings, store: Store, items: list[tuple[str, int]], *,
+              redelivered: bool = False) -> dict[str, str]:
     """Attempts at a batch of one destination's deliveries, recorded; {delivery id: status}.
 
     Shared by the Celery task and the embedded delivery threads. Two transactions for the
@@ -104,8 +106,9 @@ def run_batch(settings: Settings, store: Store, items: list[tuple[str, int]]) ->
     timeout could carry past the claim's lease extends the lease first.
     """
     destinations = settings.routing.destinations
-    tickets, statuses = store.transact(lambda session: outbox.begin_attempts(session, items, destinations),
-                                       patience=STORE_PATIENCE)
+    tickets, statuses = store.transact(
+        lambda session: outbox.begin_attempts(session, items, destinations, redelivered=redelivered),
+        patience=STORE_PATIENCE)
     if not tickets:
         metrics.delivered(store, {}, statuses)
         return statuses
@@ -142,7 +145,7 @@ def _leased_for_a_send(store: Store, ticket: outbox.Ticket, destination: Destina
     if ticket.lease_until is None or utcnow() + timedelta(seconds=destination.timeout) <= ticket.lease_until:
         return True
     with store.session() as session:
-        return outbox.extend_lease(session, ticket, destination.timeout + LEASE_MARGIN)
+        return outbox.extend_lease(session, ticket, destination.timeout + outbox.LEASE_MARGIN)
 
 
 def dead_letter(delivery_id: str) -> None:

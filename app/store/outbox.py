@@ -42,6 +42,7 @@ NOTIFY_CHANNEL = "courier_outbox"
 NOTIFY_EVERY = 0.05  # seconds: ingest wakes the relay at most this often per process (_notify_new)
 DETAIL_LIMIT = 1000  # characters of an attempt's detail kept in the log
 KEY_RECHECK = timedelta(minutes=5)  # a body this worker cannot decrypt: when to look again
+LEASE_MARGIN = 30.0  # seconds beyond a send's timeout when a lease is renewed or extended
 
 
 @dataclass(frozen=True)
@@ -264,14 +265,15 @@ class Ticket:
 
 
 def begin_attempt(session: Session, delivery_id: str, dispatch: int, destinations: Mapping[str, Destination],
-                  *, now: datetime | None = None) -> Ticket | str:
+                  *, redelivered: bool = False, now: datetime | None = None) -> Ticket | str:
     """`begin_attempts` for one delivery: its Ticket, or why not ("skipped", "waiting", "dead")."""
-    tickets, refused = begin_attempts(session, [(delivery_id, dispatch)], destinations, now=now)
+    tickets, refused = begin_attempts(session, [(delivery_id, dispatch)], destinations, redelivered=redelivered,
+                                      now=now)
     return tickets[0] if tickets else refused[delivery_id]
 
 
 def begin_attempts(session: Session, items: list[tuple[str, int]], destinations: Mapping[str, Destination],
-                   *, now: datetime | None = None) -> tuple[list[Ticket], dict[str, str]]:
+                   *, redelivered: bool = False, now: datetime | None = None) -> tuple[list[Ticket], dict[str, str]]:
     """The Tickets of the (delivery id, dispatch) pairs that this dispatch still owns and whose circuit lets go.
 
     Returns the Tickets to send, in id order, and for the others why not: "skipped" (not ours),
@@ -286,6 +288,11 @@ def begin_attempts(session: Session, items: list[tuple[str, int]], destinations:
     worker every time still runs out of attempts, as each claim counted one: when the budget
     is spent by attempts that never finished, the delivery goes dead here.
 
+    `redelivered`: RabbitMQ handed this task out again because the worker running it died (a
+    poison message kills it every time): the claim's attempt was spent by that death, so each
+    ticket counts a new one and its lease is renewed, in one fenced UPDATE. This is the only
+    write of a normal begin, and it happens only after a crash.
+
     A body encrypted under a key this worker lacks (COURIER_ENCRYPTION_KEY differs between
     processes, e.g. mid-rotation) is the worker's fault, not the message's or the destination's:
     the delivery waits KEY_RECHECK with the key id in last_error, spends no attempt and feeds no
@@ -298,9 +305,11 @@ def begin_attempts(session: Session, items: list[tuple[str, int]], destinations:
     candidates: dict[str, list] = {}
     given_back = []  # (row, due, reason): back to retrying, attempt not spent
 
+    spent = 1 if redelivered else 0  # attempts this dispatch spent before now, beyond the claim's
+
     def dead(row, reason):
         _fenced(session, row.id, row.dispatches, status=DEAD, due_at=None, updated_at=now, last_error=reason,
-                attempts=row.attempts - 1)
+                attempts=row.attempts + spent - 1)
         refused[row.id] = DEAD
 
     for row in rows:
@@ -310,9 +319,9 @@ def begin_attempts(session: Session, items: list[tuple[str, int]], destinations:
         if destination is None:
             dead(row, f"destination {row.destination!r} is no longer configured")
             continue
-        if row.attempts > destination.retry.max_attempts:
-            dead(row, f"gave up: attempt {row.attempts - 1} of {destination.retry.max_attempts} never finished "
-                      "(the worker died or lost the store while sending)")
+        if row.attempts + spent > destination.retry.max_attempts:
+            dead(row, f"gave up: attempt {row.attempts + spent - 1} of {destination.retry.max_attempts} never "
+                      "finished (the worker died or lost the store while sending)")
             continue
         try:
             body = crypto.ring_for(session).unseal(row.body)
@@ -335,9 +344,18 @@ def begin_attempts(session: Session, items: list[tuple[str, int]], destinations:
                 given_back.append((row, admission.until, admission.reason))
                 continue
             refused.pop(row.id)
-            tickets.append(Ticket(row.id, row.dispatches, row.attempts, name, row.message_id, row.source,
+            lease = now + timedelta(seconds=destination.timeout * (len(tickets) + 1) + LEASE_MARGIN) \
+                if redelivered else row.due_at
+            tickets.append(Ticket(row.id, row.dispatches, row.attempts + spent, name, row.message_id, row.source,
                                   row.type, row.content_type, body, row.correlation_id, order_key=row.order_key,
-                                  received_at=row.received_at, lease_until=row.due_at))
+                                  received_at=row.received_at, lease_until=lease))
+    if redelivered and tickets:
+        table = Delivery.__table__
+        session.execute(update(table).where(
+            table.c.id == bindparam("b_id"), table.c.status == IN_FLIGHT, table.c.dispatches == bindparam("b_dispatch"),
+        ).values(attempts=bindparam("b_attempts"), due_at=bindparam("b_due"), updated_at=now),
+            [{"b_id": t.delivery_id, "b_dispatch": t.dispatch, "b_attempts": t.number, "b_due": t.lease_until}
+             for t in tickets])
     if given_back:
         session.execute(_give_back(), [{"b_id": row.id, "b_dispatch": row.dispatches, "b_due": due, "b_now": now,
                                         "b_error": reason[:DETAIL_LIMIT]} for row, due, reason in given_back])

@@ -178,6 +178,23 @@ def test_attempts_that_never_finish_still_exhaust_the_budget(store):
     assert d.status == "dead" and "never finished" in d.last_error
 
 
+def test_a_task_the_broker_redelivers_counts_an_attempt_and_renews_the_lease(store):
+    """Its worker died running it (a poison message): that death spent the claim's attempt."""
+    accept(store, 1, destinations=("billing",))
+    c = claim_one(store, lease=5)
+    assert begin(store, c).number == 1
+    with store.session() as s:
+        ticket = outbox.begin_attempt(s, c.delivery_id, c.dispatch, DESTS, redelivered=True, now=T0)
+    assert ticket.number == 2 and ticket.lease_until == T0 + timedelta(seconds=10 + outbox.LEASE_MARGIN)
+    d = deliveries(store)[c.delivery_id]
+    assert (d.attempts, d.due_at) == (2, ticket.lease_until)
+    with store.session() as s:  # the third death spends the last of three attempts: dead, not sent again
+        assert outbox.begin_attempt(s, c.delivery_id, c.dispatch, DESTS, redelivered=True, now=T0).number == 3
+        assert outbox.begin_attempt(s, c.delivery_id, c.dispatch, DESTS, redelivered=True, now=T0) == "dead"
+    d = deliveries(store)[c.delivery_id]
+    assert (d.status, d.attempts) == ("dead", 3) and "attempt 3 of 3 never finished" in d.last_error
+
+
 def test_retry_after_is_a_floor_capped_by_max():
     rng = random.Random(1)
     assert outbox.retry_delay(POLICY, 1, retry_after=30, rng=rng) == 30
