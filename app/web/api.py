@@ -370,6 +370,18 @@ def resume_destination(name: str):
     return jsonify(_destinations(only=name)[0])
 
 
+@bp.post("/api/v1/destinations/<name>/reset")
+@require("replay")
+def reset_circuit(name: str):
+    """Close the destination's circuit breaker by hand; the deliveries it held are due at once."""
+    if (missing := _configured(name)) is not None:
+        return missing
+    body = _body(ReasonSchema())
+    with store().session() as session:
+        outbox.reset_circuit(session, name, actor=_actor(), reason=body["reason"])
+    return jsonify(_destinations(only=name)[0])
+
+
 def _audit(r: AuditRecord) -> dict:
     return {"id": str(r.id), "at": reports.iso(r.at), "actor": r.actor, "action": r.action, "target": r.target,
             "reason": r.reason, "details": audit.details_of(r)}
