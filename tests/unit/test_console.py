@@ -1,0 +1,126 @@
+"""The console's pure parts (no server): HL7 field names, the SVG charts, the patient search key, ages,
+the login redirect target, the alert thresholds, the `view` scope's grants, and the packaged assets.
+
+The views themselves, on PostgreSQL, are tests/integration/test_console.py; in chromium,
+tests/integration/test_console_browser.py.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from flask import Flask
+
+from courier.app.hl7 import fields
+from courier.app.store import alerts, search, tokens
+from courier.app.store.models import ApiToken
+from courier.app.web import charts, console
+
+ROOT = Path(__file__).resolve().parents[2]
+KEY = b"k" * 40
+
+
+def test_segments_are_numbered_and_named_as_hl7_numbers_them():
+    text = "MSH|^~\\&|LAB|GH|||20261121||ADT^A01|C1|P|2.5\rPID|1||MRN1^^^GH^MR||DOE^JANE\rZXY|1|odd\r"
+    msh, pid, z = fields.segments(text)
+    assert [(f.position, f.name, f.value) for f in msh.fields[:3]] == [
+        ("MSH-1", "Field Separator", "|"), ("MSH-2", "Encoding Characters", "^~\\&"),
+        ("MSH-3", "Sending Application", "LAB")]
+    assert ("MSH-10", "Message Control ID", "C1") in [(f.position, f.name, f.value) for f in msh.fields]
+    assert [(f.position, f.name) for f in pid.fields] == [("PID-1", "Set ID"), ("PID-3", "Patient Identifier List"),
+                                                          ("PID-5", "Patient Name")]
+    assert z.name == "ZXY" and [f.name for f in z.fields] == ["", ""]  # unknown segments: positions only
+
+
+def test_segments_accept_newlines_and_another_field_separator():
+    msh, pid = fields.segments("MSH#^~\\&#LAB\nPID#1##X\n")
+    assert msh.fields[0].value == "#" and pid.fields[1].position == "PID-3"
+
+
+def test_bars_scale_to_the_tallest_and_carry_only_numbers():
+    svg = str(charts.bars([0, 5, 10], [0, 0, 10], width=30, height=22))
+    assert svg.startswith("<svg") and svg.count('class="bar-ok"') == 2 and svg.count('class="bar-dead"') == 1
+    assert 'height="10.0"' in svg  # 10 of a top of 20, in 20 px
+    assert "<title>10 dead</title>" in svg
+    assert str(charts.bars([0] * 24, [0] * 24)).count("<rect") == 1  # the background only
+
+
+@pytest.mark.parametrize("document, expected", [
+    ({"data": {"patient": "P123"}}, "P123"),
+    ({"data": {"patient": {"mrn": "M9", "name": "x"}}}, "M9"),
+    ({"data": {"patient": {"id": 42}}}, "42"),
+    ({"data": {"service": "US"}}, None),
+    ({"data": {"patient": True}}, None),
+    ({"data": "x"}, None),
+])
+def test_patient_identifier_of_json_events(document, expected):
+    assert search.patient_identifier(document) == expected
+
+
+def test_patient_identifier_of_hl7_is_pid_3_1():
+    from courier.app.hl7 import er7
+
+    msg = er7.parse("MSH|^~\\&|LAB|GH|||20261121||ADT^A01|C1|P|2.5\rPID|1||MRN1^^^GH^MR~OTHER^^^X||DOE\r")
+    assert search.patient_identifier(msg) == "MRN1"
+    assert search.patient_identifier(er7.parse("MSH|^~\\&|LAB|GH|||20261121||ADT^A01|C2|P|2.5\r")) is None
+
+
+def test_search_key_is_keyed_stable_and_never_the_identifier(monkeypatch):
+    a = search.search_key("MRN1", KEY)
+    assert a == search.search_key(" MRN1 ", KEY) and "MRN1" not in a
+    assert a != search.search_key("MRN1", b"j" * 40) and a != search.search_key("MRN2", KEY)
+    monkeypatch.delenv("COURIER_PSEUDONYM_KEY", raising=False)
+    assert search.search_key("MRN1") is None  # no key: no unkeyed hash of an MRN
+
+
+@pytest.mark.parametrize("seconds, shown", [(None, "-"), (0, "0s"), (59, "59s"), (61, "1m 1s"), (3720, "1h 2m"),
+                                            (90000, "1d 1h")])
+def test_age(seconds, shown):
+    assert console.age(seconds) == shown
+
+
+@pytest.mark.parametrize("target, expected", [
+    ("/console/messages?x=1", "/console/messages?x=1"), ("//evil.example/", "/console/"),
+    ("https://evil.example/console/", "/console/"), ("/console/\\evil", "/console/"), ("", "/console/"),
+    ("/api/v1/messages", "/console/")])
+def test_login_redirects_only_within_the_console(target, expected):
+    app = Flask(__name__)
+    app.register_blueprint(console.bp)
+    with app.test_request_context():
+        assert console._safe_next(target) == expected
+
+
+def test_the_view_scope_reads_but_never_sees_bodies_or_acts():
+    view, operate = ApiToken(scope="view"), ApiToken(scope="operate")
+    assert "view" in tokens.SCOPES
+    assert tokens.allows(view, "read") and not any(tokens.allows(view, a) for a in ("body", "replay", "admin", "ingest"))
+    assert tokens.allows(operate, "body") and not tokens.allows(operate, "admin")
+    assert tokens.allows(ApiToken(scope="admin"), "body")
+
+
+def test_alert_thresholds_from_the_environment():
+    limits = alerts.thresholds({"COURIER_ALERT_BACKLOG": "5", "COURIER_ALERT_OLDEST": "2m"})
+    assert limits["backlog"] == 5 and limits["oldest_open"] == 120 and limits["window"] == 900
+    with pytest.raises(ValueError, match="COURIER_ALERT_ERROR_RATE"):
+        alerts.thresholds({"COURIER_ALERT_ERROR_RATE": "lots"})
+    assert alerts.webhook_url({"COURIER_ALERT_WEBHOOK": "  "}) is None
+
+
+def test_every_template_and_asset_is_in_the_package_data():
+    import configparser
+
+    cfg = configparser.ConfigParser()
+    cfg.read(ROOT / "setup.cfg")
+    globs = [g.strip() for g in cfg["options.package_data"]["courier.app.web"].split(",")]
+    web = ROOT / "app" / "web"
+    files = {p.relative_to(web).as_posix() for p in (web / "templates").rglob("*") if p.is_file()} | {
+        p.relative_to(web).as_posix() for p in (web / "static").rglob("*") if p.is_file()}
+    assert files and all(any(Path(f).match(g) for g in globs) for f in files), files
+
+
+def test_no_template_has_inline_script_or_style():
+    # The CSP allows neither: an inline one would silently not run in the browser.
+    for page in (ROOT / "app" / "web" / "templates" / "console").glob("*.html"):
+        html = page.read_text()
+        assert "<style" not in html and " style=" not in html and " on" + "click=" not in html, page
+        assert all("src=" in tag for tag in html.split("<script")[1:]), page
