@@ -1,33 +1,43 @@
-"""Small charts for the console, as inline SVG made on the server (no script, nothing to download).
-
-Only numbers go into the SVG, so there is nothing to escape; the result is marked safe for Jinja.
+"""Small charts for the console, drawn as inline SVG by the templates (templates/console/_chart.html) from the
+geometry computed here: no script, nothing to download, and Jinja escapes whatever it prints.
 """
 from __future__ import annotations
 
-from markupsafe import Markup
+from dataclasses import dataclass
 
 
-def bars(good: list[int], bad: list[int], width: int = 240, height: int = 40) -> Markup:
+@dataclass(frozen=True)
+class Bar:
+    x: float
+    width: float
+    y: float
+    height: float
+    kind: str  # "ok" (delivered) | "dead"
+    count: int
+
+
+@dataclass(frozen=True)
+class Chart:
+    width: int
+    height: int
+    slots: int
+    bars: list[Bar]
+
+
+def bars(good: list[int], bad: list[int], width: int = 240, height: int = 40) -> Chart:
     """Stacked bars, one per slot (an hour): `good` (delivered) below, `bad` (dead) on top, scaled to the tallest."""
     slots = max(len(good), 1)
     top = max((g + b for g, b in zip(good, bad)), default=0) or 1
     step = width / slots
-    parts = [f'<svg class="chart" xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-             f'viewBox="0 0 {width} {height}" role="img" aria-label="delivered and dead per hour, last {slots} hours">',
-             f'<rect class="chart-bg" x="0" y="0" width="{width}" height="{height}"/>']
+    drawn = []
     for i, (g, b) in enumerate(zip(good, bad)):
-        x = round(i * step + 1, 1)
-        w = round(max(step - 2, 1), 1)
-        hg = round(g / top * (height - 2), 1)
-        hb = round(b / top * (height - 2), 1)
+        x, w = round(i * step + 1, 1), round(max(step - 2, 1), 1)
+        hg, hb = round(g / top * (height - 2), 1), round(b / top * (height - 2), 1)
         if g:
-            parts.append(f'<rect class="bar-ok" x="{x}" y="{round(height - hg, 1)}" width="{w}" height="{hg}">'
-                         f'<title>{g} delivered</title></rect>')
+            drawn.append(Bar(x, w, round(height - hg, 1), hg, "ok", g))
         if b:
-            parts.append(f'<rect class="bar-dead" x="{x}" y="{round(height - hg - hb, 1)}" width="{w}" '
-                         f'height="{hb}"><title>{b} dead</title></rect>')
-    parts.append("</svg>")
-    return Markup("".join(parts))  # nosec B704: built from integers only, nothing from a request or the store's text
+            drawn.append(Bar(x, w, round(height - hg - hb, 1), hb, "dead", b))
+    return Chart(width, height, slots, drawn)
 
 
-__all__ = ["bars"]
+__all__ = ["Bar", "Chart", "bars"]

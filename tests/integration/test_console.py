@@ -11,6 +11,7 @@ import re
 from datetime import timedelta
 
 import pytest
+import requests
 from sqlalchemy import select, update
 
 from courier.app.store import audit, circuits, outbox, tokens
@@ -570,40 +571,35 @@ def test_alert_rules_on_dead_growth_and_circuit_open(client, ingest, store, app)
     assert fired == {"billing:dead_growth", "erp:circuit_open"}
 
 
-def test_the_alert_task_posts_each_change_to_the_webhook(client, ingest, store, app, monkeypatch):
-    from courier.tasks import alerts as alert_task
+@pytest.fixture
+def webhook(client, ingest, monkeypatch):
+    """A webhook sink in COURIER_ALERT_WEBHOOK, the backlog rule at 0, and one message pending for both."""
     from tests.support.sinks import HttpSink
 
-    sink = HttpSink(200)
-    sink.start()
-    try:
+    with HttpSink(200) as sink:
         monkeypatch.setenv("COURIER_ALERT_WEBHOOK", sink.url)
         monkeypatch.setenv("COURIER_ALERT_BACKLOG", "0")
         post(client, ingest)
-        settings = app.extensions["courier.settings"]
-        sent = alert_task.check(store, settings)
-        assert alert_task.check(store, settings) == []
-        got = sink.wait_for(2)
-        assert sorted(json.loads(r.body)["rule"] for r in got) == ["billing:backlog", "erp:backlog"]
-        assert len(sent) == 2 and len(sink.received) == 2
-    finally:
-        sink.stop()
+        yield sink
 
 
-def test_a_failed_webhook_post_is_sent_again_at_the_next_check(client, ingest, store, app, monkeypatch):
+def test_the_alert_task_posts_each_change_to_the_webhook(webhook, store, app):
     from courier.tasks import alerts as alert_task
-    from tests.support.sinks import HttpSink
 
-    sink = HttpSink(500)
-    sink.start()
-    try:
-        monkeypatch.setenv("COURIER_ALERT_WEBHOOK", sink.url)
-        monkeypatch.setenv("COURIER_ALERT_BACKLOG", "0")
-        post(client, ingest)
-        settings = app.extensions["courier.settings"]
-        with pytest.raises(Exception):
-            alert_task.check(store, settings)
-        sink.status = 200
-        assert len(alert_task.check(store, settings)) == 2
-    finally:
-        sink.stop()
+    settings = app.extensions["courier.settings"]
+    sent = alert_task.check(store, settings)
+    assert alert_task.check(store, settings) == []
+    got = webhook.wait_for(2)
+    assert sorted(json.loads(r.body)["rule"] for r in got) == ["billing:backlog", "erp:backlog"]
+    assert len(sent) == 2 and len(webhook.received) == 2
+
+
+def test_a_failed_webhook_post_is_sent_again_at_the_next_check(webhook, store, app):
+    from courier.tasks import alerts as alert_task
+
+    settings = app.extensions["courier.settings"]
+    webhook.status = 500
+    with pytest.raises(requests.HTTPError):
+        alert_task.check(store, settings)
+    webhook.status = 200
+    assert len(alert_task.check(store, settings)) == 2

@@ -37,12 +37,21 @@ def test_segments_accept_newlines_and_another_field_separator():
     assert msh.fields[0].value == "#" and pid.fields[1].position == "PID-3"
 
 
-def test_bars_scale_to_the_tallest_and_carry_only_numbers():
-    svg = str(charts.bars([0, 5, 10], [0, 0, 10], width=30, height=22))
-    assert svg.startswith("<svg") and svg.count('class="bar-ok"') == 2 and svg.count('class="bar-dead"') == 1
-    assert 'height="10.0"' in svg  # 10 of a top of 20, in 20 px
-    assert "<title>10 dead</title>" in svg
-    assert str(charts.bars([0] * 24, [0] * 24)).count("<rect") == 1  # the background only
+def test_bars_scale_to_the_tallest_hour():
+    chart = charts.bars([0, 5, 10], [0, 0, 10], width=30, height=22)
+    assert [(b.kind, b.count, b.height) for b in chart.bars] == [("ok", 5, 5.0), ("ok", 10, 10.0), ("dead", 10, 10.0)]
+    assert chart.bars[2].y == 22 - 10 - 10  # dead stacked on delivered
+    assert charts.bars([0] * 24, [0] * 24).bars == []
+
+
+def test_the_chart_template_draws_each_bar_and_escapes_nothing_it_should_not():
+    app = Flask(__name__)
+    app.register_blueprint(console.bp)
+    with app.app_context():
+        svg = app.jinja_env.from_string('{% from "console/_chart.html" import chart %}{{ chart(c) }}').render(
+            c=charts.bars([1, 0], [0, 2], width=20, height=10))
+    assert svg.startswith("<svg") and svg.count('class="bar-ok"') == 1 and svg.count('class="bar-dead"') == 1
+    assert "<title>2 dead</title>" in svg
 
 
 @pytest.mark.parametrize("document, expected", [
