@@ -235,8 +235,11 @@ def _message_search(f: dict):
         query = query.where(Message.id == f["id"])
     if f["destination"] or f["delivery_status"]:
         match = select(Delivery.id).where(Delivery.message_id == Message.id)
-        if f["destination"]:
-            match = match.where(Delivery.destination == f["destination"])
+        # The (destination, status, updated_at) index leads with the destination: a status alone is asked
+        # of every configured destination, so a rare status (dead) is found through that index instead of
+        # walking the messages newest first (measured at a million messages: 500 ms -> bench/console_search.py).
+        names = [f["destination"]] if f["destination"] else list(api.settings().routing.destinations)
+        match = match.where(Delivery.destination.in_(names))
         if f["delivery_status"]:
             match = match.where(Delivery.status == api._choice("delivery_status", api.DELIVERY_STATUSES))
         query = query.where(exists(match))
