@@ -279,8 +279,12 @@ def test_search_by_destination_and_delivery_status(console, client, ingest, stor
     with store.session() as s:
         dead_message = s.get(Delivery, ids["billing"]).message_id
     assert dead_message in page and page.count('href="/console/messages/') == 1
-    assert page.count('href="/console/messages/') == 1
     assert text(c.get("/console/messages?destination=erp&delivery_status=dead")).count('href="/console/messages/') == 0
+    assert dead_message in text(c.get("/console/messages?delivery_status=dead"))  # any destination
+    assert text(c.get("/console/messages?delivery_status=dead")).count('href="/console/messages/') == 1
+    assert text(c.get("/console/messages?delivery_status=pending")).count('href="/console/messages/') == 1
+    assert text(c.get("/console/messages?delivery_status=delivered")).count('href="/console/messages/') == 1
+    assert text(c.get("/console/messages?destination=billing")).count('href="/console/messages/') == 2
 
 
 def test_search_by_window_source_type_and_id(console, client, ingest):
