@@ -133,3 +133,22 @@ def test_no_template_has_inline_script_or_style():
         html = page.read_text()
         assert "<style" not in html and " style=" not in html and " on" + "click=" not in html, page
         assert all("src=" in tag for tag in html.split("<script")[1:]), page
+
+
+def test_the_alert_task_joins_the_beat_schedule_and_routes_that_retention_set(monkeypatch):
+    from celery import Celery
+    from kombu import Queue
+
+    from courier.tasks import alerts as alert_task
+
+    monkeypatch.setenv("COURIER_ALERT_INTERVAL", "30s")
+    celery = Celery("t", set_as_current=False)
+    celery.conf.task_queues = [Queue("p.maintenance")]
+    celery.conf.task_routes = {"courier.purge": {"queue": "p.maintenance"}}
+    celery.conf.beat_schedule = {"courier-retention": {"task": "courier.purge", "schedule": 3600}}
+    alert_task.configure(celery, type("S", (), {"queue_prefix": "p"})())
+    assert [q.name for q in celery.conf.task_queues] == ["p.maintenance"]
+    assert celery.conf.task_routes == {"courier.purge": {"queue": "p.maintenance"},
+                                       "courier.alerts": {"queue": "p.maintenance"}}
+    assert celery.conf.beat_schedule["courier-alerts"] == {"task": "courier.alerts", "schedule": 30.0}
+    assert "courier-retention" in celery.conf.beat_schedule
