@@ -9,7 +9,7 @@ import time
 import uuid
 from datetime import datetime, timezone
 
-from sqlalchemy import (BigInteger, DateTime, ForeignKey, Index, Integer, MetaData, String, Text, TypeDecorator,
+from sqlalchemy import (BigInteger, DateTime, Float, ForeignKey, Index, Integer, MetaData, String, Text, TypeDecorator,
                         UniqueConstraint, literal_column, text)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from sqlalchemy.sql.elements import ColumnElement
@@ -276,7 +276,7 @@ class AlertState(Base):
     rule: Mapped[str] = mapped_column(String(128), primary_key=True)
     firing: Mapped[bool] = mapped_column(default=False)
     since: Mapped[datetime | None] = mapped_column()
-    value: Mapped[float | None] = mapped_column()
+    value: Mapped[float | None] = mapped_column(Float)
     summary: Mapped[str] = mapped_column(Text, default="")
     checked_at: Mapped[datetime | None] = mapped_column()
     notified_at: Mapped[datetime | None] = mapped_column()

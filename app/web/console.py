@@ -366,7 +366,7 @@ def resend(message_id: str):
 # --- dead letters ---------------------------------------------------------
 
 def _dead(destination: str, error: str) -> tuple[list[tuple[str, str, int]], list[Delivery]]:
-    """Dead deliveries grouped by (destination, error), and up to DEAD_SCAN of them matching the filter, newest first."""
+    """Dead deliveries grouped by (destination, error), and those matching the filter (newest first; DEAD_SCAN read)."""
     query = select(Delivery).where(Delivery.status == models.DEAD).order_by(Delivery.id.desc()).limit(DEAD_SCAN)
     if destination:
         query = query.where(Delivery.destination == destination)

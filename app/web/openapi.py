@@ -358,12 +358,13 @@ def document(blueprint_name: str = "courier") -> dict:
     spec = APISpec(title="Courier", version="1", openapi_version="3.0.3", plugins=[MarshmallowPlugin()],
                    info={"description": "Durable message broker for hospital messages. Errors are always "
                                         '{"error": {"code", "message", "details"}}. Scopes: ingest (post '
-                                        "messages as its source), view (read statuses, counts, attempts and errors, never "
-                                        "a body), operate (read, replay, pause, resume), admin (all)."},
+                                        "messages as its source), view (read statuses, counts, attempts and errors, "
+                                        "never a body), operate (read, replay, pause, resume), admin (all)."},
                    servers=[{"url": request.script_root or "/"}])
     spec.components.security_scheme("bearer", {
         "type": "http", "scheme": "bearer",
-        "description": "`courier tokens create`; scopes ingest, view, operate, admin (each operation's x-courier-scopes)"})
+        "description": "`courier tokens create`; scopes ingest, view, operate, admin "
+                       "(each operation's x-courier-scopes)"})
     for name, schema in {**_COMPONENTS, "Reason": ReasonSchema, "Pause": PauseSchema,
                          "ReplayFilter": ReplayFilterSchema}.items():
         # Nested schemas register themselves under their class name less "Schema" (apispec's

@@ -225,7 +225,9 @@ def test_dashboard_shows_each_destination_from_the_store(console, client, ingest
     page = text(r)
     billing = re.search(r'data-destination="billing">(.*?)</tr>', page, re.S).group(1)
     erp = re.search(r'data-destination="erp">(.*?)</tr>', page, re.S).group(1)
-    cells = lambda html: [re.sub(r"<[^>]+>", "", c).strip() for c in re.findall(r'<td class="num[^"]*">(.*?)</td>', html, re.S)]
+
+    def cells(html):
+        return [re.sub(r"<[^>]+>", "", c).strip() for c in re.findall(r'<td class="num[^"]*">(.*?)</td>', html, re.S)]
     assert cells(billing)[:3] == ["0 / 0", "1 / 1", "1"]  # delivered, dead, pending
     assert cells(erp)[:3] == ["1 / 1", "0 / 0", "1"]
     assert "<svg" in billing and 'class="bar-dead"' in billing and 'class="bar-ok"' in erp
