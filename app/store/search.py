@@ -54,7 +54,10 @@ def index_patient(session: Session, message: Any, created: bool, document: Any) 
     if not created:
         return
     identifier = patient_identifier(document)
-    hashed = search_key(identifier) if identifier else None
+    try:
+        hashed = search_key(identifier) if identifier else None
+    except ValueError:  # a key too short: the configuration check refuses it at start; never fail an ingest on it
+        return
     if hashed is not None:
         session.execute(insert(PatientKey.__table__).values(message_id=message.id, patient_key=hashed,
                                                             received_at=utcnow()))

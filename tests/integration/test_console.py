@@ -13,6 +13,7 @@ from datetime import timedelta
 import pytest
 import requests
 from sqlalchemy import select, update
+from sqlalchemy import text as text_sql
 
 from courier.app.store import audit, circuits, outbox, tokens
 from courier.app.store.models import (AuditRecord, Circuit, ConsoleSession, Delivery, Message, MessageLink,
@@ -609,3 +610,23 @@ def test_a_failed_webhook_post_is_sent_again_at_the_next_check(webhook, store, a
         alert_task.check(store, settings)
     webhook.status = 200
     assert len(alert_task.check(store, settings)) == 2
+
+
+def test_under_encryption_at_rest_bodies_are_decrypted_on_view_and_errors_grouped(console, client, ingest, store,
+                                                                                   app):
+    from cryptography.fernet import Fernet
+
+    from courier.app.store import crypto
+
+    crypto.attach(store.engine, crypto.parse_keys(Fernet.generate_key().decode()), replace=True)
+    message_id = post_hl7(client, ingest, "CTRL-ENC")["id"]
+    drive(store, app, {"billing": "permanent", "erp": "delivered"})
+    dead_and_delivered(client, ingest, store, app)
+    with store.engine.connect() as conn:  # as stored: plain SQL, not the columns' decrypting types
+        stored = conn.execute(text_sql("SELECT body FROM courier_messages WHERE id = :i"), {"i": message_id}).scalar()
+        errors = conn.execute(text_sql("SELECT last_error FROM courier_deliveries WHERE status = 'dead'")).scalars().all()
+    assert stored.startswith(b"fernet:") and all(e.startswith("fernet:") for e in errors)
+    c = console("operate")
+    assert "DOE^JANE" in text(c.get(f"/console/messages/{message_id}"))
+    group = re.search(r'id="groups">(.*?)</table>', text(c.get("/console/dead")), re.S).group(1)
+    assert "HTTP 400 from billing" in group and '<td class="num">2</td>' in group

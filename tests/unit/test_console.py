@@ -153,3 +153,16 @@ def test_the_alert_task_joins_the_beat_schedule_and_routes_that_retention_set(mo
                                        "courier.alerts": {"queue": "p.maintenance"}}
     assert celery.conf.beat_schedule["courier-alerts"] == {"task": "courier.alerts", "schedule": 30.0}
     assert "courier-retention" in celery.conf.beat_schedule
+
+
+def test_indexing_never_fails_an_ingest_on_a_bad_key(monkeypatch):
+    class Session:
+        def execute(self, statement):
+            raise AssertionError("nothing is written without a usable key")
+
+    monkeypatch.setenv("COURIER_PSEUDONYM_KEY", "short")
+    search.index_patient(Session(), type("M", (), {"id": "m1"})(), True, {"data": {"patient": "P1"}})
+    monkeypatch.delenv("COURIER_PSEUDONYM_KEY")
+    search.index_patient(Session(), type("M", (), {"id": "m1"})(), True, {"data": {"patient": "P1"}})
+    monkeypatch.setenv("COURIER_PSEUDONYM_KEY", "k" * 40)
+    search.index_patient(Session(), type("M", (), {"id": "m1"})(), False, {"data": {"patient": "P1"}})  # duplicate
