@@ -624,7 +624,8 @@ def test_under_encryption_at_rest_bodies_are_decrypted_on_view_and_errors_groupe
     dead_and_delivered(client, ingest, store, app)
     with store.engine.connect() as conn:  # as stored: plain SQL, not the columns' decrypting types
         stored = conn.execute(text_sql("SELECT body FROM courier_messages WHERE id = :i"), {"i": message_id}).scalar()
-        errors = conn.execute(text_sql("SELECT last_error FROM courier_deliveries WHERE status = 'dead'")).scalars().all()
+        errors = conn.execute(text_sql("SELECT last_error FROM courier_deliveries WHERE status = 'dead'")).scalars()
+        errors = list(errors)
     assert stored.startswith(b"fernet:") and all(e.startswith("fernet:") for e in errors)
     c = console("operate")
     assert "DOE^JANE" in text(c.get(f"/console/messages/{message_id}"))
