@@ -15,14 +15,15 @@ import os
 import shutil
 import tempfile
 import threading
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, update
 from werkzeug.serving import make_server
 
 from courier.app.store import circuits, tokens
-from courier.app.store.models import Circuit
+from courier.app.store.models import Circuit, Delivery, utcnow
 from tests.integration.test_console import MRN, post_hl7
 from tests.integration.test_operations import drive, post, row
 
@@ -98,6 +99,12 @@ def test_an_operator_logs_in_reads_the_dashboard_searches_opens_a_message_replay
     from selenium.webdriver.common.by import By
 
     ingest = make_token()
+    for hours_ago in range(1, 23, 2):  # a day of history for the charts: delivered, an hour apart
+        delivered = post(client, ingest)
+        drive(store, app, {"billing": "delivered", "erp": "delivered"})
+        with store.session() as s:
+            s.execute(update(Delivery).where(Delivery.id.in_(delivered.values()))
+                      .values(updated_at=utcnow() - timedelta(hours=hours_ago, minutes=5)))
     for _ in range(3):
         post(client, ingest)
         drive(store, app, {"billing": "permanent", "erp": "delivered"})
