@@ -631,3 +631,16 @@ def test_under_encryption_at_rest_bodies_are_decrypted_on_view_and_errors_groupe
     assert "DOE^JANE" in text(c.get(f"/console/messages/{message_id}"))
     group = re.search(r'id="groups">(.*?)</table>', text(c.get("/console/dead")), re.S).group(1)
     assert "HTTP 400 from billing" in group and '<td class="num">2</td>' in group
+
+
+def test_courier_tokens_create_makes_a_view_token_that_logs_in_to_the_console(app, config_file, store):
+    from tests.integration.test_cli import courier
+
+    result = courier("tokens", "create", "--scope", "view", "--name", "auditor", config=config_file,
+                     database_url=store.url)
+    assert result.returncode == 0, result.stderr
+    plaintext = result.stdout.strip()
+    client = app.test_client()
+    r = client.post("/console/login", data={"token": plaintext, "csrf": csrf_of(client.get("/console/login"))})
+    assert r.status_code == 303
+    assert '<span class="role role-view" id="role">view</span>' in text(client.get("/console/"))
