@@ -166,3 +166,55 @@ def test_indexing_never_fails_an_ingest_on_a_bad_key(monkeypatch):
     search.index_patient(Session(), type("M", (), {"id": "m1"})(), True, {"data": {"patient": "P1"}})
     monkeypatch.setenv("COURIER_PSEUDONYM_KEY", "k" * 40)
     search.index_patient(Session(), type("M", (), {"id": "m1"})(), False, {"data": {"patient": "P1"}})  # duplicate
+
+
+def test_the_console_on_a_sqlite_store(tmp_path, monkeypatch):
+    """`make run`'s default store is SQLite: log in, the dashboard's hourly counts, a search by a rare delivery
+    status (a MATERIALIZED CTE), a message's detail, a replay and the alert check, all on SQLite."""
+    import re
+
+    from alembic import command
+
+    from courier.app import create_app
+    from courier.app.store import alerts as alert_rules
+    from courier.app.store import outbox
+    from courier.app.store.db import Store
+    from courier.app.store.models import Delivery
+    from courier.app.store.schema import alembic_config
+    from tests.support.config import settings_for, write_config
+
+    monkeypatch.setenv("COURIER_PSEUDONYM_KEY", "k" * 40)
+    url = f"sqlite:///{tmp_path}/courier.db"
+    command.upgrade(alembic_config(url), "head")
+    config = write_config(tmp_path / "courier.yml", {"billing": "http://127.0.0.1:9/b", "erp": f"file://{tmp_path}"})
+    app = create_app(settings_for(config, url, "unused"), {"TESTING": True})
+    store: Store = app.extensions["courier.store"]
+    with store.session() as s:
+        _, ingest = tokens.create(s, scope="ingest", source="lab")
+        _, operate = tokens.create(s, scope="operate", source=None, name="ops")
+    client = app.test_client()
+    r = client.post("/api/v1/messages", headers={"Authorization": f"Bearer {ingest}"},
+                    content_type="application/hl7-v2",
+                    data="MSH|^~\\&|LAB|GH|||20261121||ADT^A01|SQ1|P|2.5\rPID|1||MRN5^^^GH^MR||DOE^ANN\r")
+    assert r.status_code == 202, r.get_json()
+    message_id = r.get_json()["id"]
+    billing = next(d["id"] for d in r.get_json()["deliveries"] if d["destination"] == "billing")
+    with store.session() as s:
+        s.get(Delivery, billing).status = "dead"
+        s.get(Delivery, billing).last_error = "HTTP 400"
+    login = client.get("/console/login").get_data(as_text=True)
+    csrf = re.search(r'name="csrf" value="([^"]+)"', login).group(1)
+    assert client.post("/console/login", data={"token": operate, "csrf": csrf}).status_code == 303
+    dashboard = client.get("/console/").get_data(as_text=True)
+    assert re.search(r'data-destination="billing">.*?1 / 1.*?class="bar-dead"', dashboard, re.S)
+    for query in ("delivery_status=dead", "patient=MRN5", "idempotency_key=SQ1", "destination=erp"):
+        page = client.get(f"/console/messages?{query}").get_data(as_text=True)
+        assert f'href="/console/messages/{message_id}"' in page, query
+    assert "Patient Name" in client.get(f"/console/messages/{message_id}").get_data(as_text=True)
+    session_csrf = re.search(r'name="csrf" value="([^"]+)"', client.get("/console/dead").get_data(as_text=True))
+    client.post("/console/dead/replay", data={"csrf": session_csrf.group(1), "ids": billing})
+    with store.session() as s:
+        assert s.get(Delivery, billing).status == "pending"
+        assert alert_rules.evaluate(s, app.extensions["courier.settings"]) == []
+        assert outbox.destination_summary(s)["billing"]["backlog"] == 1
+    store.dispose()
