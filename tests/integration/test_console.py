@@ -15,7 +15,7 @@ import requests
 from sqlalchemy import select, update
 from sqlalchemy import text as text_sql
 
-from courier.app.store import audit, circuits, outbox, tokens
+from courier.app.store import audit, circuits, tokens
 from courier.app.store.models import (AuditRecord, Circuit, ConsoleSession, Delivery, Message, MessageLink,
                                       PatientKey, utcnow)
 from tests.integration.test_operations import drive, post, row
