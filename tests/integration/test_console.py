@@ -392,6 +392,7 @@ def test_dead_letters_are_grouped_by_destination_and_error(console, client, inge
     page = text(console("view").get("/console/dead"))
     group = re.search(r'<table class="grid" id="groups">(.*?)</table>', page, re.S).group(1)
     assert "HTTP 400 from billing" in group and '<td class="num">2</td>' in group
+    assert "2 dead deliveries match" in page
     assert "Replay selected" not in page  # a view token sees no replay button
 
 
