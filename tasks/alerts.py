@@ -6,14 +6,17 @@ changed, and the next check sends it again (once it is sent, never again for the
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 
+import click
 import requests
 from celery import Celery, shared_task
 from flask import current_app
 from kombu import Queue
 
+from courier.app.cli.common import with_appcontext
 from courier.app.settings import Settings, parse_duration
 from courier.app.store import alerts
 from courier.app.store.db import Store
@@ -48,3 +51,12 @@ def check(store: Store, settings: Settings, post=requests.post) -> list[dict]:
 @shared_task(name="courier.alerts", ignore_result=True)
 def alerts_task() -> None:
     check(current_app.extensions["courier.store"], current_app.extensions["courier.settings"])
+
+
+@click.command("alerts")
+@with_appcontext
+def alerts_command():
+    """Check the alert rules once and post what changed to COURIER_ALERT_WEBHOOK (what beat's courier.alerts does
+    every COURIER_ALERT_INTERVAL); prints each notice as a JSON line. For cron, where beat does not run."""
+    for notice in check(current_app.extensions["courier.store"], current_app.extensions["courier.settings"]):
+        click.echo(json.dumps(notice))

@@ -645,3 +645,14 @@ def test_courier_tokens_create_makes_a_view_token_that_logs_in_to_the_console(ap
     r = client.post("/console/login", data={"token": plaintext, "csrf": csrf_of(client.get("/console/login"))})
     assert r.status_code == 303
     assert '<span class="role role-view" id="role">view</span>' in text(client.get("/console/"))
+
+
+def test_courier_alerts_checks_once_and_prints_each_change(client, ingest, config_file, store):
+    from tests.integration.test_cli import courier
+
+    post(client, ingest)
+    first = courier("alerts", config=config_file, database_url=store.url, COURIER_ALERT_BACKLOG="0")
+    assert first.returncode == 0, first.stderr
+    assert sorted(json.loads(line)["rule"] for line in first.stdout.splitlines()) == ["billing:backlog", "erp:backlog"]
+    again = courier("alerts", config=config_file, database_url=store.url, COURIER_ALERT_BACKLOG="0")
+    assert again.returncode == 0 and again.stdout == ""
