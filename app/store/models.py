@@ -9,7 +9,7 @@ import time
 import uuid
 from datetime import datetime, timezone
 
-from sqlalchemy import (BigInteger, DateTime, Float, ForeignKey, Index, Integer, MetaData, String, Text, TypeDecorator,
+from sqlalchemy import (BigInteger, DateTime, ForeignKey, Index, Integer, MetaData, String, Text, TypeDecorator,
                         UniqueConstraint, literal_column, text)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from sqlalchemy.sql.elements import ColumnElement
@@ -200,7 +200,7 @@ class ApiToken(Base):
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
     name: Mapped[str] = mapped_column(String(128), default="")
     source: Mapped[str | None] = mapped_column(String(64))
-    scope: Mapped[str] = mapped_column(String(16))  # ingest | view | operate | admin
+    scope: Mapped[str] = mapped_column(String(16))  # ingest | operate | admin
     token_hash: Mapped[str] = mapped_column(String(64), unique=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     revoked_at: Mapped[datetime | None] = mapped_column()
@@ -276,7 +276,7 @@ class AlertState(Base):
     rule: Mapped[str] = mapped_column(String(128), primary_key=True)
     firing: Mapped[bool] = mapped_column(default=False)
     since: Mapped[datetime | None] = mapped_column()
-    value: Mapped[float | None] = mapped_column(Float)
+    value: Mapped[float | None] = mapped_column()  # Double (the default for float), as migration 0006 makes it
     summary: Mapped[str] = mapped_column(Text, default="")
     checked_at: Mapped[datetime | None] = mapped_column()
     notified_at: Mapped[datetime | None] = mapped_column()

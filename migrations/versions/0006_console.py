@@ -56,7 +56,7 @@ def upgrade() -> None:
     sa.Column('rule', sa.String(length=128), nullable=False),
     sa.Column('firing', sa.Boolean(), nullable=False),
     sa.Column('since', sa.DateTime(timezone=True), nullable=True),
-    sa.Column('value', sa.Float(), nullable=True),
+    sa.Column('value', sa.Double(), nullable=True),
     sa.Column('summary', sa.Text(), nullable=False),
     sa.Column('checked_at', sa.DateTime(timezone=True), nullable=True),
     sa.Column('notified_at', sa.DateTime(timezone=True), nullable=True),
