@@ -28,7 +28,7 @@ def create_app(settings: Settings | None = None, test_config: dict | None = None
     """Build the Flask app; `settings` defaults to the environment and COURIER_CONFIG."""
     from courier.app import observability
     from courier.app.store import db
-    from courier.app.web import api
+    from courier.app.web import api, console
 
     settings = settings or load_settings()
     flask_app = Flask(__name__, instance_relative_config=False)
@@ -38,5 +38,6 @@ def create_app(settings: Settings | None = None, test_config: dict | None = None
     flask_app.extensions["courier.settings"] = settings
     flask_app.extensions["courier.store"] = db.Store.from_settings(settings)
     api.init_app(flask_app)
+    console.init_app(flask_app)  # the operator console at /console/ (docs/console.md)
     observability.init_app(flask_app, settings)  # JSON logs, Sentry, a correlation id per request
     return flask_app

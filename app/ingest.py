@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session
 from courier.app import metrics
 from courier.app.config import StrictSchema
 from courier.app.settings import RateLimit, RoutingConfig
-from courier.app.store import crypto, ordering, outbox, ratelimit
+from courier.app.store import crypto, ordering, outbox, ratelimit, search
 from courier.app.store.db import Store
 
 JSON_TYPES = {"application/json"}
@@ -252,6 +252,7 @@ def store_plans(session: Session, plans: list[Plan], *, source: str,
             source=source, message_type=p.parsed.message_type, content_type=p.parsed.content_type,
             body=p.parsed.body, dedup_key=p.parsed.dedup_key, correlation_id=correlation_id,
         ), p.destinations, p.order_keys)
+        search.index_patient(session, message, created, p.parsed.document)  # issue 20: console patient search
         results.append(Result(message, created, [
             {"id": d.id, "destination": d.destination, "status": d.status} for d in message.deliveries]))
     return results

@@ -11,6 +11,7 @@ from courier.app import create_app
 from courier.app.cli import actions, config, db, keys, purge, routes, tokens, views
 from courier.app.cli.common import with_appcontext
 from courier.app.hl7.listener import mllp_command  # imports python-hl7 only when a listener starts
+from courier.tasks.alerts import alerts_command
 from courier.tasks.flower import flower_command
 from courier.tasks.install import install_group
 
@@ -54,7 +55,7 @@ host_cli = click.Group("courier", help="Courier's commands, configured by this a
 COMMANDS = (db.db_group, config.config_group, tokens.tokens_group, actions.replay_command,
             actions.destinations_group, actions.audit_command, routes.routes_group, views.messages_group,
             views.deliveries_group, views.stats_command, purge.purge_command, keys.keys_group)
-for command in COMMANDS + (relay_command, mllp_command):
+for command in COMMANDS + (relay_command, mllp_command, alerts_command):
     cli.add_command(command)
     host_cli.add_command(command)
 cli.add_command(flower_command)  # Courier's own worker app only (courier.tasks.worker), not a host's

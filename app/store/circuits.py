@@ -145,6 +145,21 @@ def resume(session: Session, name: str, actor: str) -> bool:
     return True
 
 
+def reset(session: Session, name: str, actor: str, now: datetime | None = None) -> str | None:
+    """Close the breaker by hand (an operator knows the destination is back); the state it had, None if none.
+
+    The failure count and the trips start afresh; a pause is left as it is (resume lifts that).
+    """
+    row = _row(session, name, lock=True)
+    if row is None:
+        return None
+    before = row.state
+    if row.state != CLOSED:
+        _change(row, CLOSED, now or utcnow(), f"reset by {actor}")
+    row.failures, row.trips, row.open_until, row.probe_delivery_id, row.probe_until = 0, 0, None, None, None
+    return before
+
+
 def states(session: Session) -> dict[str, Circuit]:
     """Every destination's row (destinations without one are closed and unpaused)."""
     return {c.destination: c for c in session.scalars(select(Circuit))}

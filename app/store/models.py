@@ -221,3 +221,64 @@ class RateLimitState(Base):
     source: Mapped[str] = mapped_column(String(64), primary_key=True)
     # Microseconds since the epoch on the store's clock; integers, so the arithmetic in SQL is exact.
     tat: Mapped[int] = mapped_column(BigInteger)
+
+
+class PatientKey(Base):
+    """A message's patient identifier as a keyed hash, for the console's search (courier.app.store.search).
+
+    Never the identifier itself: HMAC-SHA256 under COURIER_PSEUDONYM_KEY of PID-3.1 (HL7) or the
+    event's data.patient (JSON), written with the message. The index is (key, received_at), so a
+    patient's messages come newest first without touching the rest of the table.
+    """
+
+    __tablename__ = "courier_patient_keys"
+    __table_args__ = (Index("ix_courier_patient_keys_key_received_at", "patient_key", "received_at"),)
+
+    message_id: Mapped[str] = mapped_column(ForeignKey("courier_messages.id", ondelete="CASCADE"), primary_key=True)
+    patient_key: Mapped[str] = mapped_column(String(64))
+    received_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class MessageLink(Base):
+    """A message made by editing another and sending it again (the console's edit-then-resend).
+
+    The original is never changed; this row says which message the new one replaces and who made it.
+    """
+
+    __tablename__ = "courier_message_links"
+    __table_args__ = (Index("ix_courier_message_links_original_id", "original_id"),)
+
+    message_id: Mapped[str] = mapped_column(ForeignKey("courier_messages.id", ondelete="CASCADE"), primary_key=True)
+    original_id: Mapped[str] = mapped_column(ForeignKey("courier_messages.id", ondelete="CASCADE"))
+    actor: Mapped[str] = mapped_column(String(128))
+    at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class ConsoleSession(Base):
+    """A console login (courier.app.web.console): the SHA-256 of the cookie's random value, never the value.
+
+    Kept in the store, not in a signed cookie, so a logout or a revoked token ends it at once in every
+    web process, and it survives restarts without a shared signing secret.
+    """
+
+    __tablename__ = "courier_console_sessions"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)  # sha256 hex of the cookie value
+    token_id: Mapped[str] = mapped_column(ForeignKey("courier_api_tokens.id", ondelete="CASCADE"))
+    csrf: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_seen_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class AlertState(Base):
+    """One row per alert rule (courier.app.store.alerts): firing or not, since when, the last value seen."""
+
+    __tablename__ = "courier_alerts"
+
+    rule: Mapped[str] = mapped_column(String(128), primary_key=True)
+    firing: Mapped[bool] = mapped_column(default=False)
+    since: Mapped[datetime | None] = mapped_column()
+    value: Mapped[float | None] = mapped_column()  # Double (the default for float), as migration 0006 makes it
+    summary: Mapped[str] = mapped_column(Text, default="")
+    checked_at: Mapped[datetime | None] = mapped_column()
+    notified_at: Mapped[datetime | None] = mapped_column()

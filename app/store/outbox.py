@@ -35,7 +35,7 @@ from sqlalchemy.orm import Session, defer
 from courier.app.settings import Destination, RetryPolicy
 from courier.app.store import audit, circuits, crypto, ordering
 from courier.app.store.models import (ACCEPTED, DEAD, DELIVERED, IN_FLIGHT, OPEN_STATUSES, PENDING, RETRYING, UNROUTED,
-                                      Attempt, Circuit, Delivery, Message, is_open, new_id, utcnow)
+                                      Attempt, Circuit, Delivery, Message, MessageLink, is_open, new_id, utcnow)
 
 log = logging.getLogger("courier.outbox")
 NOTIFY_CHANNEL = "courier_outbox"
@@ -628,6 +628,23 @@ def destination_summary(session: Session) -> dict[str, dict]:
     return summary
 
 
+def reset_circuit(session: Session, name: str, *, actor: str, reason: str = "",
+                  now: datetime | None = None) -> str | None:
+    """Close `name`'s circuit by hand and make the deliveries it held due at once; the state it was in."""
+    before = circuits.reset(session, name, actor, now)
+    woken = wake(session, name, now) if before not in (None, circuits.CLOSED) else 0
+    audit.record(session, actor=actor, action="circuit_reset", target=name, reason=reason,
+                 details={"was": before or circuits.CLOSED, "woken": woken})
+    return before
+
+
+def link_resend(session: Session, new_id: str, original_id: str, *, actor: str, reason: str = "") -> None:
+    """Record that message `new_id` is an edited copy of `original_id` sent again (which stays as it was)."""
+    session.add(MessageLink(message_id=new_id, original_id=original_id, actor=actor[:audit.ACTOR_LIMIT]))
+    audit.record(session, actor=actor, action="resend", target=original_id, reason=reason,
+                 details={"new_message_id": new_id})
+
+
 __all__ = ["accept", "claim_due", "release", "begin_attempt", "begin_attempts", "extend_lease", "finish_attempt", "finish_attempts", "wake", "trace", "retry_delay",
-           "replay", "pause_destination", "resume_destination", "destination_summary", "NewMessage", "Claimed",
+           "replay", "pause_destination", "resume_destination", "destination_summary", "reset_circuit", "link_resend", "NewMessage", "Claimed",
            "Ticket", "Outcome", "Stored", "NOTIFY_CHANNEL", "DEAD", "DELIVERED", "REPLAYABLE", "REPLAY_LIMIT"]

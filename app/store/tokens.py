@@ -12,9 +12,11 @@ from sqlalchemy.orm import Session
 
 from courier.app.store.models import ApiToken, utcnow
 
-SCOPES = ("ingest", "operate", "admin")
-# What each scope may do; admin may do everything.
-GRANTS = {"ingest": {"ingest"}, "operate": {"read", "replay"}, "admin": {"ingest", "read", "replay", "admin"}}
+SCOPES = ("ingest", "view", "operate", "admin")
+# What each scope may do; admin may do everything. `view` reads statuses, counts, attempts and
+# errors; `body` (operate, admin) is reading a message's body or a PHI field (the console's detail).
+GRANTS = {"ingest": {"ingest"}, "view": {"read"}, "operate": {"read", "body", "replay"},
+          "admin": {"ingest", "read", "body", "replay", "admin"}}
 PREFIX = "courier_"
 LAST_USED_RESOLUTION = timedelta(seconds=60)  # don't turn every request into a write
 # A token seen valid is trusted for this long without asking the store again: the lookup was a

@@ -351,26 +351,33 @@ def _configured(name: str):
     return None
 
 
+def _act_on_destination(name: str, schema: Schema, act):
+    """Pause, resume or reset: the outbox function `act` on a configured destination; its view afterwards."""
+    if (missing := _configured(name)) is not None:
+        return missing
+    body = _body(schema)
+    with store().session() as session:
+        act(session, name, actor=_actor(), reason=body["reason"])
+    return jsonify(_destinations(only=name)[0])
+
+
 @bp.post("/api/v1/destinations/<name>/pause")
 @require("replay")
 def pause_destination(name: str):
-    if (missing := _configured(name)) is not None:
-        return missing
-    body = _body(PauseSchema())
-    with store().session() as session:
-        outbox.pause_destination(session, name, actor=_actor(), reason=body["reason"])
-    return jsonify(_destinations(only=name)[0])
+    return _act_on_destination(name, PauseSchema(), outbox.pause_destination)
 
 
 @bp.post("/api/v1/destinations/<name>/resume")
 @require("replay")
 def resume_destination(name: str):
-    if (missing := _configured(name)) is not None:
-        return missing
-    body = _body(ReasonSchema())
-    with store().session() as session:
-        outbox.resume_destination(session, name, actor=_actor(), reason=body["reason"])
-    return jsonify(_destinations(only=name)[0])
+    return _act_on_destination(name, ReasonSchema(), outbox.resume_destination)
+
+
+@bp.post("/api/v1/destinations/<name>/reset")
+@require("replay")
+def reset_circuit(name: str):
+    """Close the destination's circuit breaker by hand; the deliveries it held are due at once."""
+    return _act_on_destination(name, ReasonSchema(), outbox.reset_circuit)
 
 
 def _audit(r: AuditRecord) -> dict:

@@ -243,8 +243,8 @@ _RETRY_AFTER = {"headers": {"Retry-After": {"schema": {"type": "integer", "minim
                                             "description": "seconds until the source may send again"}}}
 # Which token scopes may call an operation, by the action `require(action)` checks (courier.app.store.tokens.GRANTS).
 # "any" is courier.app.web.api.ANY_SCOPE: any live token (the document itself).
-_SCOPES = {"ingest": ["ingest", "admin"], "read": ["operate", "admin"], "replay": ["operate", "admin"],
-           "any": ["ingest", "operate", "admin"]}
+_SCOPES = {"ingest": ["ingest", "admin"], "read": ["view", "operate", "admin"], "replay": ["operate", "admin"],
+           "any": ["ingest", "view", "operate", "admin"]}
 
 
 def _op(summary: str, ok: dict, errors: tuple[int, ...] = (), *, action: str | None = None, **extra) -> dict:
@@ -318,6 +318,10 @@ OPERATIONS: dict[str, dict[str, dict]] = {
     "resume_destination": {"post": _op(
         "Resume deliveries to a destination", {200: _json("Destination", "the destination")},
         (400, 404, 413, 422), action="replay", requestBody=_reason_body(False, "Reason"))},
+    "reset_circuit": {"post": _op(
+        "Close a destination's circuit breaker by hand; the deliveries it held are due at once",
+        {200: _json("Destination", "the destination")}, (400, 404, 413, 422), action="replay",
+        requestBody=_reason_body(False, "Reason"))},
     "list_audit": {"get": _op(
         "Operator actions, newest first", {200: _json("AuditPage", "a page; next_cursor gives the next")},
         (400,), action="read", parameters=[{"in": "query", "schema": AuditQuerySchema}])},
@@ -354,11 +358,13 @@ def document(blueprint_name: str = "courier") -> dict:
     spec = APISpec(title="Courier", version="1", openapi_version="3.0.3", plugins=[MarshmallowPlugin()],
                    info={"description": "Durable message broker for hospital messages. Errors are always "
                                         '{"error": {"code", "message", "details"}}. Scopes: ingest (post '
-                                        "messages as its source), operate (read, replay, pause, resume), admin (all)."},
+                                        "messages as its source), view (read statuses, counts, attempts and errors, "
+                                        "never a body), operate (read, replay, pause, resume), admin (all)."},
                    servers=[{"url": request.script_root or "/"}])
     spec.components.security_scheme("bearer", {
         "type": "http", "scheme": "bearer",
-        "description": "`courier tokens create`; scopes ingest, operate, admin (each operation's x-courier-scopes)"})
+        "description": "`courier tokens create`; scopes ingest, view, operate, admin "
+                       "(each operation's x-courier-scopes)"})
     for name, schema in {**_COMPONENTS, "Reason": ReasonSchema, "Pause": PauseSchema,
                          "ReplayFilter": ReplayFilterSchema}.items():
         # Nested schemas register themselves under their class name less "Schema" (apispec's

@@ -19,7 +19,8 @@ from tests.support.config import settings_for, write_config
 from tests.support.services import BROKER_URL, fresh_database
 
 TABLES = ("courier_attempts", "courier_deliveries", "courier_messages", "courier_api_tokens", "courier_circuits",
-          "courier_audit", "courier_rate_limits")
+          "courier_audit", "courier_rate_limits", "courier_patient_keys", "courier_message_links",
+          "courier_console_sessions", "courier_alerts")
 
 
 @pytest.fixture(scope="session")

@@ -19,13 +19,14 @@ from tests.support.config import settings_for, write_config
 OK, UNAUTH, FORBIDDEN = "allowed", 401, 403
 # What each credential gets. "allowed" = any status but 401 and 403 (404, 400, 422 are fine: the
 # placeholder ids and empty bodies are wrong on purpose, so nothing is changed).
-CREDENTIALS = ("none", "malformed", "unknown", "revoked", "ingest", "operate", "admin")
+CREDENTIALS = ("none", "malformed", "unknown", "revoked", "ingest", "view", "operate", "admin")
 _DENIED = {"none": UNAUTH, "malformed": UNAUTH, "unknown": UNAUTH, "revoked": UNAUTH}
-INGEST = {**_DENIED, "ingest": OK, "operate": FORBIDDEN, "admin": OK}
-READ = {**_DENIED, "ingest": FORBIDDEN, "operate": OK, "admin": OK}
-REPLAY = READ
+INGEST = {**_DENIED, "ingest": OK, "view": FORBIDDEN, "operate": FORBIDDEN, "admin": OK}
+READ = {**_DENIED, "ingest": FORBIDDEN, "view": OK, "operate": OK, "admin": OK}
+# Acting: `view` reads statuses, counts, attempts and errors, and does nothing else (issue 20).
+REPLAY = {**READ, "view": FORBIDDEN}
 # The OpenAPI document: every /api/ route needs credentials (issue 9), but any live token reads it.
-ANY = {**_DENIED, "ingest": OK, "operate": OK, "admin": OK}
+ANY = {**_DENIED, "ingest": OK, "view": OK, "operate": OK, "admin": OK}
 
 TABLE = {
     ("POST", "/api/v1/messages"): INGEST,
@@ -39,10 +40,12 @@ TABLE = {
     ("POST", "/api/v1/deliveries/replay"): REPLAY,
     ("POST", "/api/v1/destinations/<name>/pause"): REPLAY,
     ("POST", "/api/v1/destinations/<name>/resume"): REPLAY,
+    ("POST", "/api/v1/destinations/<name>/reset"): REPLAY,
     ("GET", "/api/openapi.json"): ANY,
 }
 # The scopes x-courier-scopes must name for each expectation.
-_DOCUMENTED = {id(INGEST): ["ingest", "admin"], id(READ): ["operate", "admin"], id(ANY): ["ingest", "operate", "admin"]}
+_DOCUMENTED = {id(INGEST): ["ingest", "admin"], id(READ): ["view", "operate", "admin"], id(REPLAY): ["operate", "admin"],
+               id(ANY): ["ingest", "view", "operate", "admin"]}
 
 
 def _api_routes(app) -> set[tuple[str, str]]:
@@ -67,6 +70,7 @@ def credentials(store, make_token):
         "unknown": {"Authorization": "Bearer " + tokens.PREFIX + "x" * 43},
         "revoked": (revoked, token_id),
         "ingest": make_token(scope="ingest", source="lab"),
+        "view": make_token(scope="view"),
         "operate": make_token(scope="operate"),
         "admin": make_token(scope="admin"),
     }

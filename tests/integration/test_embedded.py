@@ -39,7 +39,8 @@ from app.models import Base as HostBase, StockIssue, StockItem  # noqa: E402
 
 HOST_TABLES = {"stock_items", "stock_issues", "alembic_version"}
 COURIER_TABLES = {"courier_messages", "courier_deliveries", "courier_attempts", "courier_api_tokens",
-                  "courier_circuits", "courier_audit", "courier_rate_limits", "courier_alembic_version"}
+                  "courier_circuits", "courier_audit", "courier_rate_limits", "courier_alembic_version",
+                  "courier_patient_keys", "courier_message_links", "courier_console_sessions", "courier_alerts"}
 
 
 def host_env(database_url: str, **extra: str) -> dict[str, str]:

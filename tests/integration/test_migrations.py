@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[2]
 COURIER = REPO / ".venv" / "bin" / "courier"
 VERSION_TABLE = "courier_alembic_version"  # not alembic_version: a host app's own Alembic owns that
 TABLES = {"courier_messages", "courier_deliveries", "courier_attempts", "courier_api_tokens", "courier_circuits",
-          "courier_audit"}
+          "courier_audit", "courier_patient_keys", "courier_message_links", "courier_console_sessions", "courier_alerts"}
 
 
 def head_revision() -> str:

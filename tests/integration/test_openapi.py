@@ -14,6 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import response_schema_conformance
 
+from courier.app.store import tokens as token_store
 from courier.app.web import api
 from courier.app.web.openapi import OPERATIONS, openapi_path
 from tests.integration.test_operations import accepted
@@ -89,15 +90,15 @@ def test_every_api_endpoint_needs_a_token_and_names_its_scopes(doc):
         for method, op in item.items():
             if path.startswith("/api/"):
                 assert op["security"] == [{"bearer": []}], (path, method)
-                assert set(op["x-courier-scopes"]) <= {"ingest", "operate", "admin"} and "admin" in op["x-courier-scopes"]
+                assert set(op["x-courier-scopes"]) <= set(token_store.SCOPES) and "admin" in op["x-courier-scopes"]
                 assert "401" in op["responses"], (path, method)
                 # 403 is documented exactly where some scope is refused.
-                assert ("403" in op["responses"]) == (len(op["x-courier-scopes"]) < 3), (path, method)
+                assert ("403" in op["responses"]) == (len(op["x-courier-scopes"]) < len(token_store.SCOPES)), (path, method)
             else:
                 assert op["security"] == [], (path, method)
-    assert doc["paths"]["/api/openapi.json"]["get"]["x-courier-scopes"] == ["ingest", "operate", "admin"]
+    assert doc["paths"]["/api/openapi.json"]["get"]["x-courier-scopes"] == ["ingest", "view", "operate", "admin"]
     assert doc["paths"]["/api/v1/messages"]["post"]["x-courier-scopes"] == ["ingest", "admin"]
-    assert doc["paths"]["/api/v1/messages"]["get"]["x-courier-scopes"] == ["operate", "admin"]
+    assert doc["paths"]["/api/v1/messages"]["get"]["x-courier-scopes"] == ["view", "operate", "admin"]
     body = doc["paths"]["/api/v1/messages"]["post"]["requestBody"]["content"]
     assert set(body) == {"application/json", "application/hl7-v2", "x-application/hl7-v2+er7"}
     assert body["application/json"]["schema"] == {"$ref": "#/components/schemas/Event"}
@@ -106,7 +107,7 @@ def test_every_api_endpoint_needs_a_token_and_names_its_scopes(doc):
 
 def test_the_documented_scopes_are_the_ones_the_api_enforces(client, make_token, doc):
     """Each operation with each scope: refused (403) exactly when x-courier-scopes leaves the scope out."""
-    tokens = {scope: make_token(scope=scope) for scope in ("ingest", "operate", "admin")}
+    tokens = {scope: make_token(scope=scope) for scope in token_store.SCOPES}
     checked = 0
     for path, item in doc["paths"].items():
         for method, op in item.items():
@@ -117,7 +118,7 @@ def test_the_documented_scopes_are_the_ones_the_api_enforces(client, make_token,
                 r = client.open(url, method=method.upper(), headers=headers)
                 assert (r.status_code != 403) == (scope in op["x-courier-scopes"]), (method, path, scope, r.status_code)
                 checked += 1
-    assert checked == 3 * 12
+    assert checked == len(token_store.SCOPES) * 13
 
 
 def test_an_embedded_host_gets_paths_under_its_prefix_and_its_script_root_as_server(app, reader):

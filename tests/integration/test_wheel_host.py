@@ -93,6 +93,11 @@ def test_the_wheel_holds_courier_only(committed, wheel):
     assert versions and in_wheel == versions, f"migrations in the wheel: {in_wheel}, committed: {versions}"
     needed = {"courier/__init__.py", "courier/migrations/env.py", "courier/migrations/script.py.mako"}
     assert needed <= set(names), f"not in the wheel: {sorted(needed - set(names))}"
+    # The operator console's templates and assets (package_data in setup.cfg).
+    web = committed / "app" / "web"
+    assets = {f"courier/app/web/{p.relative_to(web).as_posix()}" for folder in ("templates", "static")
+              for p in (web / folder).rglob("*") if p.is_file()}
+    assert assets and assets <= set(names), f"not in the wheel: {sorted(assets - set(names))}"
     with zipfile.ZipFile(wheel) as zf:
         assert zf.read(f"{dist_info}/top_level.txt").decode().split() == ["courier"]
         assert "courier = courier.tasks.cli:main" in zf.read(f"{dist_info}/entry_points.txt").decode()

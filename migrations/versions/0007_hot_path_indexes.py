@@ -1,7 +1,7 @@
 """hot-path indexes: fewer index entries per message and per delivery
 
-Revision ID: 0006
-Revises: 0005
+Revision ID: 0007
+Revises: 0006
 Create Date: 2026-12-07
 
 Every status change of a delivery writes a new entry in each of its indexes (none of those
@@ -15,8 +15,8 @@ every delivery (docs/design.md, "The hot path"):
 import sqlalchemy as sa
 from alembic import op
 
-revision = '0006'
-down_revision = '0005'
+revision = '0007'
+down_revision = '0006'
 branch_labels = None
 depends_on = None
 
