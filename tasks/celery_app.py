@@ -200,6 +200,8 @@ def celery_init_app(flask_app: Flask) -> Celery:
     import courier.tasks.deliver  # noqa: F401  registers the task on this app
     import courier.tasks.retention  # registers courier.purge; its beat_schedule entry when COURIER_RETENTION is set
     courier.tasks.retention.configure(celery, settings)
+    import courier.tasks.alerts  # registers courier.alerts; its beat_schedule entry, after retention's (docs/console.md)
+    courier.tasks.alerts.configure(celery, settings)
     return celery
 
 

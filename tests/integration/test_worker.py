@@ -203,3 +203,12 @@ def test_split_makes_even_batches_of_one_destination_each():
     assert all(len({c.destination for c in b}) == 1 for b in batches)
     assert sorted(c.delivery_id for b in batches for c in b) == sorted(c.delivery_id for c in claimed)
     assert [len(b) for b in split(claimed[:3], 1)] == [1, 1, 1]
+
+
+def test_the_celery_app_schedules_the_alert_check_and_registers_its_task(courier):
+    """Beat sends courier.alerts (docs/console.md, Alerts) to a queue the Procfile's worker consumes."""
+    _, celery = courier
+    entry = celery.conf.beat_schedule["courier-alerts"]
+    assert entry["task"] == "courier.alerts" and "courier.alerts" in celery.tasks
+    queue = celery.conf.task_routes["courier.alerts"]["queue"]
+    assert queue in {q.name for q in celery.conf.task_queues}
