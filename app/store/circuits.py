@@ -150,7 +150,7 @@ def reset(session: Session, name: str, actor: str, now: datetime | None = None) 
 
     The failure count and the trips start afresh; a pause is left as it is (resume lifts that).
     """
-    row = _row(session, name, lock=True)
+    row = _row(session, name)
     if row is None:
         return None
     before = row.state
