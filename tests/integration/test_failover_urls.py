@@ -2,17 +2,20 @@
 bound but not listening) and whose next is the real RabbitMQ or PostgreSQL must work in every process, and no
 process may call that an outage.
 
-- BROKER_URL `amqp://...:<closed>//;amqp://...:5672//`: the relay and a worker (real processes) deliver, /readyz
-  answers 200; the worker names the node it skipped in one WARNING line and logs no outage.
+- BROKER_URL `amqp://...:<closed>//;amqp://...:<closed>//;amqp://...:5672//`: the relay and a worker (real
+  processes) deliver; /readyz answers 200 with one closed node first; the worker names each node it skipped
+  in one WARNING line and logs no outage.
 - DATABASE_URL with two hosts, the first closed, target_session_attrs=read-write, in libpq's URI and in
   SQLAlchemy's `?host=` form: `courier db upgrade` migrates, ingest stores, the relay is woken by NOTIFY on its
   LISTEN connection (its fallback poll is 60 s, so only NOTIFY can deliver in time) and the worker delivers.
+
 The checks and outage lines that need no server: tests/unit/test_failover_urls.py.
 """
 from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -51,8 +54,13 @@ def _wait_files(folder: Path, count: int, courier, timeout: float) -> float:
     pytest.fail(f"{len(list(folder.glob('*')))} of {count} delivered after {timeout}s\n{courier.procs.logs()}")
 
 
-def test_broker_list_with_first_node_down_relay_worker_and_readyz_work(tmp_path, store, queue_prefix, closed_port):
-    brokers = f"{_closed_broker(closed_port)};{BROKER_URL}"
+def test_broker_list_with_first_nodes_down_relay_worker_and_readyz_work(tmp_path, store, queue_prefix, closed_port):
+    other = socket.socket()
+    other.bind(("127.0.0.1", 0))  # a second port that refuses connections
+    second = other.getsockname()[1]
+    # relay and worker: two nodes down, then the real one; /readyz (which tries two): one down, then the real one
+    brokers = f"{_closed_broker(closed_port)};{_closed_broker(second)};{BROKER_URL}"
+    readyz_brokers = f"{_closed_broker(closed_port)};{BROKER_URL}"
     drop = tmp_path / "erp"
     drop.mkdir()
     with running_courier(tmp_path, store, queue_prefix, {"erp": f"file://{drop}"},
@@ -66,7 +74,7 @@ def test_broker_list_with_first_node_down_relay_worker_and_readyz_work(tmp_path,
 
         # /readyz of a web process with the same BROKER_URL
         settings = load_settings(env={}, config_path=str(courier.config), routing=load_routing(courier.config, {}),
-                                 database_url=store.url, broker_url=brokers, queue_prefix=queue_prefix)
+                                 database_url=store.url, broker_url=readyz_brokers, queue_prefix=queue_prefix)
         web = create_app(settings)
         try:
             r = web.test_client().get("/readyz")
@@ -78,8 +86,10 @@ def test_broker_list_with_first_node_down_relay_worker_and_readyz_work(tmp_path,
     # The node that was skipped is named (one WARNING line), but the list as a whole was never unreachable.
     assert f"RabbitMQ at 127.0.0.1:{closed_port} is not reachable (connection refused); trying the next broker " \
            "of BROKER_URL" in logs
-    assert f"RabbitMQ at 127.0.0.1:{closed_port},127.0.0.1:5672 is not reachable" not in logs
+    assert f"RabbitMQ at 127.0.0.1:{second} is not reachable (connection refused); trying the next broker" in logs
+    assert f"RabbitMQ at 127.0.0.1:{closed_port},127.0.0.1:{second},127.0.0.1:5672 is not reachable" not in logs
     assert "Traceback" not in logs
+    other.close()
 
 
 def test_readyz_with_every_broker_of_the_list_down_is_503(tmp_path, store, queue_prefix, closed_port):
