@@ -86,7 +86,7 @@ def _check_query_hosts(url: str) -> None:
         return
     try:
         parsed = make_url(url)
-    except Exception:  # noqa: BLE001  ArgumentError, ValueError: their messages quote the password
+    except Exception:  # ArgumentError, ValueError: their messages quote the password
         raise ValueError("is not a database URL (postgresql://user:password@host:5432/db)") from None
     hosts = parsed.query.get("host")
     if hosts is None:
