@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import socket
 from functools import cached_property
+
 from celery import Celery, Task
 from celery.beat import PersistentScheduler
 from celery.signals import worker_process_init, worker_ready
