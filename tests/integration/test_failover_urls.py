@@ -8,6 +8,8 @@ process may call that an outage.
 - DATABASE_URL with two hosts, the first closed, target_session_attrs=read-write, in libpq's URI and in
   SQLAlchemy's `?host=` form: `courier db upgrade` migrates, ingest stores, the relay is woken by NOTIFY on its
   LISTEN connection (its fallback poll is 60 s, so only NOTIFY can deliver in time) and the worker delivers.
+- Both lists at once for every Procfile process (release, web under gunicorn, mllp, relay, worker, beat): an
+  MLLP message is delivered, /readyz is 200, beat sends its task; no outage line, no traceback.
 
 The checks and outage lines that need no server: tests/unit/test_failover_urls.py.
 """
@@ -151,3 +153,45 @@ def test_database_hosts_first_down_upgrade_ingest_listen_relay_worker_deliver(tm
     assert "cannot LISTEN" not in logs and "LISTEN connection lost" not in logs, logs
     assert "PostgreSQL at" not in logs, logs  # no outage: the first host refusing is not one
     assert "Traceback" not in logs, logs
+
+
+def test_every_procfile_process_runs_on_both_lists_with_their_first_hosts_down(tmp_path, closed_port):
+    """release, web (gunicorn), mllp, relay, worker and beat, each given BROKER_URL and DATABASE_URL lists whose
+    first entry refuses connections: the release migrates, mllp answers AA, the file drop gets the message,
+    /readyz is 200, beat sends its task and the worker runs it; no outage line and no traceback anywhere."""
+    from tests.integration.test_unreachable import delivered_files, mllp_ack, stack
+
+    with fresh_database("courier_failover_stack") as single:
+        database = _multi_host_urls(single, closed_port)["libpq"]
+        brokers = f"{_closed_broker(closed_port)};{BROKER_URL}"
+        with stack(tmp_path, database, brokers, COURIER_RETENTION="3650d", COURIER_RETENTION_INTERVAL="1s") as s:
+            s.start("release")
+            s.wait_for(lambda: s.procs["release"].poll() is not None, "db upgrade finishes", 60)
+            assert s.procs["release"].returncode == 0 and "database at head" in s.log("release"), s.logs()
+            for name in ("worker", "relay", "beat", "mllp", "web"):
+                s.start(name)
+            s.wait_for(lambda: b"MLLP listener on" in (tmp_path / "mllp.log").read_bytes(), "mllp listens", 60)
+            assert mllp_ack(s.mllp_port, "FAILOVER-1") == "AA"
+            s.wait_for(lambda: delivered_files(tmp_path), "the relay publishes and the worker delivers", 60)
+            assert b"FAILOVER-1" in delivered_files(tmp_path)[0].read_bytes()
+            s.wait_for(lambda: "Sending due task courier-retention" in s.log("beat") and "courier.purge" in
+                       s.log("worker"), "beat sends its task and the worker runs it", 60)
+            s.wait_for(lambda: _ready(s.port), "/readyz answers 200", 30)
+            for name in ("worker", "relay", "beat", "mllp", "web"):
+                assert s.procs[name].poll() is None, f"{name} exited\n{s.logs()}"
+            logs = s.logs()
+    outages = [line for line in logs.splitlines()
+               if "is not reachable" in line and "trying the next broker of BROKER_URL" not in line]
+    assert not outages, logs
+    assert "Traceback" not in logs and "cannot LISTEN" not in logs, logs
+    assert f"RabbitMQ at 127.0.0.1:{closed_port} is not reachable (connection refused); trying the next broker" \
+           in s.log("beat"), s.log("beat")
+
+
+def _ready(port: int) -> bool:
+    from tests.integration.test_unreachable import http_get
+
+    try:
+        return http_get(port, "/readyz")[0] == 200
+    except OSError:
+        return False
