@@ -21,10 +21,12 @@ from typing import Any, Mapping
 
 import yaml
 from marshmallow import RAISE, Schema, ValidationError, fields, post_load, validate, validates_schema
+from sqlalchemy.engine import make_url
 
 from courier import adapters
 from courier.adapters.base import TlsFiles
 from courier.adapters.hl7_charsets import charset_codec as _charset_codec
+from courier.app import service_urls
 from courier.app.domain import canonical, governance, transforms
 from courier.app.settings import (DEFAULT_DATABASE_URL, CircuitPolicy, ConfigError, Destination, RateLimit, RetryPolicy,
                                   Route, RoutingConfig, Settings, Source, env_duration, env_int, parse_duration,
@@ -492,12 +494,35 @@ def load_settings(env: Mapping[str, str] | None = None, **overrides: Any) -> Set
         log_level=env.get("COURIER_LOG_LEVEL", "INFO").upper(),
     )
     values.update(overrides)
+    _check_service_urls(values["database_url"], values["broker_url"])
     try:
         crypto.parse_keys(values["encryption_key"])  # refused now, with the position of the bad key
     except ValueError as exc:
         raise ConfigError([f"environment: {exc}"]) from None
     return Settings(**values)
 
+
+def _check_service_urls(database_url: str, broker_url: str) -> None:
+    """DATABASE_URL (one host or libpq's list) and BROKER_URL (one URL or several separated by ';'), refused
+    here with what is wrong and never the password (courier.app.service_urls, docs/scaling.md)."""
+    problems = []
+    shown = service_urls.redact(database_url)
+    try:
+        normalised = service_urls.database_url(database_url)
+    except ValueError as exc:
+        problems.append(f"environment: DATABASE_URL {shown!r} {exc}")
+    else:
+        try:
+            make_url(normalised)
+        except Exception:  # ArgumentError, or ValueError for a port: their messages quote the URL, password and all
+            problems.append(f"environment: DATABASE_URL {shown!r} is not a database URL (postgresql://user:password"
+                            "@host:5432/db; postgresql://user:password@hostA:5432,hostB:5432/db for several hosts)")
+    try:
+        service_urls.check_broker_url(broker_url)
+    except ValueError as exc:
+        problems.append(f"environment: BROKER_URL {exc}")
+    if problems:
+        raise ConfigError(problems)
 
 
 # A host application's config keys (app.config) whose environment names differ.

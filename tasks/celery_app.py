@@ -14,16 +14,16 @@ from __future__ import annotations
 import logging
 import socket
 from functools import cached_property
-from urllib.parse import urlsplit
 
 from celery import Celery, Task
 from celery.beat import PersistentScheduler
 from celery.signals import worker_process_init, worker_ready
 from celery.worker.consumer import Consumer as CeleryConsumer
-from celery.worker.consumer.consumer import CONNECTION_ERROR
+from celery.worker.consumer.consumer import CONNECTION_ERROR, CONNECTION_FAILOVER
 from flask import Flask
 
 from courier.app.observability import Outage
+from courier.app.service_urls import broker_hosts
 from courier.app.settings import Settings
 from courier.app.store.db import StoreWatch
 from courier.tasks.queues import declare_dead_letter_queues, delivery_queues
@@ -66,13 +66,21 @@ def broker_problem(exc: BaseException) -> tuple[str, str] | None:
 
 
 def broker_location(url: str) -> str:
-    """host:port of the (first) broker URL; never its user or password."""
-    first = urlsplit(str(url).split(";")[0])
-    try:
-        port = first.port
-    except ValueError:
-        port = None
-    return f"{first.hostname or 'localhost'}:{port or 5672}"
+    """host:port of the broker, or of each broker of a failover list (`a;b` -> "a:5672,b:5672"): an outage line
+    means none of them answered. Never a user or password."""
+    return ",".join(broker_hosts(url))
+
+
+def failing_over(connection, interval: float) -> bool:
+    """kombu called an errback with `interval` 0 on a connection with alternates: one broker of BROKER_URL's
+    list failed and the next is tried at once (kombu.Connection._ensure_connection). Not an outage yet."""
+    return bool(getattr(connection, "alt", None)) and not interval
+
+
+def _failover_line(failed: str, exc: BaseException) -> None:
+    """One WARNING line for a broker of the list that did not answer while the next is tried."""
+    reason = (broker_problem(exc) or (str(exc)[:160], ""))[0]
+    log.warning(f"RabbitMQ at {failed} is not reachable ({reason}); trying the next broker of BROKER_URL")
 
 
 def broker_outage(celery: Celery, retry: str) -> Outage:
@@ -91,6 +99,9 @@ class _ConsumerConnectionErrors(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if record.msg is not CONNECTION_ERROR or not isinstance(record.args, tuple) or len(record.args) < 2:
             return True
+        if len(record.args) > 2 and str(record.args[2]) == CONNECTION_FAILOVER:
+            _failover_line(broker_location(str(record.args[0])), record.args[1])  # the next broker is tried now
+            return False
         reason, hint = broker_problem(record.args[1]) or (str(record.args[1])[:160], RABBITMQ_START)
         self.outage.failed(reason, hint)
         return False
@@ -138,7 +149,10 @@ class Scheduler(PersistentScheduler):
         first, _, most = BEAT_RETRY
         return broker_outage(self.app, f"every {first:g}-{most:g}s")
 
-    def _errback(self, exc: BaseException, _interval: float) -> None:
+    def _errback(self, exc: BaseException, interval: float) -> None:
+        if failing_over(self.connection, interval):
+            _failover_line(broker_location(self.connection.as_uri()), exc)
+            return
         self.outage.failed(*(broker_problem(exc) or (str(exc)[:160], RABBITMQ_START)))
 
     @cached_property

@@ -57,8 +57,9 @@ def basic_auth(env: dict[str, str]) -> tuple[str, bool]:
 
 
 def broker_api_url(broker_url: str) -> str:
-    """The RabbitMQ management API URL for `broker_url`: same host and credentials, port 15672 (15671 for amqps)."""
-    url = urlsplit(broker_url)
+    """The RabbitMQ management API URL for `broker_url`: same host and credentials, port 15672 (15671 for amqps).
+    For a failover list (`amqp://a;amqp://b`), the first node's: any node's API shows the whole cluster's queues."""
+    url = urlsplit(broker_url.split(";")[0].strip())
     secure = url.scheme in ("amqps", "pyamqps")
     user = quote(unquote(url.username or "guest"), safe="")
     password = quote(unquote(url.password or "guest"), safe="")

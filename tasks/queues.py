@@ -38,11 +38,13 @@ def dead_letter_queues(settings: Settings) -> list[Queue]:
 def declare_dead_letter_queues(celery: Celery, settings: Settings, retries: int | None = None) -> None:
     """Declare the DLQs (idempotent); they must exist before RabbitMQ dead-letters into them.
 
-    `retries`: connection attempts after the first (kombu's default when None; 0 for one attempt, as the
-    relay does: its own loop paces the retries and says when the broker is down)."""
+    `retries`: rounds of connection attempts after the first (kombu's default when None; 0 for one round, as the
+    relay does: its own loop paces the retries and says when the broker is down). A round tries each broker of
+    BROKER_URL's failover list once (`amqp://a;amqp://b`), so one node down is not a broker outage."""
     with celery.connection_for_write() as conn:
         if retries is not None:
-            conn.ensure_connection(max_retries=retries)
+            per_round = max(len(getattr(conn, "alt", None) or ()), 1)
+            conn.ensure_connection(max_retries=(retries + 1) * per_round - 1)
         channel = conn.default_channel
         for queue in dead_letter_queues(settings):
             queue.bind(channel).declare()

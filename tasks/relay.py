@@ -50,6 +50,16 @@ def split(claimed: list[outbox.Claimed], size: int) -> list[list[outbox.Claimed]
     return batches
 
 
+def listen_conninfo(engine) -> str:
+    """The libpq connection string of `engine`'s connections, for the LISTEN connection: the parameters its
+    dialect gives the driver, so a multi-host URL keeps every host, its ports and target_session_attrs
+    (rendered back as a URL, libpq would keep only the last of several ?host=)."""
+    from psycopg.conninfo import make_conninfo
+
+    _, params = engine.dialect.create_connect_args(engine.url)
+    return make_conninfo("", **{k: v for k, v in params.items() if isinstance(v, (str, int, float))})
+
+
 class Relay:
     """Claims due deliveries and hands them to Celery workers over RabbitMQ.
 
@@ -204,11 +214,10 @@ class Relay:
 
         Done before a round's claim, so no commit between claim and wait goes unnoticed.
         """
-        url = self.store.engine.url.set(drivername="postgresql")
         try:
             import psycopg  # the [sql] extra; a host running psycopg2 alone gets polling
 
-            conn = psycopg.connect(url.render_as_string(hide_password=False), autocommit=True)
+            conn = psycopg.connect(listen_conninfo(self.store.engine), autocommit=True)
             conn.execute(f"LISTEN {outbox.NOTIFY_CHANNEL}")
         except Exception as exc:
             # Tried again each round: warn once (the store down is the round's own outage line).

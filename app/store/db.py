@@ -15,6 +15,7 @@ from sqlalchemy.exc import DBAPIError, DisconnectionError
 from sqlalchemy.orm import Session, sessionmaker
 
 from courier.app.observability import Outage
+from courier.app.service_urls import database_hosts, database_url
 from courier.app.settings import Settings
 from courier.app.store import crypto
 
@@ -26,7 +27,10 @@ CHECK_URL = "check DATABASE_URL"
 
 
 def make_engine(url: str, **kwargs) -> Engine:
-    """An engine tuned for the outbox: idle connections pinged (databases restart), WAL and a busy timeout on SQLite."""
+    """An engine tuned for the outbox: idle connections pinged (databases restart), WAL and a busy timeout on SQLite.
+
+    A libpq multi-host URL (`postgresql://u@hostA:5432,hostB:5432/db`) becomes SQLAlchemy's form (service_urls)."""
+    url = database_url(url) if isinstance(url, str) else url
     parsed = make_url(url)
     kwargs.setdefault("hide_parameters", True)  # SQL errors in logs and Sentry must not carry bodies (PHI)
     if parsed.get_backend_name() == "sqlite":
@@ -173,7 +177,10 @@ _NETWORK_REASONS = (("connection refused", "connection refused"), ("timeout expi
                     ("server closed the connection", "connection lost"), ("connection is lost", "connection lost"),
                     ("consuming input failed", "connection lost"), ("the connection is closed", "connection lost"),
                     ("connection not open", "connection lost"), ("network is unreachable", "network unreachable"),
-                    ("no route to host", "no route to host"))
+                    ("no route to host", "no route to host"),
+                    # target_session_attrs=read-write found only standbys: a failover is under way (docs/scaling.md)
+                    ("hot standby mode", "only a read-only standby answers"),
+                    ("session is read-only", "only a read-only standby answers"))
 # A server that answered "FATAL: ..." and will take connections soon: waiting fixes these, not the URL.
 _TRANSIENT_FATAL = (("starting up", "it is starting up"), ("shutting down", "it is shutting down"),
                     ("in recovery", "it is in recovery"), ("too many clients", "too many connections"),
@@ -215,14 +222,13 @@ def _network_reason(message: str) -> str | None:
 
 
 def describe_url(url: str | URL) -> tuple[str, str]:
-    """(service, where) for log lines: ("PostgreSQL", "127.0.0.1:5432/courier"); never the user or password."""
-    parsed = make_url(url) if isinstance(url, str) else url
+    """(service, where) for log lines: ("PostgreSQL", "127.0.0.1:5432/courier"), with every host of a multi-host
+    URL ("hostA:5432,hostB:5432/courier"); never the user or password."""
+    parsed = make_url(database_url(url)) if isinstance(url, str) else url
     if parsed.get_backend_name() == "sqlite":
         return "the SQLite store", parsed.database or ":memory:"
     service = "PostgreSQL" if parsed.get_backend_name() == "postgresql" else parsed.get_backend_name()
-    host = parsed.host or "the local socket"
-    port = f":{parsed.port or 5432}" if parsed.host else ""
-    return service, f"{host}{port}/{parsed.database or ''}"
+    return service, f"{','.join(database_hosts(parsed)) or 'the local socket'}/{parsed.database or ''}"
 
 
 def store_outage(log, url: str | URL, retry: str, note: str = "") -> Outage:
