@@ -444,7 +444,9 @@ def readyz():
         checks["store"] = f"unreachable: {type(exc).__name__}"
     try:
         with Connection(settings().broker_url, connect_timeout=2) as conn:
-            conn.ensure_connection(max_retries=1, timeout=2)
+            # One try per broker of a BROKER_URL list (at least two, as for a single broker).
+            brokers = max(len(conn.alt), 1)
+            conn.ensure_connection(max_retries=max(brokers, 2) - 1, timeout=2 * brokers)
         checks["broker"] = "ok"
     except Exception as exc:  # kombu raises transport-specific errors; any failure means not ready
         checks["broker"] = f"unreachable: {type(exc).__name__}"
