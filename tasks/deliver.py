@@ -103,7 +103,7 @@ def run_batch(settings: Settings, store: Store, items: list[tuple[str, int]], *,
     batch (a read, then the outcomes), the sends one after the other in between. After a temporary
     failure the rest are not sent (given back, due at once): the destination is in trouble,
     and the circuit breaker, fed with that failure, decides what happens next. A send that its
-    timeout could carry past the claim's lease extends the lease first.
+    timeout (plus a margin) could carry past the claim's lease extends the lease first.
     """
     destinations = settings.routing.destinations
     tickets, statuses = store.transact(
@@ -140,12 +140,15 @@ def run_batch(settings: Settings, store: Store, items: list[tuple[str, int]], *,
 
 
 def _leased_for_a_send(store: Store, ticket: outbox.Ticket, destination: Destination) -> bool:
-    """Is the delivery still ours for as long as a send may take? The claim's lease usually covers it;
-    a task that waited long in its queue extends the lease first (False: another dispatch has it now)."""
-    if ticket.lease_until is None or utcnow() + timedelta(seconds=destination.timeout) <= ticket.lease_until:
+    """Is the delivery ours for a send's timeout plus LEASE_MARGIN? The claim's lease (120 s by default)
+    usually covers it; otherwise (a task that waited long in its queue, a short COURIER_RELAY_LEASE) the
+    lease is extended first, so a worker that dies while sending leaves its task to RabbitMQ's redelivery
+    before the relay dispatches the delivery again. False: another dispatch has it now."""
+    needed = destination.timeout + outbox.LEASE_MARGIN
+    if ticket.lease_until is None or utcnow() + timedelta(seconds=needed) <= ticket.lease_until:
         return True
     with store.session() as session:
-        return outbox.extend_lease(session, ticket, destination.timeout + outbox.LEASE_MARGIN)
+        return outbox.extend_lease(session, ticket, needed)
 
 
 def dead_letter(delivery_id: str) -> None:
