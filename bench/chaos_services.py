@@ -171,14 +171,14 @@ class TmpfsDir:
     def fill(self) -> int:
         """Write zeros until the filesystem is full; returns the bytes written."""
         written = 0
-        with open(self.filler, "wb") as f:
-            block = b"\0" * 65536
-            try:
+        try:  # opening the filler fails too when the files already there took the last page or inode
+            with open(self.filler, "wb") as f:
+                block = b"\0" * 65536
                 while True:
                     written += f.write(block)
                     f.flush()
-            except OSError:
-                pass
+        except OSError:
+            pass
         # tmpfs fills by pages; small writes may still fit in a partly used page. Take those too.
         with contextlib.suppress(OSError), open(self.filler, "ab") as f:
             while True:
