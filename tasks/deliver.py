@@ -122,6 +122,7 @@ def run_batch(settings: Settings, store: Store, items: list[tuple[str, int]], *,
             continue
         with correlation(ticket.correlation_id):  # the message's id in this attempt's logs and Sentry events
             sent.append((ticket, attempt(ticket, destination)))
+
     def finish(session) -> dict[str, str]:
         return {delivery_id: status for name, sent in results.items()
                 for delivery_id, status in outbox.finish_attempts(session, destinations[name], sent).items()}
