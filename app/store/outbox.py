@@ -27,7 +27,7 @@ from datetime import datetime, timedelta
 from functools import lru_cache
 from typing import Mapping
 
-from sqlalchemy import LargeBinary, and_, bindparam, func, insert, or_, select, text, type_coerce, update
+from sqlalchemy import LargeBinary, and_, bindparam, func, or_, select, text, type_coerce, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session, defer
@@ -379,16 +379,14 @@ def _tickets_statement():
 def extend_lease(session: Session, ticket: Ticket, seconds: float, now: datetime | None = None) -> bool:
     """Keep a delivery in flight for `seconds` more, if this ticket's dispatch still owns it."""
     now = now or utcnow()
-    return session.execute(update(Delivery).where(
-        Delivery.id == ticket.delivery_id, Delivery.status == IN_FLIGHT, Delivery.dispatches == ticket.dispatch,
-    ).values(due_at=now + timedelta(seconds=seconds)).execution_options(synchronize_session=False)).rowcount == 1
+    return _fenced(session, ticket.delivery_id, ticket.dispatch, due_at=now + timedelta(seconds=seconds))
 
 
-def _fenced(session: Session, delivery_id: str, dispatch: int, **values) -> None:
-    """Update a delivery only if it is still in flight under `dispatch` (no row lock is held)."""
-    session.execute(update(Delivery).where(Delivery.id == delivery_id, Delivery.status == IN_FLIGHT,
-                                           Delivery.dispatches == dispatch).values(**values)
-                    .execution_options(synchronize_session=False))
+def _fenced(session: Session, delivery_id: str, dispatch: int, **values) -> bool:
+    """Update a delivery only if it is still in flight under `dispatch` (no row lock is held); True if it was."""
+    return session.execute(update(Delivery).where(Delivery.id == delivery_id, Delivery.status == IN_FLIGHT,
+                                                  Delivery.dispatches == dispatch).values(**values)
+                           .execution_options(synchronize_session=False)).rowcount == 1
 
 
 @dataclass(frozen=True)
@@ -447,8 +445,6 @@ def finish_attempts(session: Session, destination: Destination, results: list[tu
     for ticket, outcome in results:
         if ticket.delivery_id in statuses:
             continue
-        owned = and_(Delivery.id == ticket.delivery_id, Delivery.status == IN_FLIGHT,
-                     Delivery.dispatches == ticket.dispatch)
         if outcome is None:
             status, values = RETRYING, dict(due_at=now, attempts=Delivery.attempts - 1)
         elif outcome.result == "permanent":
@@ -462,8 +458,7 @@ def finish_attempts(session: Session, destination: Destination, results: list[tu
                 delay = max(delay, policy.min_wait)
             status, values = RETRYING, dict(due_at=now + timedelta(seconds=delay),
                                             last_error=outcome.detail[:DETAIL_LIMIT])
-        changed = session.execute(update(Delivery).where(owned).values(status=status, updated_at=now, **values)
-                                  .execution_options(synchronize_session=False)).rowcount
+        changed = _fenced(session, ticket.delivery_id, ticket.dispatch, status=status, updated_at=now, **values)
         statuses[ticket.delivery_id] = status if changed else "superseded"
     closed, previous = False, None
     for ticket, outcome in results:
