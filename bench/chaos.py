@@ -46,6 +46,7 @@ import secrets
 import shutil
 import signal
 import socket
+import subprocess
 import sys
 import tempfile
 import threading
@@ -175,6 +176,59 @@ class MllpLoad:
             sock.close()
 
 
+# -- Courier's processes ---------------------------------------------------------------
+
+@dataclass
+class CourierNode:
+    """One set of Courier's processes: their environment and the ports its web and mllp listen on."""
+    env: dict[str, str]
+    web_port: int
+    mllp_port: int
+
+
+def node_env(env: dict[str, str], **more: str) -> CourierNode:
+    web, mllp = free_port(), free_port()
+    return CourierNode({**env, **more, "PORT": str(web), "MLLP_PORT": str(mllp)}, web, mllp)
+
+
+def create_database(pg: PgCluster, name: str = "courier") -> None:
+    admin = create_engine(pg.url("postgres"), isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    admin.dispose()
+
+
+def ingest_headers(env: dict[str, str]) -> dict[str, str]:
+    """Migrate the store (`courier db upgrade`) and make an ingest token for source `lab`: its headers."""
+    courier = str(VENV_BIN / "courier")
+    run_cli([courier, "db", "upgrade"], env)
+    token = run_cli([courier, "tokens", "create", "--source", "lab"], env).strip().splitlines()[-1]
+    return {"Authorization": f"Bearer {token}"}
+
+
+def start_courier(stack: Stack, label: str, kind: str, node: CourierNode) -> subprocess.Popen:
+    """Start the Procfile's `kind` process (web, worker, relay, mllp) as `label`; return once it serves."""
+    command = procfile_command(kind)
+    if kind == "mllp":
+        command += " --host 127.0.0.1"
+    elif kind == "worker":
+        command += f" -n {label}@%h"  # two workers of one name on one host confuse Celery's monitoring
+    log = stack.log_dir / f"{label}.log"
+    mark = log.stat().st_size if log.exists() else 0  # a restart appends to the same log
+    proc = stack.start(label, command, node.env)
+    # Ready: web answers /healthz; a worker consumes (celery's " ready."); mllp listens.
+    ready = {"worker": b" ready.", "mllp": b"MLLP listener on"}.get(kind)
+    if kind == "web":
+        wait_http(f"http://127.0.0.1:{node.web_port}/healthz", proc, stack, timeout=60)
+    elif ready is not None:
+        deadline = time.monotonic() + 60
+        while ready not in log.read_bytes()[mark:]:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{label} not ready:\n{stack.log_tail(label)}")
+            time.sleep(0.1)
+    return proc
+
+
 # -- the suite ---------------------------------------------------------------------
 
 class Chaos:
@@ -195,23 +249,35 @@ class Chaos:
 
     def setup(self) -> None:
         t0 = time.monotonic()
+        self.engines()
+        self.engine = create_engine(self.db_url, pool_pre_ping=True, pool_size=2)
+        self.stack.callback(self.engine.dispose)
+        config = self.destinations()
+        self.env = {"DATABASE_URL": self.db_url, "BROKER_URL": self.rabbit.url, "COURIER_CONFIG": str(config),
+                    "COURIER_QUEUE_PREFIX": f"chaos-{self.tag}", "COURIER_RELAY_LEASE": "10s",
+                    "PYTHONUNBUFFERED": "1", "COURIER_LOG_LEVEL": "INFO"}
+        self.headers = ingest_headers(self.env)
+        self.nodes = {"": node_env(self.env)}
+        for name in ("web", "worker", "relay", "mllp"):
+            self.start(name)
+        self.say(f"Courier up (web :{self.nodes[''].web_port}, mllp :{self.nodes[''].mllp_port}) in "
+                 f"{time.monotonic() - t0:.1f}s")
+
+    def engines(self) -> None:
+        """PostgreSQL with an empty `courier` database (sets db_url) and RabbitMQ."""
         self.pg = PgCluster(self.base, free_block(1))
         self.pg.start()
         self.stack.callback(self.pg.close)
-        admin = create_engine(self.pg.url("postgres"), isolation_level="AUTOCOMMIT")
-        with admin.connect() as conn:
-            conn.execute(text("CREATE DATABASE courier"))
-        admin.dispose()
+        create_database(self.pg)
         self.db_url = self.pg.url("courier")
-        self.engine = create_engine(self.db_url, pool_pre_ping=True, pool_size=2)
-        self.stack.callback(self.engine.dispose)
-
         self.rabbit = RabbitNode(self.base, free_block(13), self.tag)
         self.stack.callback(self.rabbit.close)
         boot = self.rabbit.start()
         self.say(f"own PostgreSQL on 127.0.0.1:{self.pg.port}, own RabbitMQ node {self.rabbit.node} on "
                  f"127.0.0.1:{self.rabbit.port} (booted in {boot:.1f}s)")
 
+    def destinations(self) -> Path:
+        """The drop folder (a small tmpfs if it can be mounted), the two HTTP sinks and the routing file."""
         why_not = TmpfsDir.available()
         if why_not is None:
             try:
@@ -244,46 +310,12 @@ class Chaos:
         }
         config = self.base / "courier.yml"
         config.write_text(yaml.safe_dump(doc, sort_keys=False))
-        self.web_port, self.mllp_port = free_port(), free_port()
-        self.env = {"DATABASE_URL": self.db_url, "BROKER_URL": self.rabbit.url, "COURIER_CONFIG": str(config),
-                    "COURIER_QUEUE_PREFIX": f"chaos-{self.tag}", "COURIER_RELAY_LEASE": "10s",
-                    "PORT": str(self.web_port), "MLLP_PORT": str(self.mllp_port), "PYTHONUNBUFFERED": "1",
-                    "COURIER_LOG_LEVEL": "INFO"}
-        courier = str(VENV_BIN / "courier")
-        run_cli([courier, "db", "upgrade"], self.env)
-        token = run_cli([courier, "tokens", "create", "--source", "lab"], self.env).strip().splitlines()[-1]
-        self.headers = {"Authorization": f"Bearer {token}"}
-        for name in ("web", "worker", "relay", "mllp"):
-            self.start(name)
-        self.say(f"Courier up (web :{self.web_port}, mllp :{self.mllp_port}) in {time.monotonic() - t0:.1f}s")
-
-    COMMANDS = {
-        "web": lambda: procfile_command("web"),
-        "worker": lambda: procfile_command("worker"),
-        "relay": lambda: procfile_command("relay"),
-        "mllp": lambda: procfile_command("mllp") + " --host 127.0.0.1",
-    }
+        return config
 
     def start(self, name: str) -> None:
-        log = self.stack.log_dir / f"{name}.log"
-        mark = log.stat().st_size if log.exists() else 0  # a restart appends to the same log
-        proc = self.stack.start(name, self.COMMANDS[name](), self.env)
-        self.procs[name] = proc
-        if name == "web":
-            wait_http(f"http://127.0.0.1:{self.web_port}/healthz", proc, self.stack, timeout=60)
-        elif name == "worker":
-            # Ready means consuming: celery's " ready." in what this process wrote.
-            deadline = time.monotonic() + 60
-            while b" ready." not in log.read_bytes()[mark:]:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"worker not ready:\n{self.stack.log_tail('worker')}")
-                time.sleep(0.1)
-        elif name == "mllp":
-            deadline = time.monotonic() + 60
-            while b"MLLP listener on" not in log.read_bytes()[mark:]:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"mllp not ready:\n{self.stack.log_tail('mllp')}")
-                time.sleep(0.1)
+        """Start process `name`: a Procfile process (web, worker, relay, mllp), `-<node>` in a cluster."""
+        kind, _, node = name.partition("-")
+        self.procs[name] = start_courier(self.stack, name, kind, self.nodes[node])
 
     def kill(self, name: str) -> None:
         proc = self.procs[name]
@@ -355,7 +387,7 @@ class Chaos:
             row.lost = 0
             return row
         duration = max(self.profile.phase_s, lasts + self.profile.phase_s * 0.6)
-        http_load, mllp = self._start_load(duration)
+        http_loads, mllps = self._start_load(duration)
         at = self.rng.uniform(0.2, 0.5) * self.profile.phase_s
         time.sleep(at)
         t_fault = time.monotonic()
@@ -371,14 +403,16 @@ class Chaos:
         drained = self._wait_closed(None, self.profile.drain_s)
         if drained is None:
             row.notes.append(f"not drained after {self.profile.drain_s:.0f}s")
-        row.accepted = http_load[0].messages + len(mllp.accepted)
-        row.refused = http_load[0].errors + mllp.refused
-        if http_load[0].first_error:
-            row.notes.append(f"http: {http_load[0].errors} refused, first: {http_load[0].first_error[:80]}")
-        if mllp.first_error:
-            row.notes.append(f"mllp: {mllp.refused} refused, first: {mllp.first_error[:80]}")
-        self.http_loads.append(http_load[0])
-        self.mllp_accepted.extend(mllp.accepted)
+        row.accepted = sum(h.messages for h in http_loads) + sum(len(m.accepted) for m in mllps)
+        row.refused = sum(h.errors for h in http_loads) + sum(m.refused for m in mllps)
+        for h in http_loads:
+            if h.first_error:
+                row.notes.append(f"http: {h.errors} refused, first: {h.first_error[:80]}")
+        for m in mllps:
+            if m.first_error:
+                row.notes.append(f"mllp: {m.refused} refused, first: {m.first_error[:80]}")
+            self.mllp_accepted.extend(m.accepted)
+        self.http_loads.extend(http_loads)
         self._reconcile(row)
         self.say(f"  {name}: fault at {at:.1f}s for {t_end - t_fault:.1f}s; {row.accepted} accepted, "
                  f"{row.lost} lost, {row.duplicates} duplicates, recovered "
@@ -388,17 +422,20 @@ class Chaos:
     mllp_accepted: list[str]
 
     def _start_load(self, duration: float):
-        url = f"http://127.0.0.1:{self.web_port}/api/v1/messages"
+        """HTTP and MLLP load on every node (split evenly); returns the HTTP loads (filled when done) and
+        the MLLP senders."""
         http_box: list[Load] = []
-        mllp = MllpLoad(self.mllp_port, self.profile.mllp_rate, f"{self.tag}-{len(self.http_loads)}")
-        self._load_threads = [
-            threading.Thread(target=lambda: http_box.append(
-                drive(url, self.headers, duration, rate=self.profile.http_rate, connections=4)), daemon=True),
-            threading.Thread(target=mllp.drive, args=(duration,), daemon=True),
-        ]
+        mllps = [MllpLoad(node.mllp_port, self.profile.mllp_rate / len(self.nodes),
+                          f"{self.tag}-{len(self.http_loads)}{name}") for name, node in self.nodes.items()]
+        self._load_threads = [threading.Thread(target=m.drive, args=(duration,), daemon=True) for m in mllps]
+        for node in self.nodes.values():
+            url = f"http://127.0.0.1:{node.web_port}/api/v1/messages"
+            self._load_threads.append(threading.Thread(target=lambda url=url: http_box.append(
+                drive(url, self.headers, duration, rate=self.profile.http_rate / len(self.nodes), connections=4)),
+                daemon=True))
         for t in self._load_threads:
             t.start()
-        return http_box, mllp
+        return http_box, mllps
 
     def _retry_db(self, fn, timeout: float = 60.0):
         deadline = time.monotonic() + timeout

@@ -1,4 +1,4 @@
-"""The failure suite's own PostgreSQL cluster, RabbitMQ node and small disk, on other ports.
+"""The failure suites' own PostgreSQL clusters, RabbitMQ nodes and small disk, on other ports.
 
 The machine's services (PostgreSQL 5432, RabbitMQ 5672) are shared with other
 test runs and must stay up, so the suite restarts only what it started here:
@@ -6,12 +6,15 @@ test runs and must stay up, so the suite restarts only what it started here:
 - `PgCluster`: `initdb` into a temporary directory, trust auth, listening on
   127.0.0.1:PORT with its socket in the same directory. initdb and postgres
   refuse to run as root, so as root they run as the `postgres` user (runuser).
+  `standby_of=` makes a streaming standby of another one instead (pg_basebackup -R),
+  which `promote()` turns into a primary (bench/cluster.py).
 - `RabbitNode`: a second node `chaos-<tag>@localhost` with its own data, log,
   config and (empty) plugin files, AMQP on PORT and distribution on PORT+1.
   It shares the machine's epmd, which is fine: epmd only maps names to ports.
   rabbitmqctl must get the same environment, or it computes its own
   distribution ports from the defaults (35672-35682, the machine node's CLI
   range) and may take the port we asked for. Boots in about 10 s on 2 loaded cores.
+  Nodes given one `cookie` can `join()` each other's cluster (bench/cluster.py).
 - `TmpfsDir`: a small tmpfs, so "disk full" fills a few MB and nothing else
   (needs root for mount; `available()` says whether it can be done).
 """
@@ -50,13 +53,26 @@ def missing_services() -> str | None:
 
 
 class PgCluster:
-    def __init__(self, base: Path, port: int):
-        self.bin, self.dir, self.port = pg_bin(), base / "pg", port
+    def __init__(self, base: Path, port: int, name: str = "pg", standby_of: "PgCluster | None" = None):
+        """A new cluster in `base`/`name`, or with `standby_of` a streaming standby of that (running) primary,
+        copied with pg_basebackup and connecting as application_name `name` (for synchronous_standby_names)."""
+        self.bin, self.dir, self.port, self.name = pg_bin(), base / name, port, name
         self.data = self.dir / "data"
         self.dir.mkdir()
         if os.geteuid() == 0:
             shutil.chown(self.dir, "postgres")
-        self._run([str(self.bin / "initdb"), "-D", str(self.data), "-A", "trust", "-U", "postgres", "--no-sync"])
+        if standby_of is None:
+            self._run([str(self.bin / "initdb"), "-D", str(self.data), "-A", "trust", "-U", "postgres", "--no-sync"])
+            return
+        self._run([str(self.bin / "pg_basebackup"), "-h", "127.0.0.1", "-p", str(standby_of.port), "-U", "postgres",
+                   "-D", str(self.data), "-X", "stream", "-R", "--checkpoint=fast", "--no-sync"])
+        conninfo = f"host=127.0.0.1 port={standby_of.port} user=postgres application_name={name}"
+        with open(self.data / "postgresql.auto.conf", "a") as conf:  # the last setting of a name wins
+            conf.write(f"primary_conninfo = '{conninfo}'\n")
+
+    def promote(self) -> None:
+        """Make this standby a primary (what a failover tool does after the primary is lost)."""
+        self._run([str(self.bin / "pg_ctl"), "-D", str(self.data), "-w", "promote"])
 
     def _run(self, argv: list[str]) -> str:
         out = subprocess.run(_as_postgres(argv), capture_output=True, text=True, cwd="/")
@@ -82,9 +98,16 @@ class PgCluster:
 
 
 class RabbitNode:
-    def __init__(self, base: Path, port: int, tag: str):
-        self.dir, self.port, self.node = base / "rabbit", port, f"chaos-{tag}@localhost"
+    def __init__(self, base: Path, port: int, tag: str, name: str = "rabbit", cookie: str | None = None):
+        """`name`: the node's folder under `base` (and part of its node name); `cookie`: the Erlang cookie,
+        which the nodes of one cluster must share (None: RabbitMQ makes one)."""
+        self.dir, self.port = base / name, port
+        self.node = f"chaos-{tag}@localhost" if name == "rabbit" else f"{name}-{tag}@localhost"
         self.dir.mkdir()
+        if cookie is not None:
+            path = self.dir / ".erlang.cookie"
+            path.write_text(cookie)
+            path.chmod(0o400)
         (self.dir / "rabbitmq.conf").write_text(f"listeners.tcp.1 = 127.0.0.1:{port}\nloopback_users = none\n")
         (self.dir / "enabled_plugins").write_text("[].\n")
         self.env = {
@@ -120,6 +143,13 @@ class RabbitNode:
             raise RuntimeError(f"RabbitMQ node {self.node} did not boot: {out.stdout}{out.stderr}\n"
                                f"{(self.dir / 'server.out').read_text(errors='replace')[-3000:]}")
         return time.monotonic() - t0
+
+    def join(self, other: "RabbitNode") -> None:
+        """Join `other`'s cluster (this node's own data is reset; it must be running)."""
+        for args in (("stop_app",), ("reset",), ("join_cluster", other.node), ("start_app",)):
+            out = self.ctl(*args)
+            if out.returncode != 0:
+                raise RuntimeError(f"rabbitmqctl {' '.join(args)} on {self.node}: {out.stdout}{out.stderr}")
 
     def stop(self) -> None:
         """A clean shutdown (`rabbitmqctl stop`)."""

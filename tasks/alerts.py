@@ -14,12 +14,12 @@ import click
 import requests
 from celery import Celery, shared_task
 from flask import current_app
-from kombu import Queue
 
 from courier.app.cli.common import with_appcontext
 from courier.app.settings import Settings, parse_duration
 from courier.app.store import alerts
 from courier.app.store.db import Store
+from courier.tasks.queues import maintenance_queue
 
 log = logging.getLogger("courier.alerts")
 TIMEOUT = 10.0
@@ -28,10 +28,10 @@ TIMEOUT = 10.0
 def configure(celery: Celery, settings: Settings) -> None:
     """The beat schedule entry and the maintenance queue (added to what retention may have set)."""
     interval = parse_duration(os.environ.get("COURIER_ALERT_INTERVAL", "60s"))
-    queue = f"{settings.queue_prefix}.maintenance"
-    if queue not in {q.name for q in celery.conf.task_queues or ()}:
-        celery.conf.task_queues = list(celery.conf.task_queues or ()) + [Queue(queue, durable=True)]
-    celery.conf.task_routes = {**(celery.conf.task_routes or {}), "courier.alerts": {"queue": queue}}
+    queue = maintenance_queue(settings)
+    if queue.name not in {q.name for q in celery.conf.task_queues or ()}:
+        celery.conf.task_queues = list(celery.conf.task_queues or ()) + [queue]
+    celery.conf.task_routes = {**(celery.conf.task_routes or {}), "courier.alerts": {"queue": queue.name}}
     celery.conf.beat_schedule = {**(celery.conf.beat_schedule or {}),
                                  "courier-alerts": {"task": "courier.alerts", "schedule": interval}}
 

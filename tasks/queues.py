@@ -35,6 +35,16 @@ def dead_letter_queues(settings: Settings) -> list[Queue]:
             for name in settings.routing.destinations]
 
 
+def maintenance_queue(settings: Settings) -> Queue:
+    """`<prefix>.housekeeping`: beat's periodic tasks (retention, alerts), apart from the destinations' queues.
+
+    A quorum queue, like the others: a classic queue lives on one RabbitMQ node, and with that node down every
+    worker of a cluster that consumes it stops ("home node ... is down", an unrecoverable error for Celery).
+    It replaces the classic `<prefix>.maintenance` of earlier releases (a queue's type cannot be changed under
+    its name); docs/operations.md says how to delete that one after the upgrade."""
+    return Queue(f"{settings.queue_prefix}.housekeeping", durable=True, queue_arguments={"x-queue-type": "quorum"})
+
+
 def declare_dead_letter_queues(celery: Celery, settings: Settings, retries: int | None = None) -> None:
     """Declare the DLQs (idempotent); they must exist before RabbitMQ dead-letters into them.
 

@@ -7,10 +7,10 @@ import logging
 
 from celery import Celery, shared_task
 from flask import current_app
-from kombu import Queue
 
 from courier.app.settings import Settings
 from courier.app.store import retention
+from courier.tasks.queues import maintenance_queue
 
 log = logging.getLogger("courier.retention")
 BEAT_PAUSE = 0.05  # seconds between batches: a scheduled purge yields the disk to live traffic
@@ -25,9 +25,9 @@ def configure(celery: Celery, settings: Settings) -> None:
     age, interval = retention.retention_from_env()
     if age is None:
         return
-    queue = f"{settings.queue_prefix}.maintenance"
-    celery.conf.task_queues = list(celery.conf.task_queues) + [Queue(queue, durable=True)]
-    celery.conf.task_routes = {"courier.purge": {"queue": queue}}
+    queue = maintenance_queue(settings)
+    celery.conf.task_queues = list(celery.conf.task_queues) + [queue]
+    celery.conf.task_routes = {"courier.purge": {"queue": queue.name}}
     celery.conf.beat_schedule = {"courier-retention": {"task": "courier.purge", "schedule": interval}}
 
 

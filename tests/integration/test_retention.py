@@ -198,8 +198,9 @@ def test_beat_schedule_and_task(app, store, monkeypatch):
     courier.tasks.retention.configure(celery, settings)
     entry = celery.conf.beat_schedule["courier-retention"]
     assert entry == {"task": "courier.purge", "schedule": 900.0}
-    queue = f"{settings.queue_prefix}.maintenance"
-    assert [q.name for q in celery.conf.task_queues] == [queue]
+    queue = f"{settings.queue_prefix}.housekeeping"
+    [declared] = celery.conf.task_queues
+    assert declared.name == queue and declared.queue_arguments == {"x-queue-type": "quorum"}  # on every node
     assert celery.conf.task_routes["courier.purge"] == {"queue": queue}
 
     add_message(store, [DELIVERED])

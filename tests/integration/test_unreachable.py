@@ -176,7 +176,7 @@ class Stack:
         with Connection(BROKER_URL) as conn:
             channel = conn.default_channel
             for queue in [f"{self.prefix}.{kind}.{d}" for kind in ("deliver", "dead") for d in ("billing", "erp")] \
-                    + [f"{self.prefix}.maintenance"]:
+                    + [f"{self.prefix}.housekeeping"]:
                 channel.queue_delete(queue)
             for kind in ("deliver", "dead"):
                 channel.exchange_delete(f"{self.prefix}.{kind}")

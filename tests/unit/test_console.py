@@ -144,13 +144,13 @@ def test_the_alert_task_joins_the_beat_schedule_and_routes_that_retention_set(mo
 
     monkeypatch.setenv("COURIER_ALERT_INTERVAL", "30s")
     celery = Celery("t", set_as_current=False)
-    celery.conf.task_queues = [Queue("p.maintenance")]
-    celery.conf.task_routes = {"courier.purge": {"queue": "p.maintenance"}}
+    celery.conf.task_queues = [Queue("p.housekeeping")]
+    celery.conf.task_routes = {"courier.purge": {"queue": "p.housekeeping"}}
     celery.conf.beat_schedule = {"courier-retention": {"task": "courier.purge", "schedule": 3600}}
     alert_task.configure(celery, type("S", (), {"queue_prefix": "p"})())
-    assert [q.name for q in celery.conf.task_queues] == ["p.maintenance"]
-    assert celery.conf.task_routes == {"courier.purge": {"queue": "p.maintenance"},
-                                       "courier.alerts": {"queue": "p.maintenance"}}
+    assert [q.name for q in celery.conf.task_queues] == ["p.housekeeping"]
+    assert celery.conf.task_routes == {"courier.purge": {"queue": "p.housekeeping"},
+                                       "courier.alerts": {"queue": "p.housekeeping"}}
     assert celery.conf.beat_schedule["courier-alerts"] == {"task": "courier.alerts", "schedule": 30.0}
     assert "courier-retention" in celery.conf.beat_schedule
 
