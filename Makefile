@@ -9,7 +9,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export PORT ?= 8000
 export COURIER_CONFIG ?= $(if $(wildcard courier.yml),courier.yml,examples/courier.yml)
 
-.PHONY: run hospital test install migrate bench paging chaos clean install-systemd
+.PHONY: run hospital test install migrate bench paging chaos cluster cluster-chaos clean install-systemd
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -65,6 +65,21 @@ paging: install
 CHAOS_ARGS ?=
 chaos: install
 	python bench/chaos.py $(CHAOS_ARGS)
+
+# Scale-out on one machine (docs/scaling.md): three RabbitMQ nodes in one cluster, a PostgreSQL primary with a
+# synchronous standby, two Courier nodes (web, mllp, relay, worker each), all on their own ports and data
+# folders; prints the addresses and writes instance/cluster.env; Ctrl-C stops and removes it all.
+# COURIER_CONFIG routes, as for `make run`. CLUSTER_ARGS=--async-standby for an asynchronous standby.
+CLUSTER_ARGS ?=
+cluster: install
+	python bench/cluster.py $(CLUSTER_ARGS)
+
+# Node failures under load on that set-up (bench/cluster_chaos.py): a RabbitMQ node killed, a whole Courier
+# node killed, the PostgreSQL primary crashed and the standby promoted; reconciled after each, exit 1 if
+# anything acknowledged was lost; writes bench/CLUSTER.md. CLUSTER_CHAOS_ARGS=--quick: what .ci/run runs (~1.5 min).
+CLUSTER_CHAOS_ARGS ?=
+cluster-chaos: install
+	python bench/cluster_chaos.py $(CLUSTER_CHAOS_ARGS)
 
 clean:
 	rm -rf $(VENV) instance .pytest_cache .hypothesis
