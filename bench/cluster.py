@@ -144,14 +144,10 @@ class Cluster:
         for i, name in enumerate(NODES):
             self.nodes[name] = node_env(env, DATABASE_URL=self.database_url, BROKER_URL=self.broker_url(i))
 
-    def start(self, label: str) -> None:
-        """Start `<kind>-<node>`, e.g. web-a."""
-        kind, _, node = label.partition("-")
-        self.procs[label] = start_courier(self.stack, label, kind, self.nodes[node])
-
-    def start_node(self, node: str) -> None:
-        for kind in KINDS:
-            self.start(f"{kind}-{node}")
+    def start_node(self, node: str, kinds: tuple[str, ...] = KINDS) -> None:
+        """Start the node's processes, labelled `<kind>-<node>` (web-a ...)."""
+        for kind in kinds:
+            self.procs[f"{kind}-{node}"] = start_courier(self.stack, f"{kind}-{node}", kind, self.nodes[node])
 
 
 def write_env(cluster: Cluster, path: Path) -> None:
@@ -192,6 +188,7 @@ def main(argv: list[str] | None = None) -> int:
                         f"MLLP 127.0.0.1:{node.mllp_port}, broker list from {node.env['BROKER_URL'].split(';')[0]}")
             env_file = ROOT / "instance" / "cluster.env"
             write_env(cluster, env_file)
+            stack.callback(env_file.unlink, True)  # it would point at servers that are gone
             say_now(f"environment in {env_file.relative_to(ROOT)}; logs in {log_dir}; Ctrl-C stops everything")
             while True:
                 time.sleep(3600)

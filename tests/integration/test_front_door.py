@@ -271,3 +271,53 @@ def test_make_hospital_on_a_fresh_clone(clone, tmp_path):
         assert rows == [("MDT-PM-ADAPTA-01", 1, "OR-2", "LOT-H4471")]
         t.pop("stack")
         assert_clean_stop(stack)
+
+
+def test_make_cluster_on_a_fresh_clone(clone, tmp_path):
+    """`make cluster` (docs/scaling.md) from a fresh clone: three RabbitMQ nodes, a PostgreSQL primary and
+    standby and two Courier nodes come up; an event posted to node b and an HL7 message sent to node a's
+    listener are both delivered; SIGTERM stops and removes everything, the environment file included."""
+    from tests.support.config import write_config
+    from tests.support.sinks import HttpSink
+
+    with HttpSink() as sink:
+        config = write_config(tmp_path / "courier.yml", {"sink": sink.url})
+        config.write_text(config.read_text().replace("  lab:\n", "  lab:\n    mllp_allow: [127.0.0.1/32]\n", 1))
+        env = newcomer_env(COURIER_CONFIG=str(config))
+        cluster = Terminal("make cluster", clone, env, tmp_path / "cluster.log")
+        try:
+            wait_until(lambda: "Ctrl-C stops everything" in cluster.output(), "make cluster is up",
+                       lambda: cluster.output()[-4000:], timeout=420)
+            output = cluster.output()
+            webs = dict(re.findall(r"Courier node (\w): web (http://[\d.:]+),", output))
+            listeners = {n: int(p) for n, p in re.findall(r"Courier node (\w): web \S+ MLLP 127\.0\.0\.1:(\d+)",
+                                                          output)}
+            assert set(webs) == set(listeners) == {"a", "b"}, output
+            shared = dict(re.findall(r"^(\w+)='(.*)'$", (clone / "instance/cluster.env").read_text(), re.M))
+            assert shared["DATABASE_URL"].count(",") == 1 and "target_session_attrs=read-write" in \
+                shared["DATABASE_URL"], shared  # the primary and the standby
+            assert shared["BROKER_URL"].count(";") == 2, shared  # three RabbitMQ nodes
+            token = subprocess.run([str(clone / ".venv/bin/courier"), "tokens", "create", "--source", "lab"],
+                                   cwd=clone, env={**env, **shared}, capture_output=True, text=True, timeout=60,
+                                   check=True).stdout.strip().splitlines()[-1]
+
+            request = urllib.request.Request(f"{webs['b']}/api/v1/messages", headers={
+                "Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+                data=json.dumps({"type": "service.completed", "id": "cluster-1", "data": {"n": 1}}).encode())
+            with urllib.request.urlopen(request, timeout=30) as response:
+                assert response.status == 202
+            adt = "MSH|^~\\&|LAB|HOSP|COURIER|HOSP|20240101120000||ADT^A01|CLUSTER0001|P|2.5\rPID|1||42^^^HOSP^MR\r"
+            with socket.create_connection(("127.0.0.1", listeners["a"]), timeout=30) as s:
+                s.sendall(b"\x0b" + adt.encode() + b"\x1c\r")
+                ack = s.recv(4096)
+            assert b"MSA|AA|CLUSTER0001" in ack, ack
+            wait_until(lambda: len(sink.received) >= 2, "both delivered", lambda: cluster.output()[-4000:], 120)
+            bodies = b"".join(r.body for r in sink.received)
+            assert b"cluster-1" in bodies and b"CLUSTER0001" in bodies, bodies
+        finally:
+            cluster.stop(timeout=120)
+    output = cluster.output()
+    assert "stopped" in output, output[-3000:]
+    scratch = re.search(r"logs in (/\S+)/logs;", output).group(1)
+    assert not Path(scratch).exists(), f"{scratch} left behind"
+    assert not (clone / "instance/cluster.env").exists()
