@@ -129,13 +129,8 @@ def wait_for(predicate, what: str, c, timeout: float = 60.0):
     return value
 
 
-def deliveries(store, destination: str) -> list[Delivery]:
-    with store.session() as s:
-        return list(s.scalars(select(Delivery).where(Delivery.destination == destination).order_by(Delivery.id)))
-
-
 def messages_with(store, source: str, dedup_keys) -> Counter:
-    """How many stored messages of `source` carry each of `dedup_keys` (Idempotency-Key or MSH-10)."""
+    """How many stored messages of `source` carry each of `dedup_keys` (their Idempotency-Key)."""
     with store.session() as s:
         rows = s.scalars(select(Message.dedup_key).where(Message.source == source,
                                                          Message.dedup_key.in_(list(dedup_keys))))

@@ -110,13 +110,12 @@ class Node:
 
     # -- talking to the node ------------------------------------------------
 
-    def post(self, headers: dict[str, str], doc: dict | bytes, content_type: str = "application/json",
-             ) -> tuple[int, dict, dict[str, str]]:
-        """POST one message to this node's web on a new connection: (status, JSON body, headers)."""
-        body = doc if isinstance(doc, bytes) else json.dumps(doc).encode()
+    def post(self, headers: dict[str, str], doc: dict) -> tuple[int, dict, dict[str, str]]:
+        """POST one JSON event to this node's web on a new connection: (status, JSON body, headers)."""
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
         try:
-            conn.request("POST", "/api/v1/messages", body=body, headers={**headers, "Content-Type": content_type})
+            conn.request("POST", "/api/v1/messages", body=json.dumps(doc),
+                         headers={**headers, "Content-Type": "application/json"})
             r = conn.getresponse()
             raw = r.read()
             return r.status, json.loads(raw) if raw else {}, {k.lower(): v for k, v in r.getheaders()}
