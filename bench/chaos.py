@@ -130,8 +130,8 @@ def free_block(n: int) -> int:
 class MllpLoad:
     """One connection sending ADT messages at `rate`/s; remembers the MSH-10 of each AA."""
 
-    def __init__(self, port: int, rate: float, run: str):
-        self.port, self.rate, self.run = port, rate, run
+    def __init__(self, port: int, rate: float, run: str, node: str = ""):
+        self.port, self.rate, self.run, self.node = port, rate, run, node
         self.accepted: list[str] = []
         self.refused = 0
         self.first_error = ""
@@ -407,10 +407,12 @@ class Chaos:
         row.refused = sum(h.errors for h in http_loads) + sum(m.refused for m in mllps)
         for h in http_loads:
             if h.first_error:
-                row.notes.append(f"http: {h.errors} refused, first: {h.first_error[:80]}")
+                row.notes.append(f"http{' to node ' + h.node if h.node else ''}: {h.errors} refused, first: "
+                                 f"{h.first_error[:80]}")
         for m in mllps:
             if m.first_error:
-                row.notes.append(f"mllp: {m.refused} refused, first: {m.first_error[:80]}")
+                row.notes.append(f"mllp{' to node ' + m.node if m.node else ''}: {m.refused} refused, first: "
+                                 f"{m.first_error[:80]}")
             self.mllp_accepted.extend(m.accepted)
         self.http_loads.extend(http_loads)
         self._reconcile(row)
@@ -426,13 +428,16 @@ class Chaos:
         the MLLP senders."""
         http_box: list[Load] = []
         mllps = [MllpLoad(node.mllp_port, self.profile.mllp_rate / len(self.nodes),
-                          f"{self.tag}-{len(self.http_loads)}{name}") for name, node in self.nodes.items()]
+                          f"{self.tag}-{len(self.http_loads)}{name}", name) for name, node in self.nodes.items()]
         self._load_threads = [threading.Thread(target=m.drive, args=(duration,), daemon=True) for m in mllps]
-        for node in self.nodes.values():
-            url = f"http://127.0.0.1:{node.web_port}/api/v1/messages"
-            self._load_threads.append(threading.Thread(target=lambda url=url: http_box.append(
-                drive(url, self.headers, duration, rate=self.profile.http_rate / len(self.nodes), connections=4)),
-                daemon=True))
+        rate = self.profile.http_rate / len(self.nodes)
+
+        def http(name: str, node: CourierNode) -> None:
+            load = drive(f"http://127.0.0.1:{node.web_port}/api/v1/messages", self.headers, duration, rate=rate,
+                         connections=4)
+            load.node = name
+            http_box.append(load)
+        self._load_threads += [threading.Thread(target=http, args=item, daemon=True) for item in self.nodes.items()]
         for t in self._load_threads:
             t.start()
         return http_box, mllps
