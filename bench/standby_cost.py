@@ -1,11 +1,11 @@
 """What a synchronous PostgreSQL standby costs Courier's durable accepts (docs/scaling.md).
 
-    python bench/standby_cost.py [--duration 15] [--rounds 2]
+    python bench/standby_cost.py [--duration 15] [--rounds 2] [--connections 16]
 
 Starts bench/cluster.py's engines (a primary and a streaming standby on this
 machine) and one Courier web process (gunicorn, the Procfile's command) on
-them, then posts unique JSON events with wrk (16 kept-alive connections, as
-`make bench` does) for `duration` seconds in each mode, alternating:
+them, then posts unique JSON events with wrk (16 kept-alive connections as
+`make bench` does, or --connections) for `duration` seconds in each mode, alternating:
 - synchronous: synchronous_standby_names = 'standby', synchronous_commit = on
   (every 202 waits until the standby has the WAL on disk);
 - asynchronous: synchronous_standby_names = '' (the standby streams, nobody waits);
@@ -43,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--duration", type=float, default=15.0, help="seconds of load per mode and round")
     parser.add_argument("--rounds", type=int, default=2, help="rounds of synchronous then asynchronous")
+    parser.add_argument("--connections", type=int, default=16,
+                        help="wrk's connections (1 shows the commit's own latency, 16 what group commit hides)")
     args = parser.parse_args(argv)
     if not wrk_available():
         print("needs wrk, the HTTP load client: apt-get install wrk", file=sys.stderr)
@@ -67,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         run_wrk(url, headers, 3)  # warm-up: connections, caches, the first plans
 
         def measure(mode: str) -> None:
-            result = run_wrk(url, headers, args.duration)
+            result = run_wrk(url, headers, args.duration, connections=args.connections)
             results.append((mode, result.requests_per_s, result.latency))
             say_now(f"{mode}: {result.requests_per_s:.0f} accepts/s, latency {result.latency}, "
                     f"non-2xx {result.non_2xx}, socket errors {result.socket_errors}")
