@@ -25,6 +25,7 @@ bench/cluster_chaos.py (`make cluster-chaos`) runs faults through the same set-u
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import secrets
 import shutil
@@ -125,6 +126,14 @@ class Cluster:
                 time.sleep(0.2)
         finally:
             engine.dispose()
+
+    def queues(self, prefix: str) -> dict[str, tuple[str, int]]:
+        """Courier's queues of `prefix` as RabbitMQ node 1 lists them: name -> (type, number of members)."""
+        out = self.rabbits[0].ctl("list_queues", "name", "type", "members", "--formatter", "json", "--quiet")
+        if out.returncode != 0:
+            raise RuntimeError(f"rabbitmqctl list_queues: {out.stdout}{out.stderr}")
+        return {q["name"]: (q["type"], len(q["members"] or ())) for q in json.loads(out.stdout)
+                if q["name"].startswith(f"{prefix}.")}
 
     @property
     def database_url(self) -> str:

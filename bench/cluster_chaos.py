@@ -75,6 +75,11 @@ class ClusterChaos(Chaos):
         for node in NODES:
             for kind in KINDS:
                 self.start(f"{kind}-{node}")
+        queues = self.cluster.queues(f"cluster-{self.tag}")
+        single = {name: q for name, q in queues.items() if q != ("quorum", 3)}
+        if single or not queues:
+            raise RuntimeError(f"Courier's queues are not quorum queues on all three nodes: {single or queues}")
+        self.say(f"{len(queues)} queues, each a quorum queue with a member on every RabbitMQ node")
         self.say(f"Courier nodes up ({', '.join(f'{n}: web :{c.web_port}, mllp :{c.mllp_port}' for n, c in self.nodes.items())})"
                  f" in {time.monotonic() - t0:.1f}s")
 

@@ -144,12 +144,17 @@ def _leased_for_a_send(store: Store, ticket: outbox.Ticket, destination: Destina
     """Is the delivery ours for a send's timeout plus LEASE_MARGIN? The claim's lease (120 s by default)
     usually covers it; otherwise (a task that waited long in its queue, a short COURIER_RELAY_LEASE) the
     lease is extended first, so a worker that dies while sending leaves its task to RabbitMQ's redelivery
-    before the relay dispatches the delivery again. False: another dispatch has it now."""
+    before the relay dispatches the delivery again. False: another dispatch has it now, or the store did
+    not come back within STORE_PATIENCE (then it is not sent, and the batch's sends so far are still
+    recorded: raising here would lose them, and the relay would send them again)."""
     needed = destination.timeout + outbox.LEASE_MARGIN
     if ticket.lease_until is None or utcnow() + timedelta(seconds=needed) <= ticket.lease_until:
         return True
-    with store.session() as session:
-        return outbox.extend_lease(session, ticket, needed)
+    try:
+        return store.transact(lambda session: outbox.extend_lease(session, ticket, needed), patience=STORE_PATIENCE)
+    except Exception:
+        log.exception("could not extend the lease of delivery %s; giving it back unsent", ticket.delivery_id)
+        return False
 
 
 def dead_letter(delivery_id: str) -> None:

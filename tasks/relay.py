@@ -189,7 +189,8 @@ class Relay:
                     self.wait(busy=dispatched > 0)
             except Exception as exc:
                 if not self._outage(exc):
-                    log.error("relay round failed (%s: %s); retrying in %.1fs", type(exc).__name__, exc, backoff)
+                    log.error("relay round failed (%s: %s); retrying in %.1fs", type(exc).__name__, exc, backoff,
+                              exc_info=exc)  # not an outage: a bug or a case to learn, so keep the traceback
                 elif self.broker_outage is not None and self.broker_outage.down:
                     prepared = False  # probe the broker (declare the DLQs) before claiming anything again
                 self.stopping.wait(backoff)

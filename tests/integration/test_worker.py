@@ -7,9 +7,11 @@ import time
 
 import pytest
 from kombu import Connection
+from sqlalchemy import text
 
 from courier.app import create_app
 from courier.app.store import outbox
+from courier.app.store.db import Store
 from courier.app.store.models import Delivery
 from courier.tasks.celery_app import celery_init_app
 from courier.tasks.queues import delivery_queues
@@ -86,6 +88,35 @@ def test_a_task_whose_lease_is_running_out_extends_it_and_sends(courier, store, 
     status, claimed = run_once(flask_app, store, lease=0.5)
     assert status == "delivered" and len(sink.received) == 1
     assert delivery(store, claimed.delivery_id)[0].attempts == 1
+
+
+def test_a_lease_extension_outlives_a_lost_connection(courier, store, sink, pg_url, monkeypatch):
+    """The primary restarts (or fails over) just as a worker extends a lease: the extension waits for the
+    store like the batch's other writes, the delivery is sent once, and nothing sent before it is lost."""
+    flask_app, _ = courier
+    accept(store, "m1"), accept(store, "m2")
+    killer, calls, killed = Store(pg_url), [], []
+    real = outbox.extend_lease
+
+    def extend_on_a_dying_connection(session, ticket, seconds):
+        calls.append(ticket.delivery_id)
+        if len(calls) == 2:  # the second extension, after the first delivery was sent: its connection dies
+            killed.append(session.execute(text("SELECT pg_backend_pid()")).scalar())
+            with killer.session() as s:
+                s.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": killed[0]})
+        return real(session, ticket, seconds)
+
+    monkeypatch.setattr(outbox, "extend_lease", extend_on_a_dying_connection)
+    with store.session() as s:
+        claimed = outbox.claim_due(s, lease=0.5, limit=10)
+    try:
+        with flask_app.app_context():
+            statuses = deliver.run("billing", [[c.delivery_id, c.dispatch] for c in claimed])
+    finally:
+        killer.dispose()
+    assert killed and statuses == {c.delivery_id: "delivered" for c in claimed}
+    assert sorted(r.headers["idempotency-key"] for r in sink.received) == sorted(c.delivery_id for c in claimed)
+    assert [delivery(store, c.delivery_id)[0].attempts for c in claimed] == [1, 1]
 
 
 def test_503_is_retried_with_the_same_key_then_delivered(courier, store, sink):
