@@ -37,7 +37,7 @@ CHECK_BROKER_URL = "check BROKER_URL's user, password and virtual host"
 def broker_problem(exc: BaseException) -> tuple[str, str] | None:
     """(reason, hint) if `exc` is the broker unreachable, refusing the login or losing the connection; None
     for anything else. kombu re-raises socket errors as its OperationalError `from` the original."""
-    from amqp.exceptions import AccessRefused
+    from amqp.exceptions import AccessRefused, MessageNacked
     from amqp.exceptions import ConnectionError as AmqpConnectionError
     from kombu.exceptions import OperationalError
 
@@ -47,6 +47,8 @@ def broker_problem(exc: BaseException) -> tuple[str, str] | None:
         seen.add(id(error))
         if isinstance(error, AccessRefused) or "ACCESS_REFUSED" in str(error):
             return "login refused", CHECK_BROKER_URL
+        if isinstance(error, MessageNacked):  # e.g. a quorum queue's leader lost with its node: publish again
+            return "a publish was not confirmed (nack)", RABBITMQ_START
         if isinstance(error, ConnectionRefusedError):
             return "connection refused", RABBITMQ_START
         if isinstance(error, socket.gaierror):
@@ -60,7 +62,8 @@ def broker_problem(exc: BaseException) -> tuple[str, str] | None:
         error = error.__cause__ or error.__context__
     if isinstance(exc, OperationalError):  # raised without its cause: kombu's message is the socket error's
         text = str(exc)
-        reason = "connection refused" if "refused" in text.lower() else text.splitlines()[0][:160] or "unreachable"
+        reason = "connection refused" if "refused" in text.lower() else (text.splitlines() or [""])[0][:160] \
+            or "unreachable"
         return reason, RABBITMQ_START
     return None
 

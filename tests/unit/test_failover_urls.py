@@ -18,7 +18,7 @@ from courier.app.observability import Outage
 from courier.app.service_urls import broker_hosts, database_hosts, database_url
 from courier.app.settings import ConfigError
 from courier.app.store.db import describe_url, make_engine, store_problem
-from courier.tasks.celery_app import _ConsumerConnectionErrors, broker_location, failing_over
+from courier.tasks.celery_app import _ConsumerConnectionErrors, broker_location, broker_problem, failing_over
 from courier.tasks.flower import broker_api_url
 from courier.tasks.relay import listen_conninfo
 
@@ -235,3 +235,20 @@ def test_config_check_refuses_a_malformed_host_list_naming_database_url():
     assert "environment: DATABASE_URL 'postgresql://courier:***@a:5432,b:54x2/c' host 2 of its host list has " \
            "port '54x2'" in result.stderr, result.stderr
     assert "s3cret" not in result.stderr
+
+
+def test_a_nacked_publish_is_a_broker_problem_not_a_crash():
+    """A quorum queue's leader lost with its RabbitMQ node nacks the publishes in flight; kombu re-raises that
+    as an OperationalError with an empty message. The relay must see a broker problem (and give the claims
+    back), not fail on the empty text (seen in make cluster-chaos: IndexError, the claims kept until the lease)."""
+    from amqp.exceptions import MessageNacked
+    from kombu.exceptions import OperationalError
+
+    try:
+        try:
+            raise MessageNacked()
+        except MessageNacked as nack:
+            raise OperationalError("") from nack
+    except OperationalError as exc:
+        assert broker_problem(exc)[0] == "a publish was not confirmed (nack)"
+    assert broker_problem(OperationalError(""))[0] == "unreachable"  # no cause, no text
