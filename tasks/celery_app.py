@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import socket
+from collections.abc import Iterator
 from functools import cached_property
 
 from celery import Celery, Task
@@ -37,18 +38,13 @@ CHECK_BROKER_URL = "check BROKER_URL's user, password and virtual host"
 def broker_problem(exc: BaseException) -> tuple[str, str] | None:
     """(reason, hint) if `exc` is the broker unreachable, refusing the login or losing the connection; None
     for anything else. kombu re-raises socket errors as its OperationalError `from` the original."""
-    from amqp.exceptions import AccessRefused, MessageNacked
+    from amqp.exceptions import AccessRefused
     from amqp.exceptions import ConnectionError as AmqpConnectionError
     from kombu.exceptions import OperationalError
 
-    seen: set[int] = set()
-    error: BaseException | None = exc
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
+    for error in _causes(exc):
         if isinstance(error, AccessRefused) or "ACCESS_REFUSED" in str(error):
             return "login refused", CHECK_BROKER_URL
-        if isinstance(error, MessageNacked):  # e.g. a quorum queue's leader lost with its node: publish again
-            return "a publish was not confirmed (nack)", RABBITMQ_START
         if isinstance(error, ConnectionRefusedError):
             return "connection refused", RABBITMQ_START
         if isinstance(error, socket.gaierror):
@@ -59,13 +55,30 @@ def broker_problem(exc: BaseException) -> tuple[str, str] | None:
             return "connection lost", RABBITMQ_START
         if isinstance(error, OSError):
             return (error.strerror or type(error).__name__).lower(), RABBITMQ_START
-        error = error.__cause__ or error.__context__
     if isinstance(exc, OperationalError):  # raised without its cause: kombu's message is the socket error's
         text = str(exc)
         reason = "connection refused" if "refused" in text.lower() else (text.splitlines() or [""])[0][:160] \
             or "unreachable"
         return reason, RABBITMQ_START
     return None
+
+
+def publish_nacked(exc: BaseException) -> bool:
+    """RabbitMQ answered a publish with a nack: not an outage (a quorum queue whose leader's node just died
+    refuses what was in flight, then elects a new leader): publish again."""
+    from amqp.exceptions import MessageNacked
+
+    return any(isinstance(error, MessageNacked) for error in _causes(exc))
+
+
+def _causes(exc: BaseException) -> Iterator[BaseException]:
+    """`exc` and what it was raised from (kombu re-raises the library's errors as its own)."""
+    seen: set[int] = set()
+    error: BaseException | None = exc
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        yield error
+        error = error.__cause__ or error.__context__
 
 
 def broker_location(url: str) -> str:

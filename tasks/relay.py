@@ -24,7 +24,7 @@ from celery import Celery
 from courier.app.settings import Settings
 from courier.app.store import outbox
 from courier.app.store.db import Store, store_outage, store_problem
-from courier.tasks.celery_app import broker_outage, broker_problem
+from courier.tasks.celery_app import broker_outage, broker_problem, publish_nacked
 from courier.tasks.queues import declare_dead_letter_queues
 
 log = logging.getLogger("courier.relay")
@@ -114,14 +114,18 @@ class Relay:
         except Exception as exc:
             # Broker down or a confirm refused: hand the rest back at once rather than waiting out the lease.
             unsent = [c for batch in batches[handed:] for c in batch]
-            if broker_problem(exc) is None:
-                log.exception("handoff failed with %d of %d deliveries unsent; releasing them", len(unsent),
-                              len(claimed))
-            else:  # the broker went away: run() says so once; no traceback for each round of the outage
-                log.debug("handoff failed with %d of %d deliveries unsent; releasing them", len(unsent),
-                          len(claimed))
             with self.store.session() as session:
                 outbox.release(session, unsent)
+            if publish_nacked(exc):  # due again at once: the next round publishes them again
+                log.warning("RabbitMQ refused (nack) a task of %d deliveries; %d of %d given back to send again",
+                            len(batches[handed]), len(unsent), len(claimed))
+                return len(claimed) - len(unsent)
+            if broker_problem(exc) is None:
+                log.exception("handoff failed with %d of %d deliveries unsent; released them", len(unsent),
+                              len(claimed))
+            else:  # the broker went away: run() says so once; no traceback for each round of the outage
+                log.debug("handoff failed with %d of %d deliveries unsent; released them", len(unsent),
+                          len(claimed))
             raise
         if handed and self.broker_outage is not None:
             self.broker_outage.ok()

@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import json
+import re
+import shutil
+import subprocess
 import threading
 import time
 
@@ -179,6 +182,43 @@ def test_relay_wakes_on_commit_and_publishes_to_the_destination_queue(courier, s
             m.ack()
         queue.close()
     assert any(d.id in str(t) for t in tasks), tasks
+
+
+@pytest.mark.skipif(shutil.which("rabbitmqctl") is None, reason="needs rabbitmqctl to set a policy")
+def test_a_publish_rabbitmq_refuses_is_given_back_and_sent_again(courier, store, queue_prefix):
+    """RabbitMQ nacks a publish (here a policy makes the queue refuse everything; in a cluster, a quorum
+    queue whose leader's node just died): the relay gives the claims back at once, so the next round
+    publishes them again, instead of keeping them until their lease runs out."""
+    flask_app, celery = courier
+    settings = flask_app.extensions["courier.settings"]
+    relay = Relay(settings, flask_app.extensions["courier.store"], celery)
+    relay.prepare()
+    queue = settings.queue_for("billing")
+    declared = next(q for q in delivery_queues(settings) if q.name == queue)
+    policy = f"refuse-{queue_prefix}"
+
+    def ctl(*args):
+        out = subprocess.run(["rabbitmqctl", *args], capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stdout + out.stderr
+
+    message = accept(store, key="nacked")
+    ctl("set_policy", "--apply-to", "queues", policy, f"^{re.escape(queue)}$",
+        '{"max-length": 0, "overflow": "reject-publish"}')
+    with Connection(BROKER_URL) as conn:  # declared as a worker would, and holding one message: full
+        conn.SimpleQueue(declared).put({"filler": True})
+    try:
+        time.sleep(1.0)  # a policy reaches the queue asynchronously
+        assert relay.pump(10) == 0
+        d, _ = delivery(store, message.deliveries[0].id)
+        assert d.status in ("pending", "retrying") and d.attempts == 0 and d.dispatches == 1, d.status
+    finally:
+        ctl("clear_policy", policy)
+    time.sleep(1.0)
+    assert relay.pump(10) == 1
+    d, _ = delivery(store, message.deliveries[0].id)
+    assert d.status == "in_flight" and d.dispatches == 2
+    with Connection(BROKER_URL) as conn:
+        declared(conn.default_channel).purge()
 
 
 def test_a_batch_is_delivered_in_one_task_each_with_its_own_key(courier, store, sink):
