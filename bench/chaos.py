@@ -240,6 +240,7 @@ class Chaos:
         self.http_loads: list[Load] = []
         self.mllp = None
         self.lost_keys: set[str] = set()
+        self.mllp_accepted: list[str] = []
         self.dupes_before = 0
         self.dead_before = 0
         self.failed_before = 0
@@ -421,8 +422,6 @@ class Chaos:
                  f"{'never' if row.recover_s is None else f'in {row.recover_s:.1f}s'}")
         return row
 
-    mllp_accepted: list[str]
-
     def _start_load(self, duration: float):
         """HTTP and MLLP load on every node (split evenly); returns the HTTP loads (filled when done) and
         the MLLP senders."""
@@ -569,16 +568,18 @@ def say_now(line: str) -> None:
 
 
 def run(profile: Profile, seed: int | None = None, say: Callable[[str], None] = say_now,
-        keep: bool = False) -> tuple[list[Row], dict, Path]:
-    """Run the suite; returns the rows, the cumulative totals and the log directory."""
+        keep: bool = False, suite: Callable[..., Chaos] = Chaos,
+        name: str = "chaos") -> tuple[list[Row], dict, Path]:
+    """Run the suite (`suite`: Chaos or a subclass, bench/cluster_chaos.py's); returns the rows, the cumulative
+    totals and the log directory, bench/out/<name>-<time>."""
     missing = missing_services()
     if missing:
         raise RuntimeError(f"cannot run the failure suite here: {missing}")
     seed = secrets.randbelow(10**6) if seed is None else seed
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    log_dir = OUT / f"chaos-{stamp}"
+    log_dir = OUT / f"{name}-{stamp}"
     log_dir.mkdir(parents=True, exist_ok=True)
-    base = Path(tempfile.mkdtemp(prefix="courier-chaos-"))
+    base = Path(tempfile.mkdtemp(prefix=f"courier-{name}-"))
     base.chmod(0o755)
     say(f"seed {seed}; logs in {log_dir}; scratch in {base}")
     rows: list[Row] = []
@@ -586,8 +587,7 @@ def run(profile: Profile, seed: int | None = None, say: Callable[[str], None] = 
     with Stack(log_dir) as stack:
         if not keep:
             stack.callback(shutil.rmtree, base, True)
-        chaos = Chaos(stack, base, profile, seed, say)
-        chaos.mllp_accepted = []
+        chaos = suite(stack, base, profile, seed, say)
         chaos.setup()
         for name in profile.faults:
             rows.append(chaos.phase(name))

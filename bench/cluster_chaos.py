@@ -28,13 +28,11 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import os
 import platform
-import secrets
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -43,10 +41,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sqlalchemy import create_engine, text  # noqa: E402
 
-from bench.chaos import OUT, Chaos, Profile, Row, ingest_headers, say_now  # noqa: E402
-from bench.chaos_services import missing_services  # noqa: E402
+from bench.chaos import Chaos, Profile, Row, ingest_headers, run  # noqa: E402
 from bench.cluster import KINDS, NODES, Cluster  # noqa: E402
-from bench.infra import ROOT, Stack, install_signal_handlers  # noqa: E402
+from bench.infra import ROOT, install_signal_handlers  # noqa: E402
 from courier.app.service_urls import database_url  # noqa: E402
 
 FULL = Profile(http_rate=30.0, mllp_rate=6.0, phase_s=30.0, drain_s=180.0,
@@ -58,7 +55,9 @@ QUICK = Profile(http_rate=20.0, mllp_rate=4.0, phase_s=12.0, drain_s=120.0,
 class ClusterChaos(Chaos):
     """bench/chaos.py's phases and reconciliation, on two Courier nodes and the engines' clusters."""
 
-    sync = True
+    def __init__(self, *args, sync: bool = True):
+        super().__init__(*args)
+        self.sync = sync
 
     def setup(self) -> None:
         t0 = time.monotonic()
@@ -144,36 +143,6 @@ def machine() -> str:
             f"{platform.python_version()}, RabbitMQ {rabbit}, PostgreSQL {pg}; load average at start {load}")
 
 
-def run(profile: Profile, seed: int | None = None, say: Callable[[str], None] = say_now,
-        sync: bool = True) -> tuple[list[Row], dict, Path]:
-    """Run the faults; returns the rows, the cumulative totals and the log directory."""
-    missing = missing_services()
-    if missing:
-        raise RuntimeError(f"cannot run the cluster suite here: {missing}")
-    seed = secrets.randbelow(10**6) if seed is None else seed
-    log_dir = OUT / f"cluster-{datetime.datetime.now():%Y%m%d-%H%M%S}"
-    log_dir.mkdir(parents=True, exist_ok=True)
-    base = Path(tempfile.mkdtemp(prefix="courier-cluster-"))
-    base.chmod(0o755)
-    say(f"seed {seed}; logs in {log_dir}; scratch in {base}")
-    rows: list[Row] = []
-    t0 = time.monotonic()
-    with Stack(log_dir) as stack:
-        stack.callback(shutil.rmtree, base, True)
-        chaos = ClusterChaos(stack, base, profile, seed, say)
-        chaos.sync = sync
-        chaos.mllp_accepted = []
-        chaos.setup()
-        for name in profile.faults:
-            rows.append(chaos.phase(name))
-        acknowledged = sum(r.accepted for r in rows)
-        totals = dict(chaos.totals, acknowledged=acknowledged,
-                      stored_without_ack=chaos.totals["messages_in_store"] - acknowledged,
-                      seconds=round(time.monotonic() - t0, 1), seed=seed,
-                      lost_detail=list(chaos.lost_detail.items())[:20])
-    return rows, totals, log_dir
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="the short version .ci/run runs (about 3 minutes)")
@@ -183,7 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     install_signal_handlers()
     started = machine()
-    rows, totals, log_dir = run(QUICK if args.quick else FULL, args.seed, sync=not args.async_standby)
+    suite = functools.partial(ClusterChaos, sync=not args.async_standby)
+    rows, totals, log_dir = run(QUICK if args.quick else FULL, args.seed, suite=suite, name="cluster")
     report = table(rows)
     notes = "\n".join(f"- {r.fault}: {n}" for r in rows for n in r.notes)
     lost = sum(r.lost for r in rows)

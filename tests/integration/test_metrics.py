@@ -12,7 +12,6 @@ import http.client
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -30,6 +29,7 @@ from courier.app.store import outbox
 from courier.app.store.models import Circuit, Delivery, utcnow
 from bench.infra import free_port, procfile_command
 from tests.support.mllp_peers import Client
+from tests.support.nodes import listening
 from tests.support.processes import VENV_BIN, running_courier
 from tests.support.sinks import HttpSink
 
@@ -174,7 +174,7 @@ def web_and_mllp(courier, tmp_path: Path):
               for name, extra in (("web", ""), ("mllp", " --host 127.0.0.1"))]
     try:
         wait_for(lambda: _up(port), "gunicorn answers /healthz", courier.procs.logs)
-        wait_for(lambda: _listening(mllp_port), "the MLLP listener accepts", courier.procs.logs)
+        wait_for(lambda: listening(mllp_port), "the MLLP listener accepts", courier.procs.logs)
         yield port, mllp_port
     finally:
         for proc in shells:
@@ -197,12 +197,6 @@ def _stop(proc: subprocess.Popen) -> None:
         proc.wait(timeout=5)
 
 
-def _listening(port: int) -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=1).close()
-        return True
-    except OSError:
-        return False
 
 
 def _up(port: int) -> bool:

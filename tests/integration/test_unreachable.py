@@ -13,7 +13,6 @@ import http.client
 import json
 import os
 import secrets
-import signal
 import socket
 import subprocess
 import threading
@@ -29,6 +28,7 @@ from sqlalchemy.engine import make_url
 from courier.app.store.schema import alembic_config
 from tests.support.services import BROKER_URL, fresh_database
 from tests.support.mllp_peers import Client
+from tests.support.nodes import delete_queues, stop_groups
 from tests.support.processes import VENV_BIN
 
 pytestmark = pytest.mark.slow
@@ -160,26 +160,10 @@ class Stack:
         assert "Traceback" not in log, f"{name} printed a traceback\n{self.logs()}"
 
     def stop(self) -> None:
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-        for proc in self.procs.values():
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=5)
+        stop_groups(list(self.procs.values()))
 
     def delete_queues(self) -> None:
-        from kombu import Connection
-
-        with Connection(BROKER_URL) as conn:
-            channel = conn.default_channel
-            for queue in [f"{self.prefix}.{kind}.{d}" for kind in ("deliver", "dead") for d in ("billing", "erp")] \
-                    + [f"{self.prefix}.housekeeping"]:
-                channel.queue_delete(queue)
-            for kind in ("deliver", "dead"):
-                channel.exchange_delete(f"{self.prefix}.{kind}")
+        delete_queues(BROKER_URL, self.prefix, ("billing", "erp"))
 
 
 @contextmanager

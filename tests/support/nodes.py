@@ -75,7 +75,7 @@ class Node:
         """Until every started process serves: web answers /healthz, the worker consumes, the listener
         listens, the relay runs its loop."""
         checks = {"web": lambda: _answers(self.port), "worker": lambda: " ready." in self.log("worker"),
-                  "mllp": lambda: _listening(self.mllp_port), "relay": lambda: "relay started" in self.log("relay")}
+                  "mllp": lambda: listening(self.mllp_port), "relay": lambda: "relay started" in self.log("relay")}
         deadline = time.monotonic() + timeout
         for name in self.procs:
             while not checks[name]():
@@ -96,16 +96,7 @@ class Node:
                          for name, p in self.procs.items())
 
     def stop(self) -> None:
-        """SIGTERM to every process group (gunicorn's worker, Celery's threads go with their parent), then wait."""
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-        for proc in self.procs.values():
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=5)
+        stop_groups(self.procs.values())
         self.procs.clear()
 
     # -- talking to the node ------------------------------------------------
@@ -123,6 +114,20 @@ class Node:
             conn.close()
 
 
+def stop_groups(procs) -> None:
+    """SIGTERM to every process's group (gunicorn's workers, Celery's threads go with their parent), then wait;
+    SIGKILL what is still there after 15 s."""
+    for proc in procs:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+    for proc in procs:
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=5)
+
+
 def delete_queues(broker_url: str, prefix: str, destinations) -> None:
     """The queues and exchanges a run with queue prefix `prefix` declared (tasks/queues.py)."""
     from kombu import Connection
@@ -130,7 +135,7 @@ def delete_queues(broker_url: str, prefix: str, destinations) -> None:
     with Connection(broker_url) as conn:
         channel = conn.default_channel
         for queue in [f"{prefix}.{kind}.{d}" for kind in ("deliver", "dead") for d in destinations] \
-                + [f"{prefix}.maintenance"]:
+                + [f"{prefix}.housekeeping"]:
             channel.queue_delete(queue)
         for kind in ("deliver", "dead"):
             channel.exchange_delete(f"{prefix}.{kind}")
@@ -148,7 +153,8 @@ def _answers(port: int) -> bool:
         return False
 
 
-def _listening(port: int) -> bool:
+def listening(port: int) -> bool:
+    """Does something accept TCP connections on 127.0.0.1:`port`?"""
     try:
         socket.create_connection(("127.0.0.1", port), timeout=1).close()
         return True
