@@ -103,6 +103,23 @@ def test_outage_lines_name_every_database_host_and_never_the_password():
     assert describe_url("postgresql://courier@/courier") == ("PostgreSQL", "the local socket/courier")
 
 
+def test_an_outage_of_several_hosts_does_not_say_to_start_this_machines_server():
+    from courier.app.observability import Outage
+    from courier.app.store.db import StoreProblem
+
+    for where, says in (("db1:5432,db2:5432/courier", "start one of them, or let the failover tool promote a standby"),
+                        ("127.0.0.1:5432/courier", "start it with `pg_ctlcluster")):
+        records = _Records()
+        log = logging.getLogger(f"test.failover.hint.{where}")
+        log.addHandler(records)
+        try:
+            Outage(log, "PostgreSQL", where, "every 1s").failed("connection refused",
+                                                                 StoreProblem("connection refused", True).hint)
+        finally:
+            log.removeHandler(records)
+        assert says in records.lines[0][1], records.lines
+
+
 @pytest.mark.parametrize("url", [
     "postgresql://courier:s3cret@127.0.0.1:5999,127.0.0.1:5432/courier?target_session_attrs=read-write",
     "postgresql+psycopg://courier:s3cret@/courier?host=127.0.0.1:5999&host=127.0.0.1:5432"
