@@ -204,7 +204,8 @@ class Outage:
             attempts = self.attempts
         if first:
             if "," in self.where and hint.startswith("start it with"):  # a cluster: this machine's command is wrong
-                hint = "start one of them, or let the failover tool promote a standby"
+                hint = "start one of them" + (", or let the failover tool promote a standby"
+                                              if self.service == "PostgreSQL" else "")
             self.log.error(f"{self.service} at {self.where} is not reachable ({reason}); {hint}; "
                            f"retrying {self.retry}{self.note}")
         else:

@@ -118,6 +118,13 @@ def test_an_outage_of_several_hosts_does_not_say_to_start_this_machines_server()
         finally:
             log.removeHandler(records)
         assert says in records.lines[0][1], records.lines
+    records, log = _Records(), logging.getLogger("test.failover.hint.rabbitmq")
+    log.addHandler(records)
+    try:
+        Outage(log, "RabbitMQ", "mq1:5672,mq2:5672", "every 2s").failed("connection refused", "start it with x")
+    finally:
+        log.removeHandler(records)
+    assert "; start one of them; retrying" in records.lines[0][1], records.lines
 
 
 @pytest.mark.parametrize("url", [
