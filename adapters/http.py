@@ -80,7 +80,6 @@ from datetime import timezone
 from importlib import metadata
 from urllib.parse import unquote, urlsplit
 
-import requests
 import urllib3
 from urllib3.exceptions import (ConnectTimeoutError, HTTPError, LocationValueError, NewConnectionError,
                                 ReadTimeoutError)
@@ -147,6 +146,10 @@ class HttpAdapter(Adapter):
         if tls is not None and scheme_of(url) != "https":
             raise ValueError(f"TLS files apply to https:// URLs only, not {scheme_of(url)}://")
         self.tls = tls
+        # Here, not at the top: the config check resolves this class in every process (web, relay) and only
+        # a worker makes one; requests costs each of those processes about 3 MB of RSS.
+        import requests
+
         # The environment's proxy and CA settings for this URL, resolved once as requests would.
         environment = requests.Session().merge_environment_settings(url, {}, None, None, None)
         verify = tls.ca if tls and tls.ca else environment["verify"]

@@ -16,17 +16,25 @@ workers can never disagree about the database, the broker or the routes (the pat
 """
 from __future__ import annotations
 
-from flask import Flask
+from typing import TYPE_CHECKING
 
-from courier.app.config import load_settings
-from courier.app.settings import Settings
+if TYPE_CHECKING:
+    from flask import Flask
+
+    from courier.app.settings import Settings
 
 __all__ = ["create_app"]
 
 
 def create_app(settings: Settings | None = None, test_config: dict | None = None) -> Flask:
     """Build the Flask app; `settings` defaults to the environment and COURIER_CONFIG."""
+    # Imported here, not at the top: every courier.app.* import runs this package first, and gunicorn's
+    # master (deploy/gunicorn.conf.py: metrics, tls) must not load Flask and the config's libraries that
+    # each forked worker would then count again in its RSS.
+    from flask import Flask
+
     from courier.app import observability
+    from courier.app.config import load_settings
     from courier.app.store import db
     from courier.app.web import api, console
 

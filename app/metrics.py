@@ -36,10 +36,10 @@ if _dir:
 from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram,  # noqa: E402
                                generate_latest, multiprocess, values)
 from prometheus_client.core import GaugeMetricFamily  # noqa: E402
-from sqlalchemy import func, select  # noqa: E402
-from sqlalchemy.exc import SQLAlchemyError  # noqa: E402
 
-from courier.app.store.models import DEAD, DELIVERED, Delivery, is_open, utcnow  # noqa: E402
+# SQLAlchemy and the store's models are imported inside the functions that read the store: gunicorn's
+# master imports this module for its bookkeeping (clean_dead, process_dead) and needs neither; what it
+# loads counts in its RSS besides each worker's.
 
 log = logging.getLogger("courier.metrics")
 
@@ -92,6 +92,10 @@ def delivered(store, results: dict, statuses: dict[str, str]) -> None:
 
     `results`: {destination: [(Ticket, Outcome | None)]}; `statuses`: {delivery id: status}.
     """
+    from sqlalchemy import select
+
+    from courier.app.store.models import DEAD, DELIVERED, Delivery, utcnow
+
     try:
         now = utcnow()
         destination_of = {}
@@ -158,6 +162,10 @@ def process_dead(pid: int) -> None:
 
 def open_query():
     """Open deliveries per destination: count and oldest creation. Reads the partial index on open rows."""
+    from sqlalchemy import func, select
+
+    from courier.app.store.models import Delivery, is_open
+
     return (select(Delivery.destination, func.count(), func.min(Delivery.created_at))
             .where(is_open(Delivery.status)).group_by(Delivery.destination))
 
@@ -166,6 +174,10 @@ def dead_query(names: list[str]):
     """Dead deliveries per configured destination. Naming the destinations lets the
     (destination, status) index seek each one's dead rows; status alone would read the
     whole index, millions of delivered entries. A destination no longer configured is left out."""
+    from sqlalchemy import func, select
+
+    from courier.app.store.models import DEAD, Delivery
+
     return (select(Delivery.destination, func.count())
             .where(Delivery.destination.in_(names), Delivery.status == DEAD).group_by(Delivery.destination))
 
@@ -182,7 +194,10 @@ class StoreCollector:
         self.store, self.settings = store, settings
 
     def collect(self):
+        from sqlalchemy.exc import SQLAlchemyError
+
         from courier.app.store import circuits
+        from courier.app.store.models import utcnow
 
         names = list(self.settings.routing.destinations)
         up = GaugeMetricFamily("courier_store_up", "1 if the store answered this scrape's queries")

@@ -13,8 +13,8 @@ Host config keys: COURIER_CONFIG (routing file, relative to the app's root path)
 source `emit` writes as), COURIER_URL_PREFIX (default /courier), COURIER_DATABASE_URL (when no engine
 is passed), COURIER_BROKER_URL, COURIER_QUEUE_PREFIX, COURIER_RELAY_* and the other COURIER_* settings.
 
-Importing this module loads Flask and SQLAlchemy only (a host has them already); the rest of
-Courier is imported when `init_app` runs.
+Importing this module loads nothing outside the standard library (every courier.* import runs it,
+gunicorn's master included); the rest of Courier is imported when `init_app` runs.
 """
 from __future__ import annotations
 
@@ -22,10 +22,9 @@ import json
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from flask import Flask, current_app, has_app_context
-
 if TYPE_CHECKING:
     from celery import Celery
+    from flask import Flask
     from sqlalchemy.engine import Engine
     from sqlalchemy.orm import Session
 
@@ -70,6 +69,8 @@ class Courier:
         self._app = app
 
     def _extensions(self) -> dict:
+        from flask import current_app, has_app_context  # loaded already: init_app was given a Flask app
+
         if has_app_context() and current_app.extensions.get("courier") is self:
             return current_app.extensions
         if self._app is None:

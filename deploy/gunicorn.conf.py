@@ -4,6 +4,12 @@ The metrics bookkeeping, gunicorn's own log lines as JSON (courier.app.observabi
 HTTPS from the environment (courier.app.tls: COURIER_TLS_CERT + COURIER_TLS_KEY, optional
 COURIER_TLS_CLIENT_CA for client certificates). Bind, workers and threads stay on the command
 line. No access log: the app logs one JSON line per request itself (logger courier.web).
+
+The master loads only this file (gunicorn, prometheus_client and the standard library: about 28 MB),
+never the app, which each worker imports after the fork. `make bench` sums RSS over the master and its
+workers, so what the master loads counts a third time (it was 70 MB, with Flask, SQLAlchemy and the
+config's libraries). preload_app, measured, costs more: the web's summed RSS 207 MB against 173, and
+more PSS too (the workers' reference counting dirties the pages they share). docs/benchmarks.md, "Memory".
 """
 import logging
 import ssl

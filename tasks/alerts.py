@@ -11,7 +11,6 @@ import logging
 import os
 
 import click
-import requests
 from celery import Celery, shared_task
 from flask import current_app
 
@@ -36,8 +35,14 @@ def configure(celery: Celery, settings: Settings) -> None:
                                  "courier-alerts": {"task": "courier.alerts", "schedule": interval}}
 
 
-def check(store: Store, settings: Settings, post=requests.post) -> list[dict]:
-    """Evaluate the rules once and send what changed; returns the notices sent."""
+def check(store: Store, settings: Settings, post=None) -> list[dict]:
+    """Evaluate the rules once and send what changed (`post`: requests.post by default); returns the notices sent."""
+    if post is None:
+        # Here, not at the top: every `courier` command (the relay too) imports this module, and only
+        # a check posts; requests costs a process about 3 MB of RSS.
+        import requests
+
+        post = requests.post
     url = alerts.webhook_url()
     with store.session() as session:
         notices = alerts.evaluate(session, settings)

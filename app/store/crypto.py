@@ -25,12 +25,17 @@ from __future__ import annotations
 import hashlib
 import re
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from cryptography.fernet import Fernet, InvalidToken
 from sqlalchemy import Connection, Engine, LargeBinary, Text
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import Session
 from sqlalchemy.types import TypeDecorator
+
+# `cryptography` is imported where a key is parsed (parse_keys) or a value decrypted: without
+# COURIER_ENCRYPTION_KEY no process needs it, and it costs each one about 8 MB of RSS.
+if TYPE_CHECKING:
+    from cryptography.fernet import Fernet
 
 __all__ = ["KEY_VARIABLE", "PREFIX", "KeyRing", "Unreadable", "EncryptedBytes", "EncryptedText", "parse_keys",
            "attach", "ring_of", "ring_for", "key_id", "stored_key_id"]
@@ -88,6 +93,8 @@ class KeyRing:
             have = ", ".join(self.keys) or "none"
             raise Unreadable(f"stored value is encrypted under key id {kid}, which is not in {KEY_VARIABLE} "
                              f"(configured key ids: {have})", kid)
+        from cryptography.fernet import InvalidToken  # loaded already: parse_keys made `fernet`
+
         try:
             return fernet.decrypt(stored[m.end():])
         except InvalidToken:
@@ -107,6 +114,8 @@ def parse_keys(text: str | None) -> KeyRing:
     """The key ring of a COURIER_ENCRYPTION_KEY value; ValueError naming the bad position (never a key)."""
     if not text or not text.strip():
         return KeyRing()
+    from cryptography.fernet import Fernet
+
     parts = [p.strip() for p in text.split(",")]
     keys: dict[str, Fernet] = {}
     for position, part in enumerate(parts, 1):
