@@ -188,6 +188,11 @@ def _parse_hl7(body: bytes, default_charset: str | None) -> tuple[list[Parsed], 
                 raise
     except er7.Hl7Error as exc:
         raise IngestError(400, "malformed", f"not a valid HL7 v2 message: {exc}", _hl7_details(exc)) from None
+    return _hl7_parsed(messages, body)
+
+
+def _hl7_parsed(messages: list, body: bytes) -> tuple[list[Parsed], bool]:
+    """parse_body's answer for HL7 v2 `messages` (er7.parse_all of `body`, in the source's charset)."""
     is_batch = len(messages) > 1 or body.lstrip(b" \t\r\n\x0b\xef\xbb\xbf").startswith((b"FHS", b"BHS"))
     # Stored as received, byte for byte; the content type names the charset it was read in (MSH-18,
     # or the source's default), so every later reading decodes it the same way.
@@ -211,15 +216,21 @@ class Plan:
 
 
 def plan(routing: RoutingConfig, *, source: str, content_type: str, body: bytes,
-         idempotency_key: str | None = None) -> tuple[list[Plan], bool]:
-    """Parse, validate and route without touching the store; returns (plans, is_batch). Raises IngestError."""
+         idempotency_key: str | None = None, hl7_messages: list | None = None) -> tuple[list[Plan], bool]:
+    """Parse, validate and route without touching the store; returns (plans, is_batch). Raises IngestError.
+
+    hl7_messages: `body` already read, as er7.parse_all(body, the source's charset) reads it (the MLLP
+    listener has done so to pick the source): used instead of parsing it again."""
     if source not in routing.sources:
         raise IngestError(403, "unknown_source", f"source {source!r} is not configured")
     if idempotency_key is not None and not _SAFE_ID.fullmatch(idempotency_key):
         raise IngestError(400, "malformed", "Idempotency-Key header: 1-255 characters of "
                           "A-Z a-z 0-9 . _ : @ / + = -", {"header": "Idempotency-Key"})
     allowed = routing.sources[source]
-    parsed, is_batch = parse_body(content_type, body, allowed.charset)
+    if hl7_messages is not None and media_type(content_type) in HL7_TYPES:
+        parsed, is_batch = _hl7_parsed(hl7_messages, body)
+    else:
+        parsed, is_batch = parse_body(content_type, body, allowed.charset)
     refused = [p.message_type for p in parsed if not allowed.allows(p.message_type)]
     if refused:
         raise IngestError(422, "type_not_allowed", f"source {source!r} may not send {refused[0]!r}",
@@ -259,10 +270,13 @@ def store_plans(session: Session, plans: list[Plan], *, source: str,
 
 
 def ingest(store: Store, routing: RoutingConfig, *, source: str, content_type: str, body: bytes,
-           idempotency_key: str | None = None, correlation_id: str | None = None) -> tuple[list[Result], bool]:
-    """Validate, route and durably store; returns (results, is_batch). Raises IngestError."""
+           idempotency_key: str | None = None, correlation_id: str | None = None,
+           hl7_messages: list | None = None) -> tuple[list[Result], bool]:
+    """Validate, route and durably store; returns (results, is_batch). Raises IngestError.
+
+    hl7_messages: `body` as already read (see `plan`)."""
     plans, is_batch = plan(routing, source=source, content_type=content_type, body=body,
-                           idempotency_key=idempotency_key)
+                           idempotency_key=idempotency_key, hl7_messages=hl7_messages)
     limit = routing.sources[source].rate_limit
     if limit is not None:  # only limited sources pay this round trip
         _within_rate(store, source, limit, len(plans))

@@ -377,12 +377,16 @@ class MllpListener:
                       f"source allowed from this address")
             return self._answer_messages(payload, messages, "AR", reason, *_ERROR_CODES["unknown_source"],
                                          f"AR MSH-10 {ids}: unknown sender")
+        read = messages  # what ingest stores: the frame read once, here, in the source's charset
         if source.charset:  # messages without MSH-18 are read in the source's charset: answered in it too
-            messages = er7.parse_all(payload, source.charset)
+            try:
+                messages = read = er7.reread(messages, source.charset)
+            except er7.Hl7Error:
+                read = None  # not readable in it: ingest reads the frame itself and says why, as over HTTP
         try:
             results, _ = ingest(self.store, self.settings.routing, source=source.name,
                                 content_type="application/hl7-v2", body=payload,
-                                correlation_id=current_correlation_id())
+                                correlation_id=current_correlation_id(), hl7_messages=read)
         except IngestError as exc:
             if exc.code == "store_unavailable" and exc.__cause__ is not None:
                 self.store_watch.failed(exc.__cause__)
