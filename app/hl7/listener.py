@@ -323,8 +323,10 @@ class MllpListener:
             else:
                 frame_started, timeout = 0.0, self.idle_timeout
             try:
-                data = await asyncio.wait_for(reader.read(READ_CHUNK), timeout)
-            except asyncio.TimeoutError:
+                # asyncio.timeout, not wait_for: wait_for makes a task per call, three per frame in all.
+                async with asyncio.timeout(timeout):
+                    data = await reader.read(READ_CHUNK)
+            except TimeoutError:
                 if deframer.in_frame:
                     # A frame trickling in or never ending (slow loris, or a sender that lost its end block).
                     log.warning("MLLP from %s: no end block within %gs of the start block; answered AR and "
@@ -349,13 +351,15 @@ class MllpListener:
     async def _reply(self, writer: asyncio.StreamWriter, payload: bytes) -> None:
         writer.write(frame(payload))
         # A peer that does not read its ACKs must not pin the connection (and its buffer) forever.
-        await asyncio.wait_for(writer.drain(), self.write_timeout)
+        async with asyncio.timeout(self.write_timeout):
+            await writer.drain()
 
     async def _answer(self, payload: bytes, where: str, candidates: list) -> Answer:
         future = self._loop.run_in_executor(self.executor, self.process, payload, where, candidates)
         try:
-            return await asyncio.wait_for(asyncio.shield(future), self.ingest_timeout)
-        except asyncio.TimeoutError:
+            async with asyncio.timeout(self.ingest_timeout):
+                return await asyncio.shield(future)
+        except TimeoutError:
             # The commit may still land; the sender's resend is then a duplicate (same MSH-10), answered AA.
             return self._refusal(payload, "AE", f"not stored within {self.ingest_timeout:g}s; send again",
                                  "207", f"AE (store did not answer within {self.ingest_timeout:g}s)")
