@@ -24,7 +24,6 @@ import signal
 import ssl
 import threading
 import time
-from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Mapping
@@ -141,10 +140,13 @@ class MllpListener:
                  idle_timeout: float = 600.0, frame_timeout: float = 60.0, ingest_timeout: float = 30.0,
                  write_timeout: float = 30.0, max_connections: int = 200, max_per_peer: int = 20,
                  workers: int = 8, stop_grace: float = 20.0, tls=None, handshake_timeout: float = 10.0,
-                 commit_leaders: int | None = None):
+                 commit_leaders: int | None = None, reuse_port: bool = False, counts=None):
         """`tls`: an courier.app.tls.ServerTls, or None for plain TCP. `max_per_peer` counts connections per
         peer IP address, so one engine's connection leak cannot take every slot of `max_connections`.
-        `commit_leaders`: transactions at once (courier.app.ingest.GroupCommit; default a quarter of `workers`)."""
+        `commit_leaders`: transactions at once (courier.app.ingest.GroupCommit; default a quarter of `workers`).
+        `reuse_port` and `counts` (a supervisor.SharedCounts): for one of several listener processes on one
+        port (courier.app.hl7.supervisor); `counts` defaults to this process's own."""
+        from courier.app.hl7.supervisor import ConnectionCounts
         from courier.app.hl7 import er7  # python-hl7 (the [mllp] extra) is needed only when a listener runs
 
         self.er7 = er7
@@ -154,6 +156,7 @@ class MllpListener:
         self.ingest_timeout, self.write_timeout = ingest_timeout, write_timeout
         self.max_connections, self.max_per_peer, self.stop_grace = max_connections, max_per_peer, stop_grace
         self.tls, self.handshake_timeout = tls, handshake_timeout
+        self.reuse_port, self.counts = reuse_port, counts if counts is not None else ConnectionCounts()
         self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mllp-ingest")
         from courier.app.ingest import GroupCommit
 
@@ -168,7 +171,6 @@ class MllpListener:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop_event: asyncio.Event | None = None
         self._connections: dict[asyncio.Task, bool] = {}  # task -> busy with a frame
-        self._per_peer: Counter[str] = Counter()  # peer IP address -> open connections (handshakes included)
 
     # --- lifecycle ---------------------------------------------------------------
 
@@ -179,7 +181,8 @@ class MllpListener:
         if handle_signals:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 self._loop.add_signal_handler(sig, self.stop)
-        server = await asyncio.start_server(self._accept, self.host, self.port, limit=READ_CHUNK)
+        server = await asyncio.start_server(self._accept, self.host, self.port, limit=READ_CHUNK,
+                                            reuse_port=self.reuse_port or None)
         self.port = server.sockets[0].getsockname()[1]
         log.info("MLLP listener on %s:%d (%s)", self.host, self.port,
                  "plain TCP" if self.tls is None else
@@ -233,16 +236,12 @@ class MllpListener:
         candidates = [s for s in self.settings.routing.sources.values() if s.allows_peer(address)]
         why = ("listener is stopping" if self.stopping else
                "address is in no source's mllp_allow" if not candidates else
-               f"already {len(self._connections)} connections (COURIER_MLLP_MAX_CONNECTIONS)"
-               if len(self._connections) >= self.max_connections else
-               f"already {self._per_peer[address]} connections from this address (COURIER_MLLP_MAX_PER_PEER)"
-               if self._per_peer[address] >= self.max_per_peer else None)
+               self.counts.admit(address, self.max_connections, self.max_per_peer))  # counted if None
         if why is not None:
             log.warning("MLLP connection from %s refused: %s", where, why)
             writer.close()
             return
         self._connections[task] = False
-        self._per_peer[address] += 1
         try:
             if self.tls is not None and not await self._handshake(writer, where):
                 return
@@ -256,9 +255,7 @@ class MllpListener:
             log.exception("MLLP connection from %s failed", where)
         finally:
             self._connections.pop(task, None)
-            self._per_peer[address] -= 1
-            if not self._per_peer[address]:
-                del self._per_peer[address]
+            self.counts.release(address)
             writer.close()
             try:
                 await asyncio.wait_for(writer.wait_closed(), 2)
@@ -512,16 +509,40 @@ def listener_options(env: Mapping[str, str] | None = None) -> dict:
 
 @click.command("mllp")
 @click.option("--host", default=ALL_INTERFACES, show_default=True, help="address to listen on (port: MLLP_PORT)")
+@click.option("--processes", type=click.IntRange(min=1), default=1, show_default=True,
+              envvar="COURIER_MLLP_PROCESSES", show_envvar=True,
+              help="listener processes sharing the port (SO_REUSEPORT): one core each, under a supervisor")
 @with_appcontext
-def mllp_command(host: str):
+def mllp_command(host: str, processes: int):
     """Receive HL7 v2 over MLLP on MLLP_PORT until SIGTERM; ACK AA only after commit."""
     try:
         options = listener_options()
     except ConfigError as exc:
         raise click.ClickException("cannot start: " + "; ".join(exc.problems)) from None
     try:
-        listener = MllpListener(current_app.extensions["courier.settings"], current_app.extensions["courier.store"],
-                                host=host, **options)
+        from courier.app.hl7 import er7  # noqa: F401  # before any fork: python-hl7 is the [mllp] extra
     except ImportError as exc:
         raise click.ClickException(f"HL7 v2 support is not installed ({exc}); pip install 'courier[mllp]'") from None
+    settings, store = current_app.extensions["courier.settings"], current_app.extensions["courier.store"]
+    counts = None
+    if processes > 1:
+        from courier.app.hl7.supervisor import SharedCounts, Supervisor, check_port_free
+
+        if not settings.mllp_port:
+            raise click.ClickException("cannot start: --processes needs a fixed MLLP_PORT (0 picks a port per "
+                                       "process)")
+        try:
+            check_port_free(host, settings.mllp_port)
+        except OSError as exc:
+            raise click.ClickException(f"cannot listen on {host}:{settings.mllp_port}: "
+                                       f"{exc.strerror or exc}") from None
+        counts = SharedCounts(processes, options["max_connections"])
+        supervisor = Supervisor(processes, counts)
+        if supervisor.run() is None:  # the supervisor, after every listener process has stopped
+            if supervisor.status:
+                click.get_current_context().exit(supervisor.status)
+            return
+        # A listener process, just forked: pooled connections, if the supervisor had any, are not its own.
+        store.engine.dispose(close=False)
+    listener = MllpListener(settings, store, host=host, reuse_port=processes > 1, counts=counts, **options)
     asyncio.run(listener.run(handle_signals=True))
