@@ -1,10 +1,13 @@
 """HL7 v2 (ER7) text in and out: decoding, batch splitting, header parsing, ACKs.
 
 Shared by the HTTP ingest and the MLLP listener so that both accept and refuse
-exactly the same inputs. Field splitting is python-hl7's (`hl7.parse`); this
-module adds what that library leaves out and what Courier relies on: strict
-checks of the delimiters and of MSH, segment-terminator normalisation, batch
-envelopes, and never letting anything but `Hl7Error` escape for bad input.
+exactly the same inputs. Field splitting follows python-hl7 (`hl7.parse`): a
+message's MSH is split as python-hl7 splits it (_MshFields, without building its
+tree of the whole message, which cost most of the listener's CPU), and ACKs and
+salvaged headers go through python-hl7 itself; this module adds what that library
+leaves out and what Courier relies on: strict checks of the delimiters and of MSH,
+segment-terminator normalisation, batch envelopes, and never letting anything but
+`Hl7Error` escape for bad input.
 
 Header values in `Hl7Message` are the raw wire values (escape sequences kept),
 so MSH-10 is echoed byte for byte in MSA-2 and used unchanged as the

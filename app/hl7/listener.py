@@ -1,13 +1,17 @@
 """The MLLP listener (`courier mllp`): HL7 v2 over TCP in, ACKs out, through the same ingest as HTTP.
 
 Each frame `<VT> payload <FS><CR>` gets exactly one answer frame: `AA` only after
-`ingest()` has committed the message(s), `AE` when the store could not commit (the
+the message(s) are committed, `AE` when the store could not commit (the
 sender must resend), `AR` with the reason in MSA-3 and ERR when the frame can never
 be accepted. A frame holding a batch (FHS/BHS, or MSH after MSH) is ingested as a
 whole (all or nothing) and answered with a BHS ... BTS batch of one ACK per message.
 
 asyncio serves the sockets; the blocking parse + ingest runs in a thread pool so a
-slow database never stalls other connections. Peers are admitted by address
+slow database never stalls other connections. A frame is parsed once, and handed to
+ingest as parsed; frames that arrive together on several connections are committed in
+one transaction (courier.app.ingest.GroupCommit), each answered after that commit.
+Several listener processes can share the port (--processes, courier.app.hl7.supervisor).
+Peers are admitted by address
 (`mllp_allow`) and within two connection limits (in all, and per peer address);
 among the sources a peer may speak for, MSH-3/MSH-4 (`mllp_senders`) pick one.
 With TLS (COURIER_MLLP_TLS_*, courier.app.tls) the handshake follows admission, so a refused
