@@ -336,12 +336,14 @@ class GroupCommit:
     is run by the thread of the first waiting batch, so the group needs no thread of its own.
 
     Several leaders, so that a transaction waiting on a row lock (say, a duplicate of a message another
-    process has not committed yet) holds up only the batches in it. A group that fails other than by
-    an outage is committed again batch by batch: each batch is stored, or refused, as it would be alone.
+    process has not committed yet) holds up only the batches in it; and a batch that has waited
+    `patience` seconds while every leader is stuck like that runs a transaction of its own. A group
+    that fails other than by an outage is committed again batch by batch: each batch is stored, or
+    refused, as it would be alone.
     """
 
-    def __init__(self, store: Store, *, leaders: int = 4, max_group: int = 32):
-        self.store, self.leaders, self.max_group = store, leaders, max_group
+    def __init__(self, store: Store, *, leaders: int = 4, max_group: int = 32, patience: float = 0.5):
+        self.store, self.leaders, self.max_group, self.patience = store, leaders, max_group, patience
         self._lock = threading.Lock()
         self._waiting: deque[_Waiter] = deque()
         self._running = 0  # transactions being run (leaders)
@@ -355,8 +357,13 @@ class GroupCommit:
                 self._running += 1
             else:
                 self._waiting.append(me)
-        if not me.leads:
-            me.event.wait()  # until a leader has committed this batch, or handed this thread the lead
+        # Until a leader has committed this batch, or handed this thread the lead.
+        while not me.leads and not me.event.wait(self.patience):
+            with self._lock:
+                if me in self._waiting:  # no leader came for it in time: they are stuck, lead anyway
+                    self._waiting.remove(me)
+                    self._running += 1
+                    me.leads = True
         if me.leads:
             self._lead(me)
         if me.error is not None:

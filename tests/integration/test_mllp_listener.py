@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
@@ -513,6 +514,31 @@ def test_group_commit_answers_each_frame_only_after_its_own_commit(mllp_settings
     finally:
         observer.dispose()
     assert count(store) == 24
+
+
+def test_a_transaction_stuck_on_a_lock_holds_up_other_frames_only_for_a_moment(mllp_settings, store):
+    """The one commit leader waits on the row lock of 'HELD': the next frame waits its patience (0.5 s)
+    for a leader, then runs its own transaction."""
+    from sqlalchemy import text
+
+    holder = store.engine.connect()
+    blocking = holder.begin()
+    holder.execute(text("INSERT INTO courier_messages (id, source, type, content_type, body, size, dedup_key, "
+                        "correlation_id, status, received_at) VALUES ('held-row', 'lab', 'x', 'x', '', 0, "
+                        "'HELD', 'c', 'accepted', now())"))
+    try:
+        with listener_thread(mllp_settings, store, commit_leaders=1) as running, \
+                Client(running.port) as waiting, Client(running.port, timeout=5) as other:
+            waiting.send(adt("HELD"))
+            threading.Event().wait(0.3)  # HELD's transaction has the lead, waiting for the lock
+            started = time.monotonic()
+            assert acks(other.exchange(adt("FREE")))[0][:2] == ("AA", "FREE")
+            assert time.monotonic() - started < 3
+            blocking.rollback()
+            assert acks(waiting.read_frame())[0][:2] == ("AA", "HELD")
+    finally:
+        holder.close()
+    assert sorted(m.dedup_key for m in stored(store)) == ["FREE", "HELD"]
 
 
 def test_a_frame_that_spoils_its_group_fails_alone_and_the_others_are_stored(mllp_settings, store, monkeypatch):
