@@ -131,8 +131,8 @@ class Listener:
             environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
         except OSError:
             return False
-        return f"MLLP_PORT={self.port}".encode() in environ and f"COURIER_CONFIG={self.env['COURIER_CONFIG']}".encode() \
-            in environ
+        config = f"COURIER_CONFIG={self.env['COURIER_CONFIG']}".encode()
+        return f"MLLP_PORT={self.port}".encode() in environ and config in environ
 
 
 @pytest.fixture
