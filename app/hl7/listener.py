@@ -11,9 +11,9 @@ slow database never stalls other connections. A frame is parsed once, and handed
 ingest as parsed; frames that arrive together on several connections are committed in
 one transaction (courier.app.ingest.GroupCommit), each answered after that commit.
 Several listener processes can share the port (--processes, courier.app.hl7.supervisor).
-Peers are admitted by address
-(`mllp_allow`) and within two connection limits (in all, and per peer address);
-among the sources a peer may speak for, MSH-3/MSH-4 (`mllp_senders`) pick one.
+Peers are admitted by address (`mllp_allow`) and within two connection limits (in all,
+and per peer address); among the sources a peer may speak for, MSH-3/MSH-4
+(`mllp_senders`) pick one.
 With TLS (COURIER_MLLP_TLS_*, courier.app.tls) the handshake follows admission, so a refused
 or surplus peer costs no cryptography, and must finish within a timeout. Garbage,
 oversized frames, frames without an end block, failed handshakes, slow or idle peers
@@ -150,8 +150,9 @@ class MllpListener:
         `commit_leaders`: transactions at once (courier.app.ingest.GroupCommit; default a quarter of `workers`).
         `reuse_port` and `counts` (a supervisor.SharedCounts): for one of several listener processes on one
         port (courier.app.hl7.supervisor); `counts` defaults to this process's own."""
-        from courier.app.hl7.supervisor import ConnectionCounts
         from courier.app.hl7 import er7  # python-hl7 (the [mllp] extra) is needed only when a listener runs
+        from courier.app.hl7.supervisor import ConnectionCounts
+        from courier.app.ingest import GroupCommit
 
         self.er7 = er7
         self.settings, self.store = settings, store
@@ -162,8 +163,6 @@ class MllpListener:
         self.tls, self.handshake_timeout = tls, handshake_timeout
         self.reuse_port, self.counts = reuse_port, counts if counts is not None else ConnectionCounts()
         self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mllp-ingest")
-        from courier.app.ingest import GroupCommit
-
         # A quarter as many transactions at once as ingest threads, so that frames arriving together share one
         # (measured: groups of about 2.4 frames at 16 busy connections; with 1 leader 4.6, but then one
         # transaction waiting on a lock would hold up every frame).
@@ -201,8 +200,8 @@ class MllpListener:
             await self._drain_connections()
             await server.wait_closed()
             self.executor.shutdown(wait=True)
-            log.info("MLLP listener stopped (%d frames written in %d store transactions)", self.group_commit.batches,
-                     self.group_commit.transactions)
+            log.info("MLLP listener stopped (%d frames went to the store in %d transactions)",
+                     self.group_commit.batches, self.group_commit.transactions)
 
     def stop(self) -> None:
         """Stop accepting; connections finish the frame in hand (its ACK is sent), then close."""

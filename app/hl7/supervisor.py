@@ -227,15 +227,24 @@ class Supervisor:
 
     def _fork(self, index: int) -> bool:
         """Start listener process `index`; True in that process, False in the supervisor."""
-        pid = os.fork()
+        # SIGTERM/SIGINT wait until the child is in self.children (so _stop reaches it) and, in the
+        # child, until the supervisor's handler is gone (so it never runs there).
+        stops = {signal.SIGTERM, signal.SIGINT}
+        signal.pthread_sigmask(signal.SIG_BLOCK, stops)
+        try:
+            pid = os.fork()
+            if pid == 0:
+                for sig in stops:
+                    signal.signal(sig, signal.SIG_DFL)  # until the listener's own handlers are installed
+                self.children.clear()
+                self.counts.use_row(index)
+            else:
+                self.children[pid] = index
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, stops)
         if pid == 0:
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                signal.signal(sig, signal.SIG_DFL)  # until the listener's own handlers are installed
             _die_with_parent(self._pid)
-            self.children.clear()
-            self.counts.use_row(index)
             return True
-        self.children[pid] = index
         return False
 
     def _stop(self, *_signal) -> None:
