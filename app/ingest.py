@@ -10,6 +10,8 @@ import dataclasses
 import json
 import re
 import sys
+import threading
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,7 +23,7 @@ from courier.app import metrics
 from courier.app.config import StrictSchema
 from courier.app.settings import RateLimit, RoutingConfig
 from courier.app.store import crypto, ordering, outbox, ratelimit, search
-from courier.app.store.db import Store
+from courier.app.store.db import Store, store_problem
 
 JSON_TYPES = {"application/json"}
 HL7_TYPES = {"application/hl7-v2", "x-application/hl7-v2+er7"}
@@ -188,6 +190,11 @@ def _parse_hl7(body: bytes, default_charset: str | None) -> tuple[list[Parsed], 
                 raise
     except er7.Hl7Error as exc:
         raise IngestError(400, "malformed", f"not a valid HL7 v2 message: {exc}", _hl7_details(exc)) from None
+    return _hl7_parsed(messages, body)
+
+
+def _hl7_parsed(messages: list, body: bytes) -> tuple[list[Parsed], bool]:
+    """parse_body's answer for HL7 v2 `messages` (er7.parse_all of `body`, in the source's charset)."""
     is_batch = len(messages) > 1 or body.lstrip(b" \t\r\n\x0b\xef\xbb\xbf").startswith((b"FHS", b"BHS"))
     # Stored as received, byte for byte; the content type names the charset it was read in (MSH-18,
     # or the source's default), so every later reading decodes it the same way.
@@ -211,15 +218,21 @@ class Plan:
 
 
 def plan(routing: RoutingConfig, *, source: str, content_type: str, body: bytes,
-         idempotency_key: str | None = None) -> tuple[list[Plan], bool]:
-    """Parse, validate and route without touching the store; returns (plans, is_batch). Raises IngestError."""
+         idempotency_key: str | None = None, hl7_messages: list | None = None) -> tuple[list[Plan], bool]:
+    """Parse, validate and route without touching the store; returns (plans, is_batch). Raises IngestError.
+
+    hl7_messages: `body` already read, as er7.parse_all(body, the source's charset) reads it (the MLLP
+    listener has done so to pick the source): used instead of parsing it again."""
     if source not in routing.sources:
         raise IngestError(403, "unknown_source", f"source {source!r} is not configured")
     if idempotency_key is not None and not _SAFE_ID.fullmatch(idempotency_key):
         raise IngestError(400, "malformed", "Idempotency-Key header: 1-255 characters of "
                           "A-Z a-z 0-9 . _ : @ / + = -", {"header": "Idempotency-Key"})
     allowed = routing.sources[source]
-    parsed, is_batch = parse_body(content_type, body, allowed.charset)
+    if hl7_messages is not None and media_type(content_type) in HL7_TYPES:
+        parsed, is_batch = _hl7_parsed(hl7_messages, body)
+    else:
+        parsed, is_batch = parse_body(content_type, body, allowed.charset)
     refused = [p.message_type for p in parsed if not allowed.allows(p.message_type)]
     if refused:
         raise IngestError(422, "type_not_allowed", f"source {source!r} may not send {refused[0]!r}",
@@ -236,16 +249,14 @@ def plan(routing: RoutingConfig, *, source: str, content_type: str, body: bytes,
 
 
 def store_plans(session: Session, plans: list[Plan], *, source: str,
-                correlation_id: str | None = None) -> list[Result]:
-    """Write planned messages and their deliveries in `session`'s transaction; the caller commits."""
+                correlation_id: str | None = None, locked: bool = False) -> list[Result]:
+    """Write planned messages and their deliveries in `session`'s transaction; the caller commits.
+
+    locked: the caller has already taken the order keys' locks (`_lock_keys`, for a group commit)."""
     if correlation_id is not None and not _SAFE_ID.fullmatch(correlation_id[:64] or "-"):
         correlation_id = None  # an unusable correlation id is replaced, not an error: it is ours to make
-    if len(plans) > 1:
-        # A batch locks all its keys up front, in one sorted pass: locking message by
-        # message, two batches holding the same patients in opposite order would deadlock.
-        # Named by their stored form, as outbox.accept names them.
-        ring = crypto.ring_for(session)
-        ordering.lock(session, [(d, ordering.stored(k, ring)) for p in plans for d, k in p.order_keys.items()])
+    if len(plans) > 1 and not locked:
+        _lock_keys(session, plans)
     results = []
     for p in plans:
         message, created = outbox.accept(session, outbox.NewMessage(
@@ -258,22 +269,170 @@ def store_plans(session: Session, plans: list[Plan], *, source: str,
     return results
 
 
+def _lock_keys(session: Session, plans: list[Plan]) -> None:
+    """Take the order-key locks of several messages up front, in one sorted pass (ordering.lock): locking
+    message by message, two batches holding the same patients in opposite order would deadlock.
+    Named by their stored form, as outbox.accept names them."""
+    ring = crypto.ring_for(session)
+    ordering.lock(session, [(d, ordering.stored(k, ring)) for p in plans for d, k in p.order_keys.items()])
+
+
 def ingest(store: Store, routing: RoutingConfig, *, source: str, content_type: str, body: bytes,
-           idempotency_key: str | None = None, correlation_id: str | None = None) -> tuple[list[Result], bool]:
-    """Validate, route and durably store; returns (results, is_batch). Raises IngestError."""
+           idempotency_key: str | None = None, correlation_id: str | None = None,
+           hl7_messages: list | None = None) -> tuple[list[Result], bool]:
+    """Validate, route and durably store; returns (results, is_batch). Raises IngestError.
+
+    hl7_messages: `body` as already read (see `plan`)."""
     plans, is_batch = plan(routing, source=source, content_type=content_type, body=body,
-                           idempotency_key=idempotency_key)
+                           idempotency_key=idempotency_key, hl7_messages=hl7_messages)
+    charge(store, routing, source, len(plans))
+    return commit(store, [Batch(source, plans, correlation_id)])[0], is_batch
+
+
+def charge(store: Store, routing: RoutingConfig, source: str, n: int) -> None:
+    """Charge `n` messages to the source's rate limit, if it has one; IngestError 429 (or 413, 503) if not allowed."""
     limit = routing.sources[source].rate_limit
     if limit is not None:  # only limited sources pay this round trip
-        _within_rate(store, source, limit, len(plans))
+        _within_rate(store, source, limit, n)
+
+
+@dataclass(frozen=True)
+class Batch:
+    """What one request or frame stores: its planned messages, all or none."""
+
+    source: str
+    plans: list[Plan]
+    correlation_id: str | None = None
+
+
+def commit(store: Store, batches: list[Batch]) -> list[list[Result]]:
+    """Store each batch's messages and deliveries, all batches in one transaction; the Results of each.
+
+    IngestError 503 (store_unavailable, the driver's error as __cause__) when the store could not commit:
+    then nothing of any batch is stored. Several batches in one transaction (GroupCommit) take all
+    their order-key locks up front, as one batch does.
+    """
     try:
         with store.session() as session:
-            results = store_plans(session, plans, source=source, correlation_id=correlation_id)
+            if len(batches) > 1:
+                _lock_keys(session, [p for b in batches for p in b.plans])
+            results = [store_plans(session, b.plans, source=b.source, correlation_id=b.correlation_id,
+                                   locked=len(batches) > 1) for b in batches]
     except (OperationalError, DBAPIError) as exc:
         raise IngestError(503, "store_unavailable", "the message store could not commit; nothing was "
                           "accepted, send again", {"retryable": True}) from exc
-    metrics.accepted(source, results)  # after the commit: only what is durable is counted
-    return results, is_batch
+    for batch, stored in zip(batches, results):
+        metrics.accepted(batch.source, stored)  # after the commit: only what is durable is counted
+    return results
+
+
+class GroupCommit:
+    """`commit` for batches handed in by concurrent threads, several in one transaction ("group commit").
+
+    `commit(batch)` returns the batch's Results only after the transaction holding it has committed, and
+    raises as `commit` does. Up to `leaders` transactions run at once; a batch that comes while they all
+    run waits, and the next transaction takes every batch waiting (at most `max_group`): under load one
+    BEGIN, COMMIT and WAL flush serve many frames, while a lone frame commits at once. That transaction
+    is run by the thread of the first waiting batch, so the group needs no thread of its own.
+
+    Several leaders, so that a transaction waiting on a row lock (say, a duplicate of a message another
+    process has not committed yet) holds up only the batches in it; and a batch that has waited
+    `patience` seconds while every leader is stuck like that runs a transaction of its own. A group
+    that fails other than by an outage is committed again batch by batch: each batch is stored, or
+    refused, as it would be alone.
+    """
+
+    def __init__(self, store: Store, *, leaders: int = 4, max_group: int = 32, patience: float = 0.5):
+        self.store, self.leaders, self.max_group, self.patience = store, leaders, max_group, patience
+        self._lock = threading.Lock()
+        self._waiting: deque[_Waiter] = deque()
+        self._running = 0  # transactions being run (leaders)
+        self.batches = self.transactions = 0  # handed in, and transactions run for them (tests, the stop log line)
+
+    def commit(self, batch: Batch) -> list[Result]:
+        me = _Waiter(batch)
+        with self._lock:
+            me.leads = self._running < self.leaders
+            if me.leads:
+                self._running += 1
+            else:
+                self._waiting.append(me)
+        # Until a leader has committed this batch, or handed this thread the lead.
+        while not me.leads and not me.event.wait(self.patience):
+            with self._lock:
+                if me in self._waiting:  # no leader came for it in time: they are stuck, lead anyway
+                    self._waiting.remove(me)
+                    self._running += 1
+                    me.leads = True
+        if me.leads:
+            self._lead(me)
+        if me.error is not None:
+            raise me.error
+        return me.results
+
+    def _lead(self, me: _Waiter) -> None:
+        with self._lock:
+            group = [me]
+            while self._waiting and len(group) < self.max_group:
+                group.append(self._waiting.popleft())
+            self.batches += len(group)
+        try:
+            self._run(group)
+        finally:
+            with self._lock:
+                if self._waiting:  # the lead passes on to the first waiting batch's thread
+                    successor = self._waiting.popleft()
+                    successor.leads = True
+                    successor.event.set()
+                else:
+                    self._running -= 1
+            for waiter in group:
+                if waiter is not me:
+                    waiter.event.set()
+
+    def _run(self, group: list[_Waiter]) -> None:
+        # One order for every group: two groups holding the same duplicates take their unique-key locks alike.
+        group.sort(key=lambda w: w.key)
+        with self._lock:
+            self.transactions += 1
+        try:
+            for waiter, results in zip(group, commit(self.store, [w.batch for w in group])):
+                waiter.results, waiter.error = results, None
+            return
+        except Exception as exc:
+            if len(group) == 1 or _outage(exc):  # the store is not there: alone, each would fail too
+                for waiter in group:
+                    waiter.error = exc
+                return
+        for waiter in group:  # one batch spoilt the group: each alone, as if never grouped
+            with self._lock:
+                self.transactions += 1
+            try:
+                waiter.results, waiter.error = commit(self.store, [waiter.batch])[0], None
+            except Exception as exc:
+                waiter.error = exc
+
+
+class _Waiter:
+    """One batch in a GroupCommit: the thread waits on `event`, then reads `results` or `error`, unless it `leads`."""
+
+    __slots__ = ("batch", "key", "event", "leads", "results", "error")
+
+    def __init__(self, batch: Batch):
+        self.batch = batch
+        first = batch.plans[0].parsed.dedup_key if batch.plans else None
+        self.key = (batch.source, first or "")
+        self.event = threading.Event()
+        self.leads = False
+        self.results: list[Result] = []
+        # Until a commit says otherwise: a waiter woken without an outcome must not be answered as stored.
+        self.error: Exception | None = RuntimeError("the group commit ended without committing this batch")
+
+
+def _outage(exc: Exception) -> bool:
+    """Whether a commit failed because the store is unreachable (rather than over one batch's content)."""
+    return (isinstance(exc, IngestError) and exc.code == "store_unavailable" and exc.__cause__ is not None
+            and store_problem(exc.__cause__) is not None)
 
 
 def _within_rate(store: Store, source: str, limit: RateLimit, n: int) -> None:

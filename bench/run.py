@@ -52,7 +52,7 @@ from tests.support.config import write_config  # noqa: E402
 
 DESTINATIONS = ("a", "b")
 FIXED_RATE = 200
-MLLP_CONNECTIONS = 16  # as many as wrk's, and twice the listener's 8 ingest threads: it never waits on us
+MLLP_CONNECTIONS = 16  # as many as wrk's, and as the ingest threads of the Procfile's 2 listener processes
 # Issue 18's targets, as ratios against the naive app in the same run where they can be.
 GOALS = {
     "ingest": ">= 1.0x naive", "mllp": ">= 610/s (2x 305)", "e2e": ">= 1.5x naive", "deliveries": "-",

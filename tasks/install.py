@@ -119,6 +119,8 @@ FLOWER_BASIC_AUTH=admin:CHANGE-ME
 #PORT=8000
 #MLLP_PORT=2575
 #FLOWER_PORT=5555
+# MLLP listener processes sharing MLLP_PORT, one core each (the Procfile's default; see docs/hl7.md).
+#COURIER_MLLP_PROCESSES=2
 """
 
 # Characters that a path in a unit file would need escaping for (specifiers, variables, quoting, spaces).

@@ -1,10 +1,13 @@
 """HL7 v2 (ER7) text in and out: decoding, batch splitting, header parsing, ACKs.
 
 Shared by the HTTP ingest and the MLLP listener so that both accept and refuse
-exactly the same inputs. Field splitting is python-hl7's (`hl7.parse`); this
-module adds what that library leaves out and what Courier relies on: strict
-checks of the delimiters and of MSH, segment-terminator normalisation, batch
-envelopes, and never letting anything but `Hl7Error` escape for bad input.
+exactly the same inputs. Field splitting follows python-hl7 (`hl7.parse`): a
+message's MSH is split as python-hl7 splits it (_MshFields, without building its
+tree of the whole message, which cost most of the listener's CPU), and ACKs and
+salvaged headers go through python-hl7 itself; this module adds what that library
+leaves out and what Courier relies on: strict checks of the delimiters and of MSH,
+segment-terminator normalisation, batch envelopes, and never letting anything but
+`Hl7Error` escape for bad input.
 
 Header values in `Hl7Message` are the raw wire values (escape sequences kept),
 so MSH-10 is echoed byte for byte in MSA-2 and used unchanged as the
@@ -46,6 +49,7 @@ __all__ = [
     "parse_all",
     "parse_raw",
     "parse_stored",
+    "reread",
     "salvage_header",
     "split",
     "split_raw",
@@ -95,6 +99,9 @@ _MESSAGE_CODE = re.compile(r"[A-Za-z0-9_]{1,20}")
 _FORBIDDEN = re.compile(r"[\x00\x0b\x1c]")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _VERSION = re.compile(r"(\d+)\.(\d+)")
+_PRINTABLE_ID = re.compile(r"[\x21-\x7e]{1,3}")
+_FIRST_MSH = re.compile(rb"(?:^|[\r\n\x0b])MSH([\x21-\x7e])")
+_RAW_TERMINATOR = re.compile(rb"[\r\n]")
 # HL7 table 0104 (version id), v2.1 to v2.9: MSH-12.1 must be one of them.
 KNOWN_VERSIONS = ("2.1", "2.2", "2.3", "2.3.1", "2.4", "2.5", "2.5.1", "2.6", "2.7", "2.7.1",
                   "2.8", "2.8.1", "2.8.2", "2.9", "2.9.1")
@@ -229,10 +236,10 @@ def _decode(raw: bytes, default: str | None, *, strict: bool) -> tuple[str, str]
 
 def declared_charset(raw: bytes) -> str:
     """MSH-18 (first repetition, first component) of the first MSH in raw, as sent ('' if none)."""
-    match = re.search(rb"(?:^|[\r\n\x0b])MSH([\x21-\x7e])", raw)
+    match = _FIRST_MSH.search(raw)
     if match is None:
         return ""
-    segment = re.split(rb"[\r\n]", raw[match.start(1) - 3:], maxsplit=1)[0]
+    segment = _RAW_TERMINATOR.split(raw[match.start(1) - 3:], maxsplit=1)[0]
     fields = segment.split(match.group(1))
     if len(fields) < 18:
         return ""
@@ -360,7 +367,7 @@ def _check_count(segment: str, actual: int, what: str, unit: str, where: str) ->
 def _shown_id(segment: str) -> str:
     """A segment id fit for an error message (repr when it is not printable ASCII)."""
     head = segment[:3]
-    return head if re.fullmatch(r"[\x21-\x7e]{1,3}", head) else ascii(head)
+    return head if _PRINTABLE_ID.fullmatch(head) else ascii(head)
 
 
 # --------------------------------------------------------------------------- parsing
@@ -445,26 +452,60 @@ def parse(text: str) -> Hl7Message:
     sep, encoding = _delimiters(segments[0])
     for index, segment in enumerate(segments[1:], 2):
         segment_id = segment[:3]
-        where = f"segment {index} ({_shown_id(segment)})"
-        location = (_shown_id(segment), _occurrence(segments, index), None, None)
         if not _SEGMENT_ID.fullmatch(segment_id) or (len(segment) > 3 and segment[3] != sep):
             raise Hl7Error("segment id must be 3 uppercase letters or digits (starting with a letter) "
-                           "followed by the field separator", where, "100", location)
+                           "followed by the field separator", *_segment_place(segments, index), "100",
+                           _segment_location(segments, index))
         if segment_id == "MSH" or segment_id in _ENVELOPE:
-            raise Hl7Error(f"{segment_id} inside a message (a batch must be split first)", where, "100", location)
+            raise Hl7Error(f"{segment_id} inside a message (a batch must be split first)",
+                           *_segment_place(segments, index), "100", _segment_location(segments, index))
     message_text = "\r".join(segments)
     bad = _FORBIDDEN.search(message_text)
     if bad:
         index = message_text.count("\r", 0, bad.start()) + 1
-        raise Hl7Error(f"control character {bad.group()!r} inside the message",
-                       f"segment {index} ({_shown_id(segments[index - 1])})", "102",
-                       (_shown_id(segments[index - 1]), _occurrence(segments, index), None, None))
-    try:
-        parsed = hl7.parse(message_text)
-        msh = parsed[0]
-    except Exception as exc:  # python-hl7 raises assorted types on odd input; none may escape
-        raise Hl7Error(f"HL7 parser failed ({type(exc).__name__})", "segment 1 (MSH)", "102", _msh(1)) from None
+        raise Hl7Error(f"control character {bad.group()!r} inside the message", *_segment_place(segments, index),
+                       "102", _segment_location(segments, index))
+    # Only MSH is read, by _MshFields: python-hl7's tree of the whole message (hl7.parse) was most of the
+    # listener's CPU, and every other segment has passed the checks above, on which python-hl7 cannot fail.
+    # A message that is MSH alone is stripped as python-hl7 strips its input (Unicode whitespace too).
+    msh = _MshFields(segments[0].strip() if len(segments) == 1 else segments[0], sep, encoding)
     return _header(message_text, msh, sep, encoding, strict=True)
+
+
+def _segment_place(segments: list[str], index: int) -> tuple[str]:
+    """Hl7Error's `where` for the segment at 1-based index (made only when there is an error)."""
+    return (f"segment {index} ({_shown_id(segments[index - 1])})",)
+
+
+def _segment_location(segments: list[str], index: int) -> tuple:
+    return (_shown_id(segments[index - 1]), _occurrence(segments, index), None, None)
+
+
+class _MshFields:
+    """The raw values of an MSH segment as python-hl7's tree gives them (for `_value`), without building it.
+
+    python-hl7 splits MSH-3 onwards on the field separator, then on the repetition, component and
+    subcomponent separators (MSH-2's 2nd, 1st and 4th character); `_value` takes the first repetition,
+    the component asked for and its first subcomponent. Splitting the one string the same way gives
+    the same values (tests/unit/test_hl7v2.py checks it against python-hl7 on generated segments).
+    """
+
+    __slots__ = ("fields", "component", "repetition", "subcomponent")
+
+    def __init__(self, segment: str, sep: str, encoding: str):
+        end = segment.find(sep, 4)
+        # python-hl7: no separator after MSH-2 and the segment itself is split again ("MSH", MSH-2): no MSH-3 on.
+        rest = segment if end == -1 else segment[end + 1:]
+        self.fields = ["MSH", sep, segment[4:end], *rest.split(sep)] if rest else ["MSH", sep, segment[4:end]]
+        self.component, self.repetition, self.subcomponent = encoding[0], encoding[1], encoding[3]
+
+    def __call__(self, field: int, component: int = 1) -> str:
+        if field >= len(self.fields):
+            return ""
+        components = self.fields[field].split(self.repetition, 1)[0].split(self.component)
+        if component > len(components):
+            return ""
+        return components[component - 1].split(self.subcomponent, 1)[0]
 
 
 def _occurrence(segments: list[str], index: int) -> int:
@@ -473,11 +514,13 @@ def _occurrence(segments: list[str], index: int) -> int:
     return sum(1 for segment in segments[:index] if segment[:3] == head)
 
 
-def _header(message_text: str, msh: hl7.Segment, sep: str, encoding: str, *, strict: bool) -> Hl7Message:
-    """Hl7Message from a parsed MSH; strict=False (for reject ACKs) skips the content checks."""
-    code, trigger = _value(msh, 9, 1), _value(msh, 9, 2)
-    control_id = _value(msh, 10)
-    version = _value(msh, 12)
+def _header(message_text: str, msh, sep: str, encoding: str, *, strict: bool) -> Hl7Message:
+    """Hl7Message from a parsed MSH (an _MshFields, or python-hl7's Segment); strict=False (for reject ACKs)
+    skips the content checks."""
+    value = msh if isinstance(msh, _MshFields) else lambda field, component=1: _value(msh, field, component)
+    code, trigger = value(9, 1), value(9, 2)
+    control_id = value(10)
+    version = value(12)
     if strict:
         _check_header(code, trigger, control_id, version)
     return Hl7Message(
@@ -485,16 +528,16 @@ def _header(message_text: str, msh: hl7.Segment, sep: str, encoding: str, *, str
         message_type=f"HL7v2:{code}^{trigger}" if trigger else f"HL7v2:{code}",
         control_id=control_id,
         version=version,
-        sending_application=_value(msh, 3),
-        sending_facility=_value(msh, 4),
-        receiving_application=_value(msh, 5),
-        receiving_facility=_value(msh, 6),
+        sending_application=value(3),
+        sending_facility=value(4),
+        receiving_application=value(5),
+        receiving_facility=value(6),
         field_separator=sep,
         encoding_characters=encoding,
-        processing_id=_value(msh, 11),
-        accept_ack_type=_value(msh, 15).strip().upper(),
-        application_ack_type=_value(msh, 16).strip().upper(),
-        character_set=_value(msh, 18).strip(),
+        processing_id=value(11),
+        accept_ack_type=value(15).strip().upper(),
+        application_ack_type=value(16).strip().upper(),
+        character_set=value(18).strip(),
     )
 
 
@@ -550,6 +593,25 @@ def parse_raw(part: bytes, default_charset: str | None = None) -> Hl7Message:
     """One message's bytes (an element of split_raw) -> Hl7Message with .raw and .charset; Hl7Error if refused."""
     text, codec = _decode(part, default_charset, strict=True)
     return dataclasses.replace(parse(text), charset=codec, raw=part)
+
+
+def reread(messages: list[Hl7Message], default_charset: str | None) -> list[Hl7Message]:
+    """parse_all(raw, default_charset) for messages parse_all(raw) already read: each is parsed again only
+    if its bytes decode to other text under the new default, else it only gets the new codec (Hl7Error as
+    parse_all). The MLLP listener reads a frame before it knows the source, and so the source's charset."""
+    again = []
+    for number, message in enumerate(messages, 1):
+        text, codec = _decode(message.raw, default_charset, strict=True)
+        if codec == message.charset or text == message.raw.decode(message.charset):
+            again.append(message if codec == message.charset else dataclasses.replace(message, charset=codec))
+            continue
+        try:
+            again.append(dataclasses.replace(parse(text), charset=codec, raw=message.raw))
+        except Hl7Error as exc:
+            if len(messages) == 1:
+                raise
+            raise Hl7Error(exc.reason, f"message {number}, {exc.where}", exc.error_code, exc.location) from None
+    return again
 
 
 def parse_stored(body: bytes, content_type: str) -> Hl7Message:

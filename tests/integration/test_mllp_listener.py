@@ -15,7 +15,9 @@ import signal
 import socket
 import subprocess
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -467,6 +469,107 @@ def test_many_concurrent_connections_several_messages_each(listener, store):
         results = list(pool.map(session, range(20)))
     assert results == [[("AA", f"C{n}-{i}") for i in range(5)] for n in range(20)]
     assert count(store) == 100
+
+
+# --- group commit: frames arriving together share a transaction, each answered after its commit ----------
+
+@contextmanager
+def slow_commits(store, seconds: float):
+    """Every COMMIT of `store` waits `seconds` first: its rows are written but not yet visible to others."""
+    from sqlalchemy import event
+
+    def pause(_conn):
+        threading.Event().wait(seconds)
+
+    event.listen(store.engine, "commit", pause)
+    try:
+        yield
+    finally:
+        event.remove(store.engine, "commit", pause)
+
+
+def test_group_commit_answers_each_frame_only_after_its_own_commit(mllp_settings, store, pg_url):
+    """Eight connections at once, one transaction at a time, each COMMIT slowed down: frames share
+    transactions, and each AA finds its message already visible to another connection of the database."""
+    from sqlalchemy import create_engine, text
+
+    observer = create_engine(pg_url, isolation_level="AUTOCOMMIT")
+    seen = text("SELECT count(*) FROM courier_messages WHERE source = 'lab' AND dedup_key = :k")
+
+    def sender(n: int) -> list[tuple[str, str, int]]:
+        out = []
+        with Client(running.port, timeout=60) as client, observer.connect() as conn:
+            for i in range(3):
+                code, msa2, _ = acks(client.exchange(adt(f"G{n}-{i}")))[0]
+                out.append((code, msa2, conn.scalar(seen, {"k": f"G{n}-{i}"})))  # at once, before the next frame
+        return out
+
+    try:
+        with slow_commits(store, 0.2), listener_thread(mllp_settings, store, commit_leaders=1) as running, \
+                ThreadPoolExecutor(8) as pool:
+            results = list(pool.map(sender, range(8)))
+            group = running.group_commit
+        assert results == [[("AA", f"G{n}-{i}", 1) for i in range(3)] for n in range(8)]
+        assert group.batches == 24 and group.transactions < 24, (group.batches, group.transactions)
+    finally:
+        observer.dispose()
+    assert count(store) == 24
+
+
+def test_a_transaction_stuck_on_a_lock_holds_up_other_frames_only_for_a_moment(mllp_settings, store):
+    """The one commit leader waits on the row lock of 'HELD': the next frame waits its patience (0.5 s)
+    for a leader, then runs its own transaction."""
+    from sqlalchemy import text
+
+    holder = store.engine.connect()
+    blocking = holder.begin()
+    holder.execute(text("INSERT INTO courier_messages (id, source, type, content_type, body, size, dedup_key, "
+                        "correlation_id, status, received_at) VALUES ('held-row', 'lab', 'x', 'x', '', 0, "
+                        "'HELD', 'c', 'accepted', now())"))
+    try:
+        with listener_thread(mllp_settings, store, commit_leaders=1) as running, \
+                Client(running.port) as waiting, Client(running.port, timeout=5) as other:
+            waiting.send(adt("HELD"))
+            threading.Event().wait(0.3)  # HELD's transaction has the lead, waiting for the lock
+            started = time.monotonic()
+            assert acks(other.exchange(adt("FREE")))[0][:2] == ("AA", "FREE")
+            assert time.monotonic() - started < 3
+            blocking.rollback()
+            assert acks(waiting.read_frame())[0][:2] == ("AA", "HELD")
+    finally:
+        holder.close()
+    assert sorted(m.dedup_key for m in stored(store)) == ["FREE", "HELD"]
+
+
+def test_a_frame_that_spoils_its_group_fails_alone_and_the_others_are_stored(mllp_settings, store, monkeypatch):
+    """A group holding a frame whose writing fails is committed again frame by frame: that frame gets
+    AE (send again), the others of its group AA, each stored once."""
+    from courier.app import ingest
+
+    real = ingest.store_plans
+
+    def store_plans(session, plans, **kwargs):
+        if any(p.parsed.dedup_key == "BOOM" for p in plans):
+            raise RuntimeError("this frame cannot be written")
+        return real(session, plans, **kwargs)
+
+    monkeypatch.setattr(ingest, "store_plans", store_plans)
+    with slow_commits(store, 0.5), listener_thread(mllp_settings, store, commit_leaders=1) as running:
+        with Client(running.port) as first, Client(running.port) as boom, Client(running.port) as one, \
+                Client(running.port) as two:
+            first.send(adt("FIRST"))  # its transaction holds the one lead for 0.5 s ...
+            threading.Event().wait(0.15)
+            for client, control_id in ((boom, "BOOM"), (one, "OK-1"), (two, "OK-2")):  # ... while these wait
+                client.send(adt(control_id))
+            answers = {name: acks(client.read_frame())[0] for name, client in
+                       (("FIRST", first), ("BOOM", boom), ("OK-1", one), ("OK-2", two))}
+        group = running.group_commit
+    assert {name: answer[:2] for name, answer in answers.items()} == {
+        "FIRST": ("AA", "FIRST"), "BOOM": ("AE", "BOOM"), "OK-1": ("AA", "OK-1"), "OK-2": ("AA", "OK-2")}
+    assert "send again" in answers["BOOM"][2]
+    # FIRST alone, then BOOM with OK-1 and OK-2, which failed, then each of the three alone.
+    assert (group.batches, group.transactions) == (4, 5)
+    assert sorted(m.dedup_key for m in stored(store)) == ["FIRST", "OK-1", "OK-2"]
 
 
 # --- the real process: courier mllp, SIGTERM -------------------------------------------------

@@ -776,3 +776,110 @@ def test_err_location_names_a_component_and_the_msh18_is_echoed():
     msh, _, err = ack.split("\r")[:3]
     assert msh.split("|")[17] == "8859/1"
     assert err.split("|")[2] == "MSH^1^9^^2"
+
+
+# --- one parse per frame: MSH read without python-hl7's tree, a frame read again in another charset -------
+
+def _parse_with_python_hl7(text: str) -> Hl7Message:
+    """parse() as it was: the header taken from python-hl7's tree of the whole message (the reference)."""
+    import hl7
+
+    from courier.app.hl7 import er7
+
+    segments = er7._segments(text)
+    sep, encoding = er7._delimiters(segments[0])
+    message_text = "\r".join(segments)
+    return er7._header(message_text, hl7.parse(message_text)[0], sep, encoding, strict=True)
+
+
+# Text that passes parse()'s structural checks, so that only the header reading differs: MSH fields
+# drawn from delimiters, letters and (Unicode) whitespace, valid values mixed in so the header checks
+# pass often; a MSH alone or followed by segments.
+_FIELD_CHARS = "AB1.-_ \t\xa0\x85\u2028|^~\\&#$*@%"
+
+
+@st.composite
+def msh_texts(draw):
+    sep = draw(st.sampled_from("|#!"))
+    encoding = draw(st.sampled_from(["^~\\&", "^~\\&#", "$*@%", "^~\\&|"]).filter(lambda e: sep not in e))
+    fields = ["LAB", "HOSP", "COURIER", "HOSP", "20240101", "", "ADT^A01^ADT_A01", "CTRL-1", "P", "2.5.1",
+              "", "", "AL", "NE", "", "8859/1~UNICODE UTF-8^x"]
+    for _ in range(draw(st.integers(0, 6))):
+        at = draw(st.integers(0, len(fields)))
+        value = draw(st.text(_FIELD_CHARS, max_size=10))
+        if at == len(fields):
+            fields.append(value)
+        else:
+            fields[at] = value
+    fields = fields[:draw(st.integers(0, len(fields)))]
+    msh = "MSH" + sep + encoding + "".join(sep + f for f in fields) + draw(st.sampled_from(["", " ", "\xa0", "\x85"]))
+    rest = draw(st.sampled_from(["", f"\rPID{sep}1{sep}{sep}X", f"\rEVN{sep}A01\rZZ1"]))
+    return msh + rest
+
+
+@settings(max_examples=1500, deadline=None)
+@given(msh_texts())
+def test_parse_reads_msh_exactly_as_python_hl7s_tree_does(text):
+    try:
+        new = parse(text)
+    except Hl7Error as exc:
+        new = exc
+    try:
+        old = _parse_with_python_hl7(text)
+    except Hl7Error as exc:
+        old = exc
+    if isinstance(new, Hl7Error) or isinstance(old, Hl7Error):
+        assert isinstance(new, Hl7Error) and isinstance(old, Hl7Error), (new, old)
+        assert (str(new), new.error_code, new.location) == (str(old), old.error_code, old.location)
+    else:
+        assert new == old
+
+
+@pytest.mark.parametrize("row", rows("valid", "batch", "malformed"))
+def test_parse_reads_every_sample_as_python_hl7s_tree_does(row):
+    from courier.app.hl7 import er7
+
+    try:
+        parts = er7.split(decode(read(row["file"])))
+    except Hl7Error:
+        return
+    for part in parts:
+        try:
+            new = parse(part)
+        except Hl7Error as exc:
+            if exc.reason.startswith(("segment id must", "control character", "MSH inside", "FHS inside", "BHS inside",
+                                      "BTS inside", "FTS inside", "MSH-1 ", "MSH-2 ", "a message must start")):
+                continue  # refused before the header is read: the same code as before
+            new = exc
+        try:
+            old = _parse_with_python_hl7(part)
+        except Hl7Error as exc:
+            old = exc
+        if isinstance(new, Hl7Error):
+            assert (str(new), new.error_code, new.location) == (str(old), old.error_code, old.location)
+        else:
+            assert new == old
+
+
+@pytest.mark.parametrize("raw", [
+    (MSH + "\rPID|||1||Muller").encode(),                                  # ASCII: the same text in any charset
+    (MSH + "\rPID|||1||M\u00fcller").encode(),                             # UTF-8 bytes: other text in 8859/1
+    (MSH + "\rPID|||1||M").encode() + b"\xfcller",
+    (MSH + "||||||8859/2\rPID|||1||").encode() + b"\xa3ukasz",             # MSH-18 wins over any default
+    b"BHS|^~\\&\r" + (MSH + "\rPID|||1||A\r").encode() + (MSH.replace("CTRL-1", "CTRL-2") + "\rPID|||2||").encode()
+    + b"\x93\x5c\r" + b"BTS|2\r",                                          # Shift_JIS: a trail byte that is '\'
+])
+@pytest.mark.parametrize("default", ["8859/1", "UNICODE UTF-8", "ASCII", "SHIFT_JIS", "cp1252"])
+def test_reread_is_parse_all_in_the_new_default_charset(raw, default):
+    from courier.app.hl7.er7 import reread
+
+    try:
+        expected = parse_all(raw, default)
+    except Hl7Error as exc:
+        with pytest.raises(Hl7Error) as err:
+            reread(parse_all(raw), default)
+        assert (str(err.value), err.value.error_code, err.value.location) == (str(exc), exc.error_code, exc.location)
+        return
+    again = reread(parse_all(raw), default)
+    assert again == expected
+    assert [(m.charset, m.raw) for m in again] == [(m.charset, m.raw) for m in expected]
