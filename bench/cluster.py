@@ -29,7 +29,6 @@ import json
 import os
 import secrets
 import shutil
-import signal
 import sys
 import tempfile
 import threading
@@ -200,18 +199,10 @@ def main(argv: list[str] | None = None) -> int:
             write_env(cluster, env_file)
             stack.callback(env_file.unlink, True)  # it would point at servers that are gone
             say_now(f"environment in {env_file.relative_to(ROOT)}; logs in {log_dir}; Ctrl-C stops everything")
-            try:
-                while True:
-                    time.sleep(3600)
-            except KeyboardInterrupt:
-                # `make` passes its own SIGTERM on to us: a second interrupt landing in the clean-up would cut it
-                # short and leave servers running. The clean-up is bounded (each stop has a timeout).
-                for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-                    signal.signal(sig, signal.SIG_IGN)
-                say_now("stopping: Courier's processes, PostgreSQL, RabbitMQ")
-    except KeyboardInterrupt:
-        pass  # interrupted while starting: what had started is stopped all the same
-    print("stopped", flush=True)
+            while True:
+                time.sleep(3600)
+    except KeyboardInterrupt:  # SIGTERM too (install_signal_handlers), once; everything started is stopped
+        print("stopped", flush=True)
     return 0
 
 

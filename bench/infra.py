@@ -35,8 +35,12 @@ BROKER_URL = os.environ.get("BENCH_BROKER_URL", "amqp://guest:guest@127.0.0.1:56
 
 
 def install_signal_handlers() -> None:
-    """SIGTERM and SIGHUP unwind like Ctrl-C, so every `finally` and exit callback runs."""
+    """SIGTERM and SIGHUP unwind like Ctrl-C, so every `finally` and exit callback runs; once: from the first
+    on, these signals and Ctrl-C are ignored, because a second one (`make` passes its SIGTERM on to its
+    child, which got the group's already) would cut the clean-up short and leave servers running."""
     def interrupt(*_):
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_IGN)
         raise KeyboardInterrupt
     signal.signal(signal.SIGTERM, interrupt)
     signal.signal(signal.SIGHUP, interrupt)
