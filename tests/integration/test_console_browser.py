@@ -79,13 +79,25 @@ def token(store, scope: str, name: str) -> str:
         return tokens.create(s, scope=scope, source=None, name=name)[1]
 
 
+def follow(browser, element) -> None:
+    """Click what loads the next page and wait until the old page is gone: a lookup right after the click
+    could otherwise find the old page's elements, which go stale under it (seen in a CI run under load)."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    old = browser.find_element(By.TAG_NAME, "html")
+    element.click()
+    WebDriverWait(browser, 15).until(expected_conditions.staleness_of(old))
+
+
 def log_in(browser, server, plaintext: str) -> None:
     from selenium.webdriver.common.by import By
 
     browser.get(f"{server}/console/")
     assert browser.current_url.startswith(f"{server}/console/login"), browser.current_url
     browser.find_element(By.ID, "token").send_keys(plaintext)
-    browser.find_element(By.ID, "login").click()
+    follow(browser, browser.find_element(By.ID, "login"))
     browser.find_element(By.ID, "logout")  # waits (implicitly) for the logged-in page
 
 
@@ -125,25 +137,25 @@ def test_an_operator_logs_in_reads_the_dashboard_searches_opens_a_message_replay
         shutil.copyfile(shots / "1-dashboard.png", DOCS_SCREENSHOT)
 
     # a search by MSH-10
-    browser.find_element(By.ID, "nav-messages").click()
+    follow(browser, browser.find_element(By.ID, "nav-messages"))
     browser.find_element(By.ID, "msh10").send_keys("BROWSER-1")
-    browser.find_element(By.ID, "search-go").click()
+    follow(browser, browser.find_element(By.ID, "search-go"))
     links = browser.find_elements(By.CSS_SELECTOR, "#results a.mono")
     assert [a.text for a in links] == [hl7["id"]]
     browser.save_screenshot(str(shots / "2-search.png"))
 
     # the message's detail: fields by name, the attempts
-    links[0].click()
+    follow(browser, links[0])
     body = browser.find_element(By.ID, "body")
     assert "Patient Name" in body.text and MRN in body.text
     assert "HTTP 400 from billing" in browser.find_element(By.ID, f"delivery-{dead_billing}").text
     browser.save_screenshot(str(shots / "3-message.png"))
 
     # a replay from the dead letters
-    browser.find_element(By.ID, "nav-dead").click()
+    follow(browser, browser.find_element(By.ID, "nav-dead"))
     assert "HTTP 400 from billing" in browser.find_element(By.ID, "groups").text
     browser.find_element(By.CSS_SELECTOR, f'input.pick[value="{dead_billing}"]').click()
-    browser.find_element(By.ID, "replay-selected").click()
+    follow(browser, browser.find_element(By.ID, "replay-selected"))
     assert browser.find_element(By.ID, "done").text == "replayed 1 of 1"
     assert row(store, dead_billing).status == "pending"
     browser.save_screenshot(str(shots / "4-dead-letters.png"))
@@ -151,7 +163,7 @@ def test_an_operator_logs_in_reads_the_dashboard_searches_opens_a_message_replay
     # a pause
     browser.get(f"{server}/console/destinations/erp")
     browser.find_element(By.ID, "pause-reason").send_keys("ERP upgrade tonight")
-    browser.find_element(By.ID, "pause").click()
+    follow(browser, browser.find_element(By.ID, "pause"))
     assert browser.find_element(By.ID, "done").text == "paused"
     assert "ERP upgrade tonight" in browser.find_element(By.ID, "paused").text
     with store.session() as s:
