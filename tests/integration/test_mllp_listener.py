@@ -438,25 +438,34 @@ def test_store_down_gets_ae_and_nothing_is_lost(mllp_settings):
         down.dispose()
 
 
-def test_slow_commit_does_not_stall_other_connections(listener, store):
-    """A transaction holding MSH-10 'HELD' makes that ingest wait on the unique key; meanwhile
-    another connection is answered, so the event loop is free. Then the hold ends and the
-    waiting message is committed and acknowledged."""
+INSERT_HELD = ("INSERT INTO courier_messages (id, source, type, content_type, body, size, dedup_key, correlation_id, "
+               "status, received_at) VALUES ('held-row', 'lab', 'x', 'x', '', 0, 'HELD', 'c', 'accepted', now())")
+
+
+@contextmanager
+def holding_msh10_held(store):
+    """An open transaction that has inserted MSH-10 'HELD' for `lab`: an ingest of 'HELD' waits on its unique
+    key until the yielded transaction is rolled back."""
     from sqlalchemy import text
 
     holder = store.engine.connect()
     blocking = holder.begin()
-    holder.execute(text("INSERT INTO courier_messages (id, source, type, content_type, body, size, dedup_key, "
-                        "correlation_id, status, received_at) VALUES ('held-row', 'lab', 'x', 'x', '', 0, "
-                        "'HELD', 'c', 'accepted', now())"))
+    holder.execute(text(INSERT_HELD))
     try:
-        with Client(listener.port) as waiting, Client(listener.port) as other:
-            waiting.send(adt("HELD"))
-            assert acks(other.exchange(adt("FREE")))[0][:2] == ("AA", "FREE")
-            blocking.rollback()
-            assert acks(waiting.read_frame())[0][:2] == ("AA", "HELD")
+        yield blocking
     finally:
         holder.close()
+
+
+def test_slow_commit_does_not_stall_other_connections(listener, store):
+    """A transaction holding MSH-10 'HELD' makes that ingest wait on the unique key; meanwhile
+    another connection is answered, so the event loop is free. Then the hold ends and the
+    waiting message is committed and acknowledged."""
+    with holding_msh10_held(store) as blocking, Client(listener.port) as waiting, Client(listener.port) as other:
+        waiting.send(adt("HELD"))
+        assert acks(other.exchange(adt("FREE")))[0][:2] == ("AA", "FREE")
+        blocking.rollback()
+        assert acks(waiting.read_frame())[0][:2] == ("AA", "HELD")
     assert sorted(m.dedup_key for m in stored(store)) == ["FREE", "HELD"]
 
 
@@ -519,25 +528,15 @@ def test_group_commit_answers_each_frame_only_after_its_own_commit(mllp_settings
 def test_a_transaction_stuck_on_a_lock_holds_up_other_frames_only_for_a_moment(mllp_settings, store):
     """The one commit leader waits on the row lock of 'HELD': the next frame waits its patience (0.5 s)
     for a leader, then runs its own transaction."""
-    from sqlalchemy import text
-
-    holder = store.engine.connect()
-    blocking = holder.begin()
-    holder.execute(text("INSERT INTO courier_messages (id, source, type, content_type, body, size, dedup_key, "
-                        "correlation_id, status, received_at) VALUES ('held-row', 'lab', 'x', 'x', '', 0, "
-                        "'HELD', 'c', 'accepted', now())"))
-    try:
-        with listener_thread(mllp_settings, store, commit_leaders=1) as running, \
-                Client(running.port) as waiting, Client(running.port, timeout=5) as other:
-            waiting.send(adt("HELD"))
-            threading.Event().wait(0.3)  # HELD's transaction has the lead, waiting for the lock
-            started = time.monotonic()
-            assert acks(other.exchange(adt("FREE")))[0][:2] == ("AA", "FREE")
-            assert time.monotonic() - started < 3
-            blocking.rollback()
-            assert acks(waiting.read_frame())[0][:2] == ("AA", "HELD")
-    finally:
-        holder.close()
+    with holding_msh10_held(store) as blocking, listener_thread(mllp_settings, store, commit_leaders=1) as running, \
+            Client(running.port) as waiting, Client(running.port, timeout=5) as other:
+        waiting.send(adt("HELD"))
+        threading.Event().wait(0.3)  # HELD's transaction has the lead, waiting for the lock
+        started = time.monotonic()
+        assert acks(other.exchange(adt("FREE")))[0][:2] == ("AA", "FREE")
+        assert time.monotonic() - started < 3
+        blocking.rollback()
+        assert acks(waiting.read_frame())[0][:2] == ("AA", "HELD")
     assert sorted(m.dedup_key for m in stored(store)) == ["FREE", "HELD"]
 
 
