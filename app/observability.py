@@ -173,6 +173,14 @@ def setup_logging(level: str = "INFO", fmt: str | None = None) -> None:
 
 # --- outages of the services a process needs -------------------------------------------------
 
+START_HINT = "start it with"
+
+
+def start_hint(command: str) -> str:
+    """The hint of an outage line that this machine's `command` fixes; Outage replaces it for a list of hosts."""
+    return f"{START_HINT} `{command}`"
+
+
 class Outage:
     """One clear line when a service (PostgreSQL, RabbitMQ) stops answering, one when it answers again.
 
@@ -203,7 +211,7 @@ class Outage:
             self.attempts += 1
             attempts = self.attempts
         if first:
-            if "," in self.where and hint.startswith("start it with"):  # a cluster: this machine's command is wrong
+            if "," in self.where and hint.startswith(START_HINT):  # a list of hosts: this machine's command is wrong
                 hint = "start one of them" + (", or let the failover tool promote a standby"
                                               if self.service == "PostgreSQL" else "")
             self.log.error(f"{self.service} at {self.where} is not reachable ({reason}); {hint}; "

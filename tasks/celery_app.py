@@ -23,14 +23,14 @@ from celery.worker.consumer import Consumer as CeleryConsumer
 from celery.worker.consumer.consumer import CONNECTION_ERROR, CONNECTION_FAILOVER
 from flask import Flask
 
-from courier.app.observability import Outage
+from courier.app.observability import Outage, start_hint
 from courier.app.service_urls import broker_hosts
 from courier.app.settings import Settings
 from courier.app.store.db import StoreWatch
 from courier.tasks.queues import declare_dead_letter_queues, delivery_queues
 
 log = logging.getLogger("courier.broker")
-RABBITMQ_START = "start it with `rabbitmq-server -detached`"
+RABBITMQ_START = start_hint("rabbitmq-server -detached")
 CHECK_BROKER_URL = "check BROKER_URL's user, password and virtual host"
 
 # --- the broker unreachable: one line per outage -----------------------------------------------

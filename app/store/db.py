@@ -14,7 +14,7 @@ from sqlalchemy.engine import URL, Engine, make_url
 from sqlalchemy.exc import DBAPIError, DisconnectionError
 from sqlalchemy.orm import Session, sessionmaker
 
-from courier.app.observability import Outage
+from courier.app.observability import Outage, start_hint
 from courier.app.service_urls import database_hosts, database_url
 from courier.app.settings import Settings
 from courier.app.store import crypto
@@ -22,7 +22,7 @@ from courier.app.store import crypto
 T = TypeVar("T")
 
 # What the outage line tells an operator to do (README: Debian's PostgreSQL cluster of whatever version).
-POSTGRES_START = "start it with `pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start`"
+POSTGRES_START = start_hint("pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start")
 CHECK_URL = "check DATABASE_URL"
 
 
